@@ -1,0 +1,31 @@
+# The two commands a new user needs: `make demo` (the main job) and `make test` (the suite).
+# Both bootstrap a local virtual environment from nothing but python3 + pip.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint crds bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/kubetune demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: lint
+	$(VENV)/bin/kubetune crds --check
+	$(PY) -m pytest -q -p no:cacheprovider
+
+crds: $(STAMP)
+	$(VENV)/bin/kubetune crds
+
+clean:
+	rm -rf $(VENV) .kubetune

@@ -1,0 +1,124 @@
+"""Condition types, reasons and the one function that sets a condition.
+
+Every reason string the operator writes is a constant here (STYLE.md: one place, like Kubeflow
+Trainer's ``...Reason`` constants), so that docs, tests and Argo CD health scripts agree.
+``kubectl wait --for=condition=Succeeded ftj/NAME`` and ``--for=condition=Ready mdep/NAME``
+rely on the types.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# --- FineTuneJob condition types ---
+DATA_VALIDATED = "DataValidated"
+TRAINING = "Training"
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+SUSPENDED = "Suspended"
+
+# --- ModelDeployment condition types ---
+READY = "Ready"
+PROGRESSING = "Progressing"
+DEGRADED = "Degraded"
+MODEL_RESOLVED = "ModelResolved"
+
+# --- reasons (CamelCase, stable: tools match on them) ---
+class Reason:
+    """Reasons for conditions and Events."""
+
+    # FineTuneJob lifecycle
+    CREATED = "Created"
+    VALIDATING = "ValidatingData"
+    VALIDATION_SUCCEEDED = "DataValid"
+    VALIDATION_FAILED = "InvalidData"
+    TRAINING_STARTED = "TrainingStarted"
+    TRAINING_RUNNING = "TrainingRunning"
+    TRAINING_SUCCEEDED = "TrainingSucceeded"
+    TRAINING_FAILED = "TrainingFailed"
+    RESTARTING = "Restarting"
+    RESUMED = "ResumedFromCheckpoint"
+    RESTARTS_EXHAUSTED = "RestartsExhausted"
+    OOM_KILLED = "OOMKilled"
+    IMAGE_PULL = "ImagePullFailed"
+    UNSCHEDULABLE = "Unschedulable"
+    INSUFFICIENT_GPUS = "InsufficientGPUs"
+    STORAGE_ERROR = "StorageError"
+    PREEMPTED = "Preempted"
+    DATA_ERROR = "DataError"
+    SUSPENDED = "Suspended"
+    RESUMED_FROM_SUSPEND = "Resumed"
+    NOT_STARTED = "NotStarted"
+    PENDING = "Pending"
+
+    # ModelDeployment lifecycle
+    WAITING_FOR_MODEL = "WaitingForFineTuneJob"
+    MODEL_NOT_FOUND = "FineTuneJobNotFound"
+    MODEL_FAILED = "FineTuneJobFailed"
+    MODEL_RESOLVED = "ModelResolved"
+    DEPLOYING = "Deploying"
+    STABLE_READY = "StableReady"
+    STABLE_NOT_READY = "StableNotReady"
+    CANARY_PROGRESSING = "CanaryProgressing"
+    CANARY_PAUSED = "CanaryPaused"
+    EVAL_GATE_FAILED = "EvalGateFailed"
+    ANALYSIS_FAILED = "AnalysisFailed"
+    ANALYSIS_INCONCLUSIVE = "AnalysisInconclusive"
+    CANARY_CRASHLOOP = "CanaryCrashLooping"
+    DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
+    ABORTED = "Aborted"
+    PROMOTED = "Promoted"
+    ROLLED_BACK = "RolledBack"
+    TOO_FEW_REPLICAS = "TooFewReplicasForWeight"
+
+
+def set_condition(
+    conditions: list[dict[str, Any]],
+    type_: str,
+    status: bool | str,
+    reason: str,
+    message: str,
+    now: str,
+    observed_generation: int | None = None,
+) -> list[dict[str, Any]]:
+    """Return a new condition list with ``type_`` set (Kubernetes condition semantics).
+
+    ``lastTransitionTime`` changes only when the status flips; reason and message are updated
+    in place. The input list is not modified, so callers can compare old and new to decide
+    whether a status write is needed at all.
+    """
+    value = status if isinstance(status, str) else ("True" if status else "False")
+    out: list[dict[str, Any]] = []
+    found = False
+    for cond in conditions:
+        if cond.get("type") != type_:
+            out.append(dict(cond))
+            continue
+        found = True
+        new = dict(cond)
+        if cond.get("status") != value:
+            new["lastTransitionTime"] = now
+        new.update(status=value, reason=reason, message=message)
+        if observed_generation is not None:
+            new["observedGeneration"] = observed_generation
+        out.append(new)
+    if not found:
+        new = {"type": type_, "status": value, "reason": reason, "message": message, "lastTransitionTime": now}
+        if observed_generation is not None:
+            new["observedGeneration"] = observed_generation
+        out.append(new)
+    return out
+
+
+def get_condition(conditions: list[dict[str, Any]] | None, type_: str) -> dict[str, Any] | None:
+    """The condition of that type, or None."""
+    for cond in conditions or []:
+        if cond.get("type") == type_:
+            return cond
+    return None
+
+
+def is_true(conditions: list[dict[str, Any]] | None, type_: str) -> bool:
+    """Whether the condition exists with status True."""
+    cond = get_condition(conditions, type_)
+    return bool(cond and cond.get("status") == "True")

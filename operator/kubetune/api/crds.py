@@ -1,0 +1,201 @@
+"""Generate the CustomResourceDefinitions from the pydantic models (the single source of truth).
+
+``kubetune crds`` writes ``crds/*.yaml``; ``kubetune crds --check`` fails when the committed
+files drift from the models. The conversion turns pydantic's JSON Schema (draft 2020-12, with
+``$defs``/``$ref`` and ``anyOf [X, null]`` for optionals) into a *structural* OpenAPI v3.0
+schema as the API server demands: every ``$ref`` inlined, no ``anyOf`` of types, no
+``additionalProperties: false`` beside ``properties``, boolean ``exclusiveMinimum``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+
+from kubetune.api.common import GROUP, VERSION
+from kubetune.api import finetunejob as ftj
+from kubetune.api import modeldeployment as mdep
+
+# Keys pydantic emits that a structural schema has no use for.
+_DROP_KEYS = {"title", "$defs", "discriminator"}
+
+
+def _inline(node: Any, defs: dict[str, Any]) -> Any:
+    """Recursively resolve $ref, collapse Optional, and rewrite keywords to OpenAPI v3.0."""
+    if isinstance(node, list):
+        return [_inline(n, defs) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    if "$ref" in node:
+        target = defs[node.pop("$ref").split("/")[-1]]
+        merged = copy.deepcopy(target)
+        # Field-level siblings of $ref (description, default, CEL rules) win over the model's.
+        for key, value in node.items():
+            if key == "x-kubernetes-validations":
+                merged[key] = merged.get(key, []) + value
+            else:
+                merged[key] = value
+        node = merged
+    if "anyOf" in node:
+        options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
+        if len(options) != 1:
+            raise ValueError(f"unions are not structural: {options}")
+        inner = _inline(options[0], defs)
+        for key, value in node.items():
+            if key == "x-kubernetes-validations":
+                inner[key] = inner.get(key, []) + value
+            else:
+                inner[key] = value
+        node = inner
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROP_KEYS:
+            continue
+        if key == "const":
+            out["enum"] = [value]
+            continue
+        if key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
+            bound = "minimum" if key == "exclusiveMinimum" else "maximum"
+            out[bound] = value
+            out[key] = True
+            continue
+        if key == "additionalProperties" and value is False:
+            continue
+        if key == "properties":
+            out[key] = {k: _inline(v, defs) for k, v in value.items()}
+            continue
+        if key == "default" and value is None:
+            continue
+        out[key] = _inline(value, defs)
+    if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
+        out["x-kubernetes-preserve-unknown-fields"] = True
+    return out
+
+
+def _schema_of(model: type, strip_required: bool = False) -> dict[str, Any]:
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    schema = _inline(raw, raw.get("$defs", {}))
+    return schema
+
+
+def _mark_conditions(status_schema: dict[str, Any]) -> None:
+    cond = status_schema["properties"].get("conditions")
+    if cond:
+        cond["x-kubernetes-list-type"] = "map"
+        cond["x-kubernetes-list-map-keys"] = ["type"]
+
+
+def _crd(
+    kind: str,
+    plural: str,
+    short_names: list[str],
+    spec_model: type,
+    status_model: type,
+    columns: list[dict[str, Any]],
+    description: str,
+) -> dict[str, Any]:
+    spec_schema = _schema_of(spec_model)
+    status_schema = _schema_of(status_model)
+    _mark_conditions(status_schema)
+    open_api = {
+        "type": "object",
+        "description": description,
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string", "description": "kubetune.io/v1alpha1"},
+            "kind": {"type": "string", "description": kind},
+            "metadata": {"type": "object"},
+            "spec": spec_schema,
+            "status": status_schema,
+        },
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{plural}.{GROUP}",
+            "labels": {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/part-of": "kubetune"},
+        },
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": short_names,
+                "categories": ["kubetune"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": columns,
+                    "schema": {"openAPIV3Schema": open_api},
+                }
+            ],
+        },
+    }
+
+
+def finetunejob_crd() -> dict[str, Any]:
+    """The FineTuneJob CRD."""
+    return _crd(
+        ftj.KIND,
+        ftj.PLURAL,
+        ftj.SHORT_NAMES,
+        ftj.FineTuneJobSpec,
+        ftj.FineTuneJobStatus,
+        [
+            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Progress", "type": "string", "jsonPath": ".status.progress.percent", "description": "Percent of steps done"},
+            {"name": "Eval loss", "type": "number", "jsonPath": ".status.metrics.evalLoss"},
+            {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1},
+            {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step", "priority": 1},
+            {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+        "FineTuneJob validates a dataset, fine-tunes a base model (LoRA, QLoRA or full) with "
+        "platform-owned checkpoints and automatic resume, and publishes the artifact with lineage.",
+    )
+
+
+def modeldeployment_crd() -> dict[str, Any]:
+    """The ModelDeployment CRD."""
+    return _crd(
+        mdep.KIND,
+        mdep.PLURAL,
+        mdep.SHORT_NAMES,
+        mdep.ModelDeploymentSpec,
+        mdep.ModelDeploymentStatus,
+        [
+            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Stable", "type": "string", "jsonPath": ".status.stable.name"},
+            {"name": "Canary", "type": "string", "jsonPath": ".status.canary.name"},
+            {"name": "Weight", "type": "integer", "jsonPath": ".status.weights.canary", "description": "Canary traffic percent"},
+            {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+        "ModelDeployment serves a base model plus adapter through an OpenAI-compatible server and "
+        "rolls every new revision out as a canary with analysis and automatic rollback.",
+    )
+
+
+def all_crds() -> dict[str, dict[str, Any]]:
+    """File name -> CRD object, as committed under crds/."""
+    return {
+        f"{ftj.PLURAL}.{GROUP}.yaml": finetunejob_crd(),
+        f"{mdep.PLURAL}.{GROUP}.yaml": modeldeployment_crd(),
+    }
+
+
+def render(crd: dict[str, Any]) -> str:
+    """Stable YAML text of one CRD (the committed form)."""
+    header = "# Generated by `kubetune crds` from operator/kubetune/api. Do not edit.\n"
+    return header + yaml.safe_dump(crd, sort_keys=False, width=100)

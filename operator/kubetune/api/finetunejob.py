@@ -1,0 +1,333 @@
+"""FineTuneJob: validate a dataset, fine-tune a base model, checkpoint, resume, publish.
+
+The spec is what a user writes; the status is written by two parties (DESIGN.md, progress
+channel): the operator owns ``phase``, ``conditions``, ``message``, ``restarts`` and the times;
+the trainer patches ``progress``, ``metrics``, ``checkpoints`` and ``resumedFromStep``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from kubetune.api.common import (
+    API_VERSION,
+    URI_DESCRIPTION,
+    URI_PATTERN,
+    Condition,
+    Model,
+    ObjectMeta,
+    StorageConfig,
+    Toleration,
+    cel,
+    validations,
+)
+
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SHORT_NAMES = ["ftj"]
+
+DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
+
+
+class BaseModelRef(Model):
+    """The model to fine-tune."""
+
+    uri: str = Field(
+        description="Where the base model's weights live (a Hugging Face-format folder). " + URI_DESCRIPTION,
+        pattern=URI_PATTERN,
+    )
+    revision: str | None = Field(
+        default=None,
+        description="Optional revision label recorded in the lineage (e.g. a commit or version).",
+    )
+
+
+class CustomPiiPattern(Model):
+    """A user-defined PII pattern to mask."""
+
+    name: str = Field(description="Name of the kind, used in the data report counts.", pattern=r"^[a-zA-Z][a-zA-Z0-9_-]*$")
+    regex: str = Field(description="Python regular expression; every match is replaced by [NAME].", min_length=1)
+
+
+class PiiMasking(Model):
+    """Personally identifiable information masked before training."""
+
+    kinds: list[Literal["email", "phone", "idCard", "creditCard", "ipAddress"]] = Field(
+        default_factory=list,
+        description="Built-in detectors to apply: email, phone, idCard, creditCard, ipAddress.",
+    )
+    custom: list[CustomPiiPattern] = Field(
+        default_factory=list, description="Extra regular expressions to mask, each with a name."
+    )
+
+
+class DatasetSpec(Model):
+    """Training data: JSONL files, validated on CPU before any GPU is requested."""
+
+    train: str = Field(description="JSONL training file. " + URI_DESCRIPTION, pattern=URI_PATTERN)
+    validation: str | None = Field(
+        default=None,
+        description="Optional JSONL validation file; when absent, validationSplit of train is held out.",
+        pattern=URI_PATTERN,
+    )
+    format: Literal["auto", "chat", "completion", "text"] = Field(
+        default="auto",
+        description=(
+            "Record format: chat ({messages:[{role,content}]}), completion ({prompt,completion}), "
+            "text ({text}); auto detects it from the first valid record."
+        ),
+    )
+    validation_split: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=0.5,
+        description="Fraction of train held out for evaluation (by content hash, stable across re-runs).",
+    )
+    dedupe: bool = Field(default=True, description="Drop exact and normalised (case/whitespace) duplicates.")
+    pii_masking: PiiMasking = Field(default_factory=PiiMasking, description="PII masking before training.")
+    max_seq_length: int = Field(default=1024, ge=16, le=131072, description="Token limit per example; longer ones are truncated and counted.")
+    packing: bool = Field(default=False, description="Pack several short examples into one sequence of maxSeqLength.")
+    min_examples: int = Field(default=10, ge=1, description="Fail validation when fewer usable training examples remain.")
+    max_invalid_fraction: float = Field(
+        default=0.05, ge=0.0, le=1.0, description="Fail validation when more than this fraction of lines is invalid."
+    )
+
+
+class LoraSpec(Model):
+    """LoRA adapter settings (method lora or qlora)."""
+
+    r: int = Field(default=16, ge=1, le=1024, description="Rank of the low-rank update matrices.")
+    alpha: int = Field(default=32, ge=1, le=4096, description="Scaling numerator: updates are scaled by alpha/r.")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        description="Module names to adapt (e.g. q_proj, v_proj), or all-linear for every linear layer but the output head.",
+    )
+
+
+class MethodSpec(Model):
+    """Fine-tuning method."""
+
+    model_config = Model.model_config | {
+        "json_schema_extra": validations(
+            cel("self.type != 'full' || !has(self.lora)", "method.lora applies only to type lora or qlora", ".lora"),
+        )
+    }
+    type: Literal["lora", "qlora", "full"] = Field(
+        default="lora",
+        description="lora: low-rank adapter; qlora: LoRA over a 4-bit quantised base (needs a GPU); full: all weights.",
+    )
+    lora: LoraSpec | None = Field(default=None, description="LoRA settings; defaults apply when omitted with lora/qlora.")
+
+
+class HyperParameters(Model):
+    """Optimisation settings."""
+
+    epochs: float = Field(default=1.0, gt=0, le=1000, description="Passes over the training data (ignored when maxSteps is set).")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimiser steps; overrides epochs.")
+    learning_rate: float = Field(default=2e-4, gt=0, le=1.0, description="Peak learning rate.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(default=0.03, ge=0.0, le=0.5, description="Fraction of steps with linear warmup.")
+    batch_size: int = Field(default=8, ge=1, le=4096, description="Micro-batch size per device.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024, description="Micro-batches per optimiser step.")
+    max_grad_norm: float = Field(default=1.0, ge=0.0, description="Gradient clipping norm (0 disables).")
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        default="auto", description="auto picks bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU."
+    )
+    seed: int = Field(default=42, ge=0, description="Seed for initialisation, data order and dropout.")
+
+
+class EarlyStopping(Model):
+    """Stop when eval loss stops improving."""
+
+    patience: int = Field(default=3, ge=1, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(default=0.0, ge=0.0, description="Smallest eval-loss decrease that counts as improvement.")
+
+
+class EvaluationSpec(Model):
+    """Evaluation on the validation set."""
+
+    every_steps: int = Field(default=50, ge=1, description="Evaluate every N optimiser steps (and at the end).")
+    early_stopping: EarlyStopping | None = Field(default=None, description="Optional early stopping.")
+
+
+class CheckpointSpec(Model):
+    """Platform-owned checkpoints (DESIGN.md, checkpoint contract)."""
+
+    every_steps: int = Field(default=100, ge=1, description="Checkpoint every N optimiser steps (and on SIGTERM).")
+    keep_last: int = Field(default=2, ge=1, le=100, description="Complete checkpoints kept (older ones are deleted).")
+    keep_best: bool = Field(default=True, description="Also keep the checkpoint with the lowest eval loss.")
+
+
+class OutputSpec(Model):
+    """Where checkpoints and the published artifact go."""
+
+    uri: str = Field(
+        description="Output prefix: checkpoints under <uri>/checkpoints/, the artifact under <uri>/model/. " + URI_DESCRIPTION,
+        pattern=URI_PATTERN,
+    )
+    merge_adapter: bool = Field(default=False, description="Also publish the adapter merged into the base weights.")
+
+
+class TrainResources(Model):
+    """Compute for the trainer pods."""
+
+    gpus: int = Field(default=1, ge=0, le=64, description="nvidia.com/gpu per node (0 trains on CPU, for tests and tiny models).")
+    gpu_node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Node labels the GPU pods must match, e.g. {nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}.",
+    )
+    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for tainted GPU nodes.")
+    cpu: str = Field(default="4", description="CPU request per pod (Kubernetes quantity).", pattern=r"^[0-9]+(\.[0-9]+)?m?$")
+    memory: str = Field(
+        default="32Gi", description="Memory request and limit per pod (Kubernetes quantity).", pattern=r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?|[eE][0-9]+)?$"
+    )
+    priority_class_name: str | None = Field(default=None, description="PriorityClass of the trainer pods.")
+
+
+class RetrySpec(Model):
+    """What happens when a trainer pod or node is lost."""
+
+    max_restarts: int = Field(default=3, ge=0, le=100, description="Training restarts (each resumes from the last checkpoint) before the job fails.")
+    backoff_seconds: int = Field(default=30, ge=0, le=3600, description="Wait before a restart.")
+
+
+class FineTuneJobSpec(Model):
+    """Desired state of a FineTuneJob."""
+
+    model_config = Model.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "self.method.type != 'qlora' || self.resources.gpus > 0",
+                "method.type qlora needs resources.gpus >= 1 (4-bit quantisation runs on GPUs only)",
+                ".resources.gpus",
+            ),
+            cel(
+                "self.nodes == 1 || self.resources.gpus > 0",
+                "nodes > 1 needs resources.gpus >= 1",
+                ".nodes",
+            ),
+        )
+    }
+    base_model: BaseModelRef = Field(
+        description="The model to fine-tune. Immutable.",
+        json_schema_extra=validations(cel("self == oldSelf", "baseModel is immutable; create a new FineTuneJob")),
+    )
+    dataset: DatasetSpec = Field(
+        description="Training data. Immutable.",
+        json_schema_extra=validations(cel("self == oldSelf", "dataset is immutable; create a new FineTuneJob")),
+    )
+    method: MethodSpec = Field(default_factory=MethodSpec, description="LoRA, QLoRA or full fine-tuning.")
+    hyperparameters: HyperParameters = Field(default_factory=HyperParameters, description="Optimisation settings.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Evaluation and early stopping.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint frequency and retention.")
+    output: OutputSpec = Field(description="Where checkpoints and the artifact are written.")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Object-store endpoint and credentials.")
+    resources: TrainResources = Field(default_factory=TrainResources, description="GPUs, CPU, memory and placement.")
+    nodes: int = Field(default=1, ge=1, le=128, description="Trainer pods (nodes); > 1 runs an Indexed Job with torchrun rendezvous.")
+    image: str = Field(default=DEFAULT_TRAINER_IMAGE, description="Trainer container image.", min_length=1)
+    retry: RetrySpec = Field(default_factory=RetrySpec, description="Automatic restart policy.")
+    suspend: bool = Field(default=False, description="Stop the pods, keep the checkpoints; set back to false to resume.")
+    queue_name: str | None = Field(default=None, description="Kueue LocalQueue; the Jobs get label kueue.x-k8s.io/queue-name.")
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, description="Delete the FineTuneJob this long after it finished (its artifact stays)."
+    )
+
+
+# --- status -------------------------------------------------------------------------------
+
+Phase = Literal["Pending", "Validating", "Running", "Succeeded", "Failed", "Suspended"]
+PHASES: tuple[str, ...] = ("Pending", "Validating", "Running", "Succeeded", "Failed", "Suspended")
+
+
+class Progress(Model):
+    """Training progress, reported by the trainer."""
+
+    step: int = Field(default=0, description="Optimiser steps done.")
+    total_steps: int | None = Field(default=None, description="Optimiser steps planned.")
+    epoch: float | None = Field(default=None, description="Fractional epoch.")
+    percent: int | None = Field(default=None, description="step / totalSteps in percent.")
+    eta_seconds: int | None = Field(default=None, description="Estimated seconds left.")
+    tokens_per_second: float | None = Field(default=None, description="Training throughput (all pods).")
+    updated_at: str | None = Field(default=None, description="When the trainer last reported.")
+
+
+class Metrics(Model):
+    """Loss figures, reported by the trainer."""
+
+    train_loss: float | None = Field(default=None, description="Latest training loss.")
+    eval_loss: float | None = Field(default=None, description="Latest eval loss.")
+    best_eval_loss: float | None = Field(default=None, description="Lowest eval loss so far.")
+    eval_perplexity: float | None = Field(default=None, description="exp(evalLoss).")
+    eval_accuracy: float | None = Field(default=None, description="Exact-match accuracy when the task defines one.")
+
+
+class CheckpointRecord(Model):
+    """One complete checkpoint (its manifest verified)."""
+
+    step: int = Field(description="Optimiser step of the checkpoint.")
+    uri: str = Field(description="Where it is stored.")
+    eval_loss: float | None = Field(default=None, description="Eval loss at that step.")
+    time: str | None = Field(default=None, description="When it was completed.")
+
+
+class DataReportSummary(Model):
+    """Summary of the validator's data report (the full JSON is at reportUri)."""
+
+    format: str | None = Field(default=None, description="Detected or declared record format.")
+    total_lines: int | None = Field(default=None, description="Lines read.")
+    valid: int | None = Field(default=None, description="Valid records.")
+    invalid: int | None = Field(default=None, description="Invalid lines (see the report for file:line and reason).")
+    duplicates: int | None = Field(default=None, description="Duplicates removed.")
+    pii_masked: dict[str, int] | None = Field(default=None, description="Masked spans by kind.")
+    train_examples: int | None = Field(default=None, description="Examples used for training.")
+    validation_examples: int | None = Field(default=None, description="Examples used for evaluation.")
+    truncated: int | None = Field(default=None, description="Examples longer than maxSeqLength (truncated).")
+    digest: str | None = Field(default=None, description="sha256 of the validated dataset.")
+    report_uri: str | None = Field(default=None, description="Full data report (JSON).")
+
+
+class Artifact(Model):
+    """The published model."""
+
+    uri: str = Field(description="<output>/model/: adapter (or merged weights) and tokenizer.")
+    digest: str | None = Field(default=None, description="sha256 over the artifact's manifest.")
+    lineage_uri: str | None = Field(default=None, description="lineage.json beside the artifact.")
+    merged_uri: str | None = Field(default=None, description="Merged weights, when output.mergeAdapter.")
+
+
+class FineTuneJobStatus(Model):
+    """Observed state of a FineTuneJob."""
+
+    phase: Phase | None = Field(default=None, description="Pending, Validating, Running, Succeeded, Failed or Suspended.")
+    message: str | None = Field(default=None, description="Human-readable summary of the phase.")
+    observed_generation: int | None = Field(default=None, description="Generation the status was computed from.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="DataValidated, Training, Succeeded, Failed, Suspended (Kubernetes condition semantics).",
+    )
+    progress: Progress | None = Field(default=None, description="Training progress (from the trainer).")
+    metrics: Metrics | None = Field(default=None, description="Loss figures (from the trainer).")
+    checkpoints: list[CheckpointRecord] = Field(default_factory=list, description="The last few complete checkpoints.")
+    resumed_from_step: int | None = Field(default=None, description="Step the current attempt resumed from.")
+    restarts: int = Field(default=0, description="Training restarts so far (survive Job deletion and TTL).")
+    last_failure_reason: str | None = Field(default=None, description="Reason of the last failed attempt.")
+    last_failure_time: str | None = Field(default=None, description="When the last attempt failed.")
+    data_report: DataReportSummary | None = Field(default=None, description="Summary of the data validation.")
+    artifact: Artifact | None = Field(default=None, description="The published model, once Succeeded.")
+    start_time: str | None = Field(default=None, description="When the job started.")
+    completion_time: str | None = Field(default=None, description="When the job finished.")
+
+
+class FineTuneJob(Model):
+    """A FineTuneJob manifest."""
+
+    api_version: Literal["kubetune.io/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["FineTuneJob"] = Field(default=KIND)
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None

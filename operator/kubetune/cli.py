@@ -1,0 +1,57 @@
+"""The ``kubetune`` command: CRD generation, manifest validation, the operator, the local runtime."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def cmd_crds(args: argparse.Namespace) -> int:
+    """Write crds/*.yaml from the models, or with --check fail when they drift."""
+    from kubetune.api.crds import all_crds, render
+
+    out_dir = Path(args.out) if args.out else _repo_root() / "crds"
+    drift = []
+    for name, crd in all_crds().items():
+        path = out_dir / name
+        text = render(crd)
+        if args.check:
+            if not path.exists() or path.read_text() != text:
+                drift.append(str(path))
+        else:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(f"wrote {path}")
+    if drift:
+        print("CRDs drifted from operator/kubetune/api; run `make crds` and commit:", *drift, sep="\n  ", file=sys.stderr)
+        return 1
+    if args.check:
+        print("crds/ matches the API models")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (subcommands are added by each layer that owns them)."""
+    parser = argparse.ArgumentParser(prog="kubetune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("crds", help="generate CRDs from the API models")
+    p.add_argument("--out", help="output folder (default: <repo>/crds)")
+    p.add_argument("--check", action="store_true", help="fail when crds/ differs from the models")
+    p.set_defaults(func=cmd_crds)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``kubetune`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""kubetune.k8s."""

@@ -1,0 +1,1 @@
+"""kubetune_server: the OpenAI-compatible inference server in ModelDeployment pods."""

@@ -1,0 +1,1 @@
+"""kubetune_trainer: the program in FineTuneJob pods (python -m kubetune_trainer validate|train)."""
