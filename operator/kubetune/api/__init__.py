@@ -5,7 +5,7 @@ from them (``kubetune crds``), the operator and the local runtime parse manifest
 ``kubectl explain`` shows their field descriptions.
 """
 
-from kubetune.api.common import GROUP, VERSION, API_VERSION
+from kubetune.api.common import API_VERSION, GROUP, VERSION
 from kubetune.api.finetunejob import FineTuneJob, FineTuneJobSpec, FineTuneJobStatus
 from kubetune.api.modeldeployment import (
     ModelDeployment,

@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
-from kubetune.api.common import GROUP, VERSION
 from kubetune.api import finetunejob as ftj
 from kubetune.api import modeldeployment as mdep
+from kubetune.api.common import GROUP, VERSION
 
 # Keys pydantic emits that a structural schema has no use for.
 _DROP_KEYS = {"title", "$defs", "discriminator"}
