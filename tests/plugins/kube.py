@@ -1,0 +1,1 @@
+"""Pytest plugin: kube fixtures (placeholder until its owner fills it)."""

@@ -1,0 +1,1 @@
+"""Pytest plugin: s3 fixtures (placeholder until its owner fills it)."""

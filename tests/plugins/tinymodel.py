@@ -1,0 +1,1 @@
+"""Pytest plugin: tinymodel fixtures (placeholder until its owner fills it)."""
