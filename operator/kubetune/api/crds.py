@@ -13,6 +13,8 @@ import copy
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
+from pydantic.json_schema import GenerateJsonSchema, NoDefault
 
 from kubetune.api import finetunejob as ftj
 from kubetune.api import modeldeployment as mdep
@@ -75,8 +77,30 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
     return out
 
 
+class _CrdJsonSchema(GenerateJsonSchema):
+    """Also publish ``default_factory`` defaults, so the API server defaults what pydantic does.
+
+    Without them a CR that omits ``spec.method`` stores no ``method`` at all, and a CEL rule
+    reading ``self.method.type`` fails with "no such key" on the cluster while the operator's
+    pydantic parse would have filled it in. A sub-model default is published as ``{}``: the API
+    server then applies the nested defaults itself (structural defaulting), so the CRD carries
+    each default once, at its leaf.
+    """
+
+    def get_default_value(self, schema: Any) -> Any:
+        factory = schema.get("default_factory")
+        if factory is None or schema.get("default_factory_takes_data"):
+            return super().get_default_value(schema)
+        value = factory()
+        if isinstance(value, BaseModel):
+            return {}
+        if isinstance(value, list) and any(isinstance(v, BaseModel) for v in value):
+            return [v.model_dump(by_alias=True, exclude_none=True, mode="json") for v in value]
+        return value if value is not None else NoDefault
+
+
 def _schema_of(model: type, strip_required: bool = False) -> dict[str, Any]:
-    raw = model.model_json_schema(by_alias=True, mode="validation")
+    raw = model.model_json_schema(by_alias=True, mode="validation", schema_generator=_CrdJsonSchema)
     schema = _inline(raw, raw.get("$defs", {}))
     return schema
 
