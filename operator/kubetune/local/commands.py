@@ -1,0 +1,276 @@
+"""``kubetune local apply|status|delete`` and ``kubetune demo``: the local runtime's commands.
+
+``cli.py`` only registers these parsers (``add_parsers``); the work happens here and in the
+modules this one wires together.
+
+``apply`` stores the manifests under ``.kubetune/`` and then either hands them to the
+controller already running on that folder (exactly like ``kubectl apply`` against a cluster
+whose operator is running), or becomes the controller itself, in the foreground: it trains,
+deploys, rolls out, shows progress bars, and keeps the servers up behind the local router until
+Ctrl-C (or, with ``--exit-when-settled``, stops them and exits once nothing more will happen).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kubetune.local.loading import ManifestError, load_manifests
+from kubetune.local.processes import kill_registered
+from kubetune.local.progress import ProgressPrinter, deployment_line, job_line
+from kubetune.local.runtime import LocalRuntime, controller_pid, install_signal_handlers
+from kubetune.local.store import PLURALS, Store, default_root
+
+KIND_ALIASES = {
+    "ftj": "FineTuneJob",
+    "finetunejob": "FineTuneJob",
+    "finetunejobs": "FineTuneJob",
+    "mdep": "ModelDeployment",
+    "modeldeployment": "ModelDeployment",
+    "modeldeployments": "ModelDeployment",
+    "secret": "Secret",
+    "secrets": "Secret",
+}
+
+
+def _store(args: argparse.Namespace) -> Store:
+    return Store(Path(args.dir) if getattr(args, "dir", None) else default_root())
+
+
+def build_runtime(store: Store, router_host: str = "127.0.0.1", tick_seconds: float = 0.5) -> LocalRuntime:
+    """A runtime with the FineTuneJob and ModelDeployment drivers registered."""
+    from kubetune.local.deployments import DeploymentDriver
+    from kubetune.local.jobs import JobDriver
+
+    runtime = LocalRuntime(store, tick_seconds=tick_seconds)
+    runtime.add_driver(JobDriver(store, runtime.supervisor))
+    runtime.add_driver(DeploymentDriver(store, runtime.supervisor, router_host=router_host))
+    return runtime
+
+
+def progress_lines(store: Store) -> dict[str, str]:
+    """The current display line of every FineTuneJob and ModelDeployment."""
+    lines = {f"ftj/{o['metadata']['name']}": job_line(o) for o in store.list("FineTuneJob")}
+    lines.update({f"mdep/{o['metadata']['name']}": deployment_line(o) for o in store.list("ModelDeployment")})
+    return lines
+
+
+def overall_ok(store: Store) -> bool:
+    """False when a FineTuneJob failed or a ModelDeployment is Degraded."""
+    jobs_ok = all((o.get("status") or {}).get("phase") != "Failed" for o in store.list("FineTuneJob"))
+    mdeps_ok = all((o.get("status") or {}).get("phase") != "Degraded" for o in store.list("ModelDeployment"))
+    return jobs_ok and mdeps_ok
+
+
+async def run_controller(
+    store: Store,
+    exit_when_settled: bool,
+    timeout: float | None = None,
+    printer: ProgressPrinter | None = None,
+) -> int:
+    """Be the controller of ``store`` in the foreground until settled, Ctrl-C or timeout."""
+    runtime = build_runtime(store)
+    printer = printer or ProgressPrinter()
+    await runtime.start()
+    uninstall = install_signal_handlers(runtime)
+    announced: set[str] = set()
+
+    def tick() -> None:
+        printer.update(progress_lines(store))
+        for name, url in _endpoints(store).items():
+            if name not in announced:
+                announced.add(name)
+                printer.message(f"mdep/{name} serves at {url}/v1 (OpenAI-compatible; Ctrl-C stops)")
+
+    try:
+        if exit_when_settled:
+            done = await runtime.run(until=runtime.settled, timeout=timeout, on_tick=tick)
+            if not done and not runtime.stopping:
+                printer.message(f"timed out after {timeout:.0f}s before everything settled")
+                return 1
+        else:
+            await runtime.run(timeout=timeout, on_tick=tick)
+    finally:
+        await runtime.stop()
+        uninstall()
+    if runtime.stopping and not exit_when_settled:
+        printer.message("stopped; artifacts and status stay in " + str(store.root))
+        return 0
+    return 0 if overall_ok(store) else 1
+
+
+def _endpoints(store: Store) -> dict[str, str]:
+    try:
+        return json.loads((store.root / "endpoints.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# --- apply -----------------------------------------------------------------------------------
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    """Store the manifests; hand them to the running controller or run one in the foreground."""
+    store = _store(args)
+    try:
+        manifests = []
+        for path in args.file:
+            manifests.extend(load_manifests(path))
+    except ManifestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for manifest in manifests:
+        old = store.get(manifest["kind"], manifest["metadata"]["name"])
+        try:
+            _check_update(manifest, old)
+        except ManifestError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        obj, outcome = store.apply(manifest)
+        print(f"{obj['kind'].lower()}.kubetune.io/{obj['metadata']['name']} {outcome}".replace(
+            "secret.kubetune.io", "secret"
+        ))
+    pid = controller_pid(store)
+    if pid is not None:
+        print(f"the local controller (pid {pid}) picks the change up; watch it with `kubetune local status`")
+        return 0
+    return asyncio.run(run_controller(store, exit_when_settled=args.exit_when_settled, timeout=args.timeout))
+
+
+def _check_update(manifest: dict[str, Any], old: dict[str, Any] | None) -> None:
+    """Run the CRD's transition rules (immutable fields) against the stored object."""
+    if old is None or manifest.get("kind") == "Secret":
+        return
+    try:
+        from kubetune.api import validation
+    except ImportError:  # pragma: no cover - validation lands with the api package
+        return
+    errors = validation.validate_manifest(manifest, old={k: old[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in old})
+    if errors:
+        name = manifest["metadata"]["name"]
+        raise ManifestError(f"{manifest['kind']} {name!r} cannot be updated:\n" + "\n".join(f"  {e}" for e in errors))
+
+
+# --- status ----------------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show the stored objects: a table, or the whole objects as YAML/JSON."""
+    store = _store(args)
+    kinds = [KIND_ALIASES[args.kind.lower()]] if args.kind else ["FineTuneJob", "ModelDeployment"]
+    objects = [o for kind in kinds for o in store.list(kind) if not args.name or o["metadata"]["name"] == args.name]
+    if args.output in ("yaml", "json"):
+        items = objects if len(objects) != 1 else objects[0]
+        if args.output == "json":
+            print(json.dumps(items, indent=2))
+        else:
+            print(yaml.safe_dump(items, sort_keys=False), end="")
+        return 0
+    pid = controller_pid(store)
+    state = f"running (pid {pid})" if pid else "not running"
+    print(f"controller: {state}   store: {store.root}")
+    if not objects:
+        print("no objects; apply some with `kubetune local apply -f examples/local/`")
+        return 0
+    for obj in objects:
+        print(job_line(obj) if obj["kind"] == "FineTuneJob" else deployment_line(obj))
+    for name, url in _endpoints(store).items():
+        if pid:
+            print(f"mdep/{name} endpoint: {url}/v1")
+    return 0
+
+
+# --- delete ----------------------------------------------------------------------------------
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    """Delete objects (their processes stop); artifacts stay, as in a cluster."""
+    store = _store(args)
+    targets: list[tuple[str, str]] = []
+    if args.all:
+        targets = [(kind, o["metadata"]["name"]) for kind in PLURALS for o in store.list(kind)]
+    elif args.file:
+        try:
+            targets = [(m["kind"], m["metadata"]["name"]) for m in load_manifests(args.file)]
+        except ManifestError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    elif args.kind and args.names:
+        targets = [(KIND_ALIASES[args.kind.lower()], n) for n in args.names]
+    else:
+        print("error: say what to delete: KIND NAME..., -f FILE or --all", file=sys.stderr)
+        return 2
+    for kind, name in targets:
+        if store.delete(kind, name):
+            print(f"{kind.lower()}/{name} deleted")
+        else:
+            print(f"{kind.lower()}/{name} not found")
+    pid = controller_pid(store)
+    if args.all and pid is not None:
+        # Nothing is left to control: stop the controller; it stops its children first.
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while controller_pid(store) is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    if pid is None or args.all:
+        stopped = kill_registered(store.registry)
+        if stopped:
+            print(f"stopped {len(stopped)} process(es)")
+    return 0
+
+
+# --- demo ------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The README's main command (see demo.py)."""
+    from kubetune.local.demo import run_demo
+
+    return run_demo(args)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register ``kubetune local ...`` and ``kubetune demo`` on the top-level parser."""
+    local = sub.add_parser("local", help="run FineTuneJobs and ModelDeployments on this machine, no cluster")
+    local_sub = local.add_subparsers(dest="local_command", required=True)
+
+    p = local_sub.add_parser("apply", help="apply manifests and run them (or hand them to the running controller)")
+    p.add_argument("-f", "--file", action="append", required=True, help="manifest file or folder (repeatable)")
+    p.add_argument("--dir", help="state folder (default: $KUBETUNE_LOCAL_DIR or ./.kubetune)")
+    p.add_argument(
+        "--exit-when-settled",
+        action="store_true",
+        help="stop the servers and exit once nothing more will happen (default: keep serving until Ctrl-C)",
+    )
+    p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    p.set_defaults(func=cmd_apply)
+
+    p = local_sub.add_parser("status", help="show the local objects and their status")
+    p.add_argument("kind", nargs="?", choices=sorted(KIND_ALIASES), help="only this kind")
+    p.add_argument("name", nargs="?", help="only this object")
+    p.add_argument("-o", "--output", choices=["table", "yaml", "json"], default="table")
+    p.add_argument("--dir", help="state folder (default: $KUBETUNE_LOCAL_DIR or ./.kubetune)")
+    p.set_defaults(func=cmd_status)
+
+    p = local_sub.add_parser("delete", help="delete local objects and stop their processes")
+    p.add_argument("kind", nargs="?", choices=sorted(KIND_ALIASES))
+    p.add_argument("names", nargs="*")
+    p.add_argument("-f", "--file", help="delete what this manifest file or folder defines")
+    p.add_argument("--all", action="store_true", help="delete everything and stop the controller")
+    p.add_argument("--dir", help="state folder (default: $KUBETUNE_LOCAL_DIR or ./.kubetune)")
+    p.set_defaults(func=cmd_delete)
+
+    p = sub.add_parser("demo", help="the whole story locally: fine-tune, deploy, canary, rollback (~5 min)")
+    p.add_argument("--dir", help="work folder (default: ./.kubetune/demo)")
+    p.add_argument("--fast", action="store_true", help="lighter settings (what the e2e tests run)")
+    p.add_argument("--keep-serving", action="store_true", help="keep the final deployment up until Ctrl-C")
+    p.set_defaults(func=cmd_demo)
