@@ -110,6 +110,16 @@ class ParentRef(Model):
 class TrafficSpec(Model):
     """How traffic is split between the stable and canary revisions."""
 
+    model_config = Model.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "self.mode != 'gatewayAPI' || size(self.parentRefs) > 0",
+                "traffic.mode gatewayAPI needs at least one traffic.parentRefs entry (the Gateway to attach the HTTPRoute to)",
+                ".parentRefs",
+            ),
+        )
+    }
+
     mode: Literal["auto", "gatewayAPI", "replicas"] = Field(
         default="auto",
         description="gatewayAPI: weighted HTTPRoute backendRefs; replicas: one Service over both revisions, split by replica count; auto: gatewayAPI when the cluster serves HTTPRoute.",
@@ -178,6 +188,16 @@ class PrometheusProvider(Model):
 class AnalysisSpec(Model):
     """Metric analysis of the canary."""
 
+    model_config = Model.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "self.provider != 'prometheus' || has(self.prometheus)",
+                "analysis.provider prometheus needs analysis.prometheus.address",
+                ".prometheus",
+            ),
+        )
+    }
+
     interval: str = Field(default="10s", description="How often analysis runs.", pattern=DURATION_PATTERN)
     provider: Literal["builtin", "prometheus"] = Field(
         default="builtin", description="builtin scrapes the revisions' pods' /metrics; prometheus runs queries."
@@ -202,6 +222,15 @@ class GoldenPrompt(Model):
 
 class EvalGate(Model):
     """Golden prompts run against the canary before it gets any traffic."""
+
+    model_config = Model.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "size(self.prompts) > 0 || has(self.promptsUri)",
+                "evalGate needs golden prompts: set evalGate.prompts or evalGate.promptsUri",
+            ),
+        )
+    }
 
     prompts: list[GoldenPrompt] = Field(default_factory=list, description="Inline golden prompts.")
     prompts_uri: str | None = Field(default=None, description="JSONL of {prompt, expected}. " + URI_DESCRIPTION, pattern=URI_PATTERN)
@@ -235,6 +264,15 @@ class RolloutSpec(Model):
     eval_gate: EvalGate | None = Field(default=None, description="Optional golden-prompt gate before any traffic.")
     progress_deadline_seconds: int = Field(
         default=600, ge=30, description="A canary that makes no progress this long (never ready, stuck) is rolled back."
+    )
+    scale_down_delay_seconds: int = Field(
+        default=5,
+        ge=0,
+        le=3600,
+        description=(
+            "A revision whose traffic weight reached 0 (rolled back, superseded or replaced by a promotion) keeps "
+            "its pods this long before they are removed, so routers converge and in-flight requests drain."
+        ),
     )
 
 
@@ -275,6 +313,7 @@ class Weights(Model):
     canary: int = Field(default=0, description="Percent to canary.")
     requested_canary: int | None = Field(default=None, description="Percent the current step asked for.")
     mode: str | None = Field(default=None, description="gatewayAPI, replicas or local.")
+    warning: str | None = Field(default=None, description="Set when the achieved weight is far from the requested one.")
 
 
 class AnalysisResult(Model):
@@ -286,6 +325,37 @@ class AnalysisResult(Model):
     message: str | None = Field(default=None, description="Why.")
     canary: dict[str, float] | None = Field(default=None, description="Canary metrics (errorRate, p95LatencySeconds, ttftP95Seconds).")
     stable: dict[str, float] | None = Field(default=None, description="Stable metrics, same keys.")
+    revision: str | None = Field(default=None, description="Canary revision the interval judged.")
+    step: int | None = Field(default=None, description="Index of the rollout step it ran in.")
+
+
+class CounterSnapshot(Model):
+    """Cumulative kubetune_server counters of one revision, summed over its pods (built-in provider)."""
+
+    requests: float = Field(default=0.0, description="Requests served.")
+    errors: float = Field(default=0.0, description="5xx responses.")
+    latency_bounds: list[float] = Field(default_factory=list, description="Finite latency bucket bounds (seconds).")
+    latency_counts: list[float] = Field(default_factory=list, description="Cumulative count per latency bound.")
+    latency_total: float = Field(default=0.0, description="Latency observations (the +Inf bucket).")
+    ttft_bounds: list[float] = Field(default_factory=list, description="Finite time-to-first-token bucket bounds.")
+    ttft_counts: list[float] = Field(default_factory=list, description="Cumulative count per TTFT bound.")
+    ttft_total: float = Field(default=0.0, description="TTFT observations (the +Inf bucket).")
+    pods: int = Field(default=0, description="Pods scraped.")
+
+
+class AnalysisBaseline(Model):
+    """Start of the current analysis interval: when, and (built-in provider) the counters then."""
+
+    time: str = Field(description="When the interval started.")
+    revisions: dict[str, CounterSnapshot] = Field(default_factory=dict, description="Counters per revision at that time.")
+
+
+class RetiringRevision(Model):
+    """A revision taken out of traffic; its pods go once its weight is 0 and the drain delay passed."""
+
+    name: str = Field(description="Revision hash.")
+    reason: str = Field(default="", description="Why it is retired (RolledBack, Promoted, Superseded).")
+    zero_weight_since: str | None = Field(default=None, description="When its weight was first observed at 0.")
 
 
 class RejectedRevision(Model):
@@ -311,6 +381,9 @@ class ModelDeploymentStatus(Model):
     weights: Weights | None = Field(default=None, description="Applied traffic weights.")
     analysis: list[AnalysisResult] = Field(default_factory=list, description="Latest analysis results (newest last).")
     eval_gate_score: float | None = Field(default=None, description="Golden-prompt score of the canary.")
+    eval_gate_stable_score: float | None = Field(default=None, description="Golden-prompt score of stable (with maxScoreDrop).")
+    analysis_baseline: AnalysisBaseline | None = Field(default=None, description="Start of the current analysis interval.")
+    retiring: list[RetiringRevision] = Field(default_factory=list, description="Revisions whose pods are being removed.")
     rejected_revisions: list[RejectedRevision] = Field(default_factory=list, description="Rolled-back revisions.")
     paused: bool | None = Field(default=None, description="Paused by a human (kubetune.io/pause) or an indefinite pause step.")
 

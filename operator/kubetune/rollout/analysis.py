@@ -1,0 +1,387 @@
+"""Canary analysis math: Prometheus text parsing, interval deltas, quantiles and the verdict.
+
+The built-in provider scrapes every pod of a revision (``/metrics`` of kubetune_server, the
+names in docs/contracts.md) and sums them into ``RevisionCounters`` — cumulative counters since
+the pods started. An analysis interval is the *difference* of two such snapshots, the way
+Prometheus' ``increase()`` works, so the verdict is about the last interval only and a bad
+minute is not diluted by an hour of good history. The Prometheus provider skips all that: its
+queries return interval figures (``IntervalMetrics``) directly.
+
+The verdict (``evaluate``) compares the canary with absolute thresholds and with stable over
+the same interval. Too little canary traffic is *Inconclusive*: never a silent pass (Flagger
+treats "no data" as success on some providers) and never a failure (a quiet night must not roll
+back a good model).
+
+Everything here is pure and reused by both runtimes: the operator (k8s/scraping.py) and the
+local runtime feed it the text they fetched.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from kubetune.api.modeldeployment import AnalysisSpec
+
+REQUESTS = "kubetune_server_requests_total"
+LATENCY = "kubetune_server_request_duration_seconds"
+TTFT = "kubetune_server_time_to_first_token_seconds"
+
+SUCCESSFUL = "Successful"
+FAILED = "Failed"
+INCONCLUSIVE = "Inconclusive"
+ERROR = "Error"
+
+# A p95 ratio check on its own would fail a healthy canary whose p95 is 9 ms against stable's
+# 5 ms: scheduling noise, not a regression. The ratio only counts when the canary is also slower
+# by at least this many seconds in absolute terms.
+LATENCY_RATIO_FLOOR_SECONDS = 0.05
+
+
+# --- Prometheus text exposition ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One line of the text exposition: metric name, labels, value."""
+
+    name: str
+    labels: Mapping[str, str]
+    value: float
+
+
+_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<labels>.*)\})?\s+(?P<value>\S+)(\s+\S+)?$")
+_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
+
+
+def _unescape(value: str) -> str:
+    return value.replace(r"\\", "\x00").replace(r"\"", '"').replace(r"\n", "\n").replace("\x00", "\\")
+
+
+def _parse_value(text: str) -> float:
+    # Go's and Python's clients write +Inf, -Inf and NaN; float() understands all three.
+    return float(text)
+
+
+def parse_exposition(text: str) -> list[Sample]:
+    """Parse the Prometheus text format (version 0.0.4) into samples.
+
+    Comments (``# HELP``, ``# TYPE``) and blank lines are skipped. A malformed line raises
+    ValueError naming the line number, so a broken exporter is reported as an analysis
+    *Error* with a reason rather than silently read as zero traffic.
+    """
+    samples: list[Sample] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _LINE.match(line)
+        if not match:
+            raise ValueError(f"line {number}: not a Prometheus sample: {raw[:120]!r}")
+        labels: dict[str, str] = {}
+        body = match.group("labels")
+        if body:
+            pos = 0
+            while pos < len(body):
+                lm = _LABEL.match(body, pos)
+                if not lm:
+                    raise ValueError(f"line {number}: bad label set: {body[:120]!r}")
+                labels[lm.group(1)] = _unescape(lm.group(2))
+                pos = lm.end()
+        try:
+            value = _parse_value(match.group("value"))
+        except ValueError:
+            raise ValueError(f"line {number}: bad value {match.group('value')!r}") from None
+        samples.append(Sample(match.group("name"), labels, value))
+    return samples
+
+
+# --- cumulative counters of one revision -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """A cumulative histogram: sorted finite upper bounds with cumulative counts, plus total."""
+
+    bounds: tuple[float, ...] = ()
+    counts: tuple[float, ...] = ()
+    total: float = 0.0
+
+    def __add__(self, other: Histogram) -> Histogram:
+        if not self.bounds and not self.total:
+            return other
+        if not other.bounds and not other.total:
+            return self
+        if self.bounds != other.bounds:
+            raise ValueError(f"histogram buckets differ between pods: {self.bounds} vs {other.bounds}")
+        return Histogram(
+            self.bounds, tuple(a + b for a, b in zip(self.counts, other.counts, strict=True)), self.total + other.total
+        )
+
+    def minus(self, before: Histogram) -> Histogram:
+        """Observations since ``before`` (same buckets; a reset is detected by the caller)."""
+        if not before.bounds and not before.total:
+            return self
+        if self.bounds != before.bounds:
+            raise ValueError("histogram buckets changed between scrapes")
+        return Histogram(
+            self.bounds, tuple(a - b for a, b in zip(self.counts, before.counts, strict=True)), self.total - before.total
+        )
+
+    def quantile(self, q: float) -> float | None:
+        """``histogram_quantile``: linear interpolation inside the bucket holding rank q*total.
+
+        Same rules as Prometheus: the lowest bucket interpolates from 0; a rank beyond the last
+        finite bound returns that bound (the +Inf bucket has no width to interpolate in). None
+        when there are no observations.
+        """
+        if self.total <= 0:
+            return None
+        rank = q * self.total
+        prev_bound, prev_count = 0.0, 0.0
+        for bound, count in zip(self.bounds, self.counts, strict=True):
+            if count >= rank:
+                if count == prev_count:
+                    return bound
+                return prev_bound + (bound - prev_bound) * (rank - prev_count) / (count - prev_count)
+            prev_bound, prev_count = bound, count
+        return self.bounds[-1] if self.bounds else None
+
+
+@dataclass(frozen=True)
+class RevisionCounters:
+    """Cumulative kubetune_server counters of one revision (summed over its pods)."""
+
+    requests: float = 0.0
+    errors: float = 0.0
+    latency: Histogram = field(default_factory=Histogram)
+    ttft: Histogram = field(default_factory=Histogram)
+    pods: int = 0
+
+    def __add__(self, other: RevisionCounters) -> RevisionCounters:
+        return RevisionCounters(
+            self.requests + other.requests,
+            self.errors + other.errors,
+            self.latency + other.latency,
+            self.ttft + other.ttft,
+            self.pods + other.pods,
+        )
+
+    def to_dict(self) -> dict:
+        """JSON-able form (no infinities) for status.analysisBaseline."""
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "latencyBounds": list(self.latency.bounds),
+            "latencyCounts": list(self.latency.counts),
+            "latencyTotal": self.latency.total,
+            "ttftBounds": list(self.ttft.bounds),
+            "ttftCounts": list(self.ttft.counts),
+            "ttftTotal": self.ttft.total,
+            "pods": self.pods,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> RevisionCounters:
+        """Inverse of ``to_dict``."""
+        return cls(
+            requests=float(data.get("requests", 0)),
+            errors=float(data.get("errors", 0)),
+            latency=Histogram(
+                tuple(data.get("latencyBounds", ())), tuple(data.get("latencyCounts", ())), float(data.get("latencyTotal", 0))
+            ),
+            ttft=Histogram(tuple(data.get("ttftBounds", ())), tuple(data.get("ttftCounts", ())), float(data.get("ttftTotal", 0))),
+            pods=int(data.get("pods", 0)),
+        )
+
+
+def _histogram(samples: Iterable[Sample], name: str) -> Histogram:
+    # Sum over every label set (models, pods) per bucket bound.
+    by_bound: dict[float, float] = {}
+    for s in samples:
+        if s.name == f"{name}_bucket" and "le" in s.labels:
+            le = _parse_value(s.labels["le"])
+            by_bound[le] = by_bound.get(le, 0.0) + s.value
+    if not by_bound:
+        return Histogram()
+    total = by_bound.pop(math.inf, None)
+    finite = sorted(by_bound)
+    counts = tuple(by_bound[b] for b in finite)
+    if total is None:
+        total = counts[-1] if counts else 0.0
+    return Histogram(tuple(finite), counts, total)
+
+
+def counters_from_text(text: str) -> RevisionCounters:
+    """Cumulative counters of ONE pod from its /metrics text (all models summed)."""
+    samples = parse_exposition(text)
+    requests = errors = 0.0
+    for s in samples:
+        if s.name == REQUESTS:
+            requests += s.value
+            if s.labels.get("code", "").startswith("5"):
+                errors += s.value
+    return RevisionCounters(requests, errors, _histogram(samples, LATENCY), _histogram(samples, TTFT), pods=1)
+
+
+def sum_counters(pods: Iterable[RevisionCounters]) -> RevisionCounters:
+    """Sum the counters of a revision's pods."""
+    total = RevisionCounters()
+    for pod in pods:
+        total = total + pod
+    return total
+
+
+# --- one interval ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IntervalMetrics:
+    """What happened to one revision during one interval."""
+
+    requests: float
+    error_rate: float | None
+    p95_latency_seconds: float | None
+    ttft_p95_seconds: float | None
+
+    def as_status(self) -> dict[str, float]:
+        """The figures for status.analysis[].canary/stable (camelCase; unknowns left out)."""
+        out = {"requests": float(self.requests)}
+        if self.error_rate is not None:
+            out["errorRate"] = round(self.error_rate, 6)
+        if self.p95_latency_seconds is not None:
+            out["p95LatencySeconds"] = round(self.p95_latency_seconds, 6)
+        if self.ttft_p95_seconds is not None:
+            out["ttftP95Seconds"] = round(self.ttft_p95_seconds, 6)
+        return out
+
+
+def interval(before: RevisionCounters, after: RevisionCounters) -> IntervalMetrics | None:
+    """The interval between two cumulative snapshots; None when a counter went backwards.
+
+    A decrease means a pod restarted (or left) and its counters reset: the delta would be
+    meaningless, so the caller discards the interval and takes ``after`` as the new baseline
+    (Prometheus' increase() would extrapolate; with two points we cannot).
+    """
+    requests = after.requests - before.requests
+    errors = after.errors - before.errors
+    latency = after.latency.minus(before.latency) if after.latency.bounds == before.latency.bounds or not before.latency.bounds else None
+    ttft = after.ttft.minus(before.ttft) if after.ttft.bounds == before.ttft.bounds or not before.ttft.bounds else None
+    if requests < 0 or errors < 0 or latency is None or ttft is None or latency.total < 0 or ttft.total < 0:
+        return None
+    return IntervalMetrics(
+        requests=requests,
+        error_rate=(errors / requests) if requests > 0 else None,
+        p95_latency_seconds=latency.quantile(0.95),
+        ttft_p95_seconds=ttft.quantile(0.95),
+    )
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One analysis interval's figures for the canary and (when it has pods) stable."""
+
+    time: str
+    canary: IntervalMetrics
+    stable: IntervalMetrics | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one interval: phase, reason, and the figures it was judged on."""
+
+    phase: str
+    message: str
+    samples: int
+    canary: dict[str, float] | None = None
+    stable: dict[str, float] | None = None
+
+
+def evaluate(measurement: Measurement, spec: AnalysisSpec) -> Verdict:
+    """Judge one interval: Successful, Failed or Inconclusive.
+
+    Order matters for the message only: every failed check is listed, so a user sees both
+    "error rate 12% > 5%" and "p95 2.1 s > 1.5x stable" at once. Checks against stable run only
+    when stable itself saw at least minSamples requests in the interval — comparing with a
+    handful of stable requests would be noise.
+    """
+    canary, stable = measurement.canary, measurement.stable
+    samples = int(canary.requests)
+    figures = {"canary": canary.as_status(), "stable": stable.as_status() if stable else None}
+    if canary.requests < spec.min_samples:
+        return Verdict(
+            INCONCLUSIVE,
+            f"only {samples} canary requests in the interval (minSamples {spec.min_samples}): not enough to judge",
+            samples,
+            **figures,
+        )
+    thr = spec.thresholds
+    failures: list[str] = []
+    err = canary.error_rate or 0.0
+    if err > thr.max_error_rate:
+        failures.append(f"error rate {err:.1%} > maxErrorRate {thr.max_error_rate:.1%}")
+    p95 = canary.p95_latency_seconds
+    if thr.max_p95_latency_seconds is not None and p95 is not None and p95 > thr.max_p95_latency_seconds:
+        failures.append(f"p95 latency {p95:.3f}s > maxP95LatencySeconds {thr.max_p95_latency_seconds}s")
+    ttft = canary.ttft_p95_seconds
+    if thr.max_ttft_p95_seconds is not None and ttft is not None and ttft > thr.max_ttft_p95_seconds:
+        failures.append(f"p95 time to first token {ttft:.3f}s > maxTtftP95Seconds {thr.max_ttft_p95_seconds}s")
+    if stable is not None and stable.requests >= spec.min_samples:
+        stable_err = stable.error_rate or 0.0
+        if thr.max_error_rate_increase is not None and err - stable_err > thr.max_error_rate_increase:
+            failures.append(
+                f"error rate {err:.1%} exceeds stable's {stable_err:.1%} by more than {thr.max_error_rate_increase:.1%}"
+            )
+        sp95 = stable.p95_latency_seconds
+        if (
+            thr.max_latency_ratio is not None
+            and p95 is not None
+            and sp95 is not None
+            and p95 > thr.max_latency_ratio * sp95
+            and p95 - sp95 > LATENCY_RATIO_FLOOR_SECONDS
+        ):
+            failures.append(f"p95 latency {p95:.3f}s > {thr.max_latency_ratio}x stable's {sp95:.3f}s")
+    if failures:
+        return Verdict(FAILED, "; ".join(failures), samples, **figures)
+    return Verdict(SUCCESSFUL, f"{samples} canary requests within thresholds", samples, **figures)
+
+
+# --- Prometheus query provider (pure part: the query text) -------------------------------
+
+_SEL = '{namespace="{{namespace}}",revision="{{revision}}"}'
+_SEL_5XX = '{namespace="{{namespace}}",revision="{{revision}}",code=~"5.."}'
+DEFAULT_QUERIES = {
+    "requests": "sum(increase(" + REQUESTS + _SEL + "[{{interval}}]))",
+    "errorRate": (
+        "sum(increase(" + REQUESTS + _SEL_5XX + "[{{interval}}]))"
+        " / sum(increase(" + REQUESTS + _SEL + "[{{interval}}]))"
+    ),
+    "latencyP95": "histogram_quantile(0.95, sum by (le) (increase(" + LATENCY + "_bucket" + _SEL + "[{{interval}}])))",
+    "ttftP95": "histogram_quantile(0.95, sum by (le) (increase(" + TTFT + "_bucket" + _SEL + "[{{interval}}])))",
+}
+
+
+def render_query(template: str, namespace: str, revision: str, interval_text: str) -> str:
+    """Substitute ``{{namespace}}``, ``{{revision}}`` and ``{{interval}}`` in a PromQL template.
+
+    The default queries select by the ``revision`` label, which the pod template carries as
+    ``kubetune.io/revision`` and a standard PodMonitor relabels to ``revision``.
+    """
+    return template.replace("{{namespace}}", namespace).replace("{{revision}}", revision).replace("{{interval}}", interval_text)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration like ``10s``, ``1m30s``, ``250ms``, ``2h`` (spec DURATION_PATTERN)."""
+    total = 0.0
+    pos = 0
+    for match in re.finditer(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)", text):
+        if match.start() != pos:
+            break
+        pos = match.end()
+        value, unit = float(match.group(1)), match.group(2)
+        total += value * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
+    if pos != len(text) or not text:
+        raise ValueError(f"bad duration {text!r}: use e.g. 30s, 5m, 1h30m, 250ms")
+    return total

@@ -1,0 +1,147 @@
+"""Revisions: what a ModelDeployment serves, resolved and named by a stable hash.
+
+A revision is everything that changes the serving pods (DESIGN.md): the resolved base model and
+adapter (with the adapter's digest, so re-publishing a FineTuneJob artifact under the same URI is
+still a new revision), the model name clients send, the server settings and image, the
+per-pod resources and the storage settings the pods read weights with. Replica count, traffic
+and rollout settings are deliberately *not* part of it: scaling or retuning the canary strategy
+must never start a new canary.
+
+Resolution is pure: the caller (operator or local runtime) passes the referenced FineTuneJob
+object as it read it (or None when it does not exist), and gets back either a ``Revision`` or a
+``ModelProblem`` that says what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune.api.conditions import Reason
+from kubetune.api.modeldeployment import ModelDeploymentSpec
+
+# Ten hex digits (40 bits): collisions between the handful of revisions one ModelDeployment
+# ever has are out of the question, and `<mdep>-<hash>` stays well inside the 63-character
+# limit of names and label values for any reasonable ModelDeployment name.
+HASH_LENGTH = 10
+
+
+@dataclass(frozen=True)
+class Revision:
+    """One resolved, servable revision: the hash plus what the builders need to know about it."""
+
+    name: str
+    model_uri: str
+    adapter_uri: str | None
+    adapter_digest: str | None
+    fine_tune_job: str | None
+    model_name: str
+    image: str
+
+
+@dataclass(frozen=True)
+class ModelProblem:
+    """Why there is nothing to deploy yet (or any more): a condition reason and a message."""
+
+    reason: str
+    message: str
+    # Terminal problems (the FineTuneJob failed) will not fix themselves; waiting ones will.
+    terminal: bool = False
+
+
+def _serving_fingerprint(spec: ModelDeploymentSpec, resolved: dict[str, Any]) -> dict[str, Any]:
+    """The part of the spec that changes serving pods, in wire form (stable key order below)."""
+    return {
+        "model": resolved,
+        "server": spec.server.dump(),
+        "resources": spec.resources.dump(),
+        "storage": spec.storage.dump(),
+    }
+
+
+def revision_hash(spec: ModelDeploymentSpec, resolved: dict[str, Any]) -> str:
+    """Stable hash of the serving-relevant spec and the resolved model.
+
+    Canonical JSON (sorted keys, no whitespace) so that the same spec always yields the same
+    name, across processes, restarts and Python versions.
+    """
+    text = json.dumps(_serving_fingerprint(spec, resolved), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:HASH_LENGTH]
+
+
+def resolve(
+    spec: ModelDeploymentSpec, mdep_name: str, finetunejob: dict[str, Any] | None = None
+) -> Revision | ModelProblem:
+    """Resolve the spec's model source into a Revision, or say why it cannot be resolved yet.
+
+    ``finetunejob`` is the referenced FineTuneJob object (a dict as read from the API or from
+    the local runtime's store) when ``spec.model.fineTuneJobRef`` is set; None means it does
+    not exist. Its ``status.artifact`` is only trusted once ``status.phase`` is Succeeded.
+    """
+    source = spec.model
+    model_name = source.name or mdep_name
+    if source.fine_tune_job_ref is not None:
+        ref = source.fine_tune_job_ref.name
+        if finetunejob is None:
+            return ModelProblem(Reason.MODEL_NOT_FOUND, f"FineTuneJob {ref!r} does not exist (yet)")
+        status = finetunejob.get("status") or {}
+        phase = status.get("phase") or "Pending"
+        if phase == "Failed":
+            return ModelProblem(
+                Reason.MODEL_FAILED,
+                f"FineTuneJob {ref!r} failed: {status.get('message') or 'see its conditions'}",
+                terminal=True,
+            )
+        if phase != "Succeeded":
+            return ModelProblem(
+                Reason.WAITING_FOR_MODEL, f"waiting for FineTuneJob {ref!r} to succeed (it is {phase})"
+            )
+        artifact = status.get("artifact") or {}
+        if not artifact.get("uri"):
+            return ModelProblem(
+                Reason.WAITING_FOR_MODEL, f"FineTuneJob {ref!r} succeeded but has no status.artifact.uri yet"
+            )
+        base = ((finetunejob.get("spec") or {}).get("baseModel") or {}).get("uri")
+        if not base:
+            return ModelProblem(Reason.MODEL_NOT_FOUND, f"FineTuneJob {ref!r} has no spec.baseModel.uri")
+        merged = artifact.get("mergedUri")
+        if merged and spec.server.merge_adapter:
+            # The job already published merged weights: serve them directly, no adapter at all.
+            model_uri, adapter_uri = merged, None
+        else:
+            model_uri, adapter_uri = base, artifact["uri"]
+        digest = artifact.get("digest")
+        ftj_name: str | None = ref
+    else:
+        if source.base_model is None:
+            return ModelProblem(
+                Reason.MODEL_NOT_FOUND, "spec.model: set model.fineTuneJobRef or model.baseModel", terminal=True
+            )
+        model_uri = source.base_model.uri
+        adapter_uri = source.adapter.uri if source.adapter else None
+        # An explicit adapter's "revision" label is the closest thing to a digest we have.
+        digest = source.adapter.revision if source.adapter else None
+        ftj_name = None
+    resolved = {
+        "modelUri": model_uri,
+        "adapterUri": adapter_uri,
+        "adapterDigest": digest,
+        "modelName": model_name,
+        "modelRevision": source.base_model.revision if source.base_model else None,
+    }
+    return Revision(
+        name=revision_hash(spec, resolved),
+        model_uri=model_uri,
+        adapter_uri=adapter_uri,
+        adapter_digest=digest,
+        fine_tune_job=ftj_name,
+        model_name=model_name,
+        image=spec.server.image,
+    )
+
+
+def resource_name(mdep_name: str, revision: str) -> str:
+    """Name of a revision's Deployment, Service and PodDisruptionBudget: ``<mdep>-<revision>``."""
+    return f"{mdep_name}-{revision}"
