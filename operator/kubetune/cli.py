@@ -35,6 +35,34 @@ def cmd_crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Validate manifests as the API server would with our CRDs (schema, defaults, CEL rules)."""
+    from kubetune.api.validation import validate_paths
+
+    checked, errors = validate_paths(args.filename)
+    for err in errors:
+        print(err, file=sys.stderr)
+    print(f"{checked} kubetune manifest(s) checked, {len(errors)} error(s)")
+    return 1 if errors else 0
+
+
+def cmd_docs(args: argparse.Namespace) -> int:
+    """Write docs/api-reference.md from the models, or with --check fail when it drifts."""
+    from kubetune.api.reference import render_api_reference
+
+    path = Path(args.out) if args.out else _repo_root() / "docs" / "api-reference.md"
+    text = render_api_reference()
+    if args.check:
+        if not path.exists() or path.read_text() != text:
+            print(f"{path} drifted from operator/kubetune/api; run `kubetune docs` and commit", file=sys.stderr)
+            return 1
+        print(f"{path} matches the API models")
+        return 0
+    path.write_text(text)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (subcommands are added by each layer that owns them)."""
     parser = argparse.ArgumentParser(prog="kubetune", description=__doc__)
@@ -43,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <repo>/crds)")
     p.add_argument("--check", action="store_true", help="fail when crds/ differs from the models")
     p.set_defaults(func=cmd_crds)
+    p = sub.add_parser("validate", help="validate manifests against the CRDs (schema + CEL), offline")
+    p.add_argument("-f", "--filename", action="append", required=True, help="file or folder (repeatable)")
+    p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("docs", help="generate docs/api-reference.md from the API models")
+    p.add_argument("--out", help="output file (default: <repo>/docs/api-reference.md)")
+    p.add_argument("--check", action="store_true", help="fail when the file differs from the models")
+    p.set_defaults(func=cmd_docs)
+    # `kubetune local ...` and `kubetune demo` belong to the local runtime (kubetune.local).
+    from kubetune.local.commands import add_parsers as add_local_parsers
+
+    add_local_parsers(sub)
     return parser
 
 

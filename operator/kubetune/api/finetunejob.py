@@ -211,6 +211,16 @@ class FineTuneJobSpec(Model):
                 "nodes > 1 needs resources.gpus >= 1",
                 ".nodes",
             ),
+            cel(
+                "!self.output.mergeAdapter || self.method.type != 'full'",
+                "output.mergeAdapter applies only to method.type lora or qlora (full fine-tuning has no adapter to merge)",
+                ".output.mergeAdapter",
+            ),
+            cel(
+                "!has(self.evaluation.earlyStopping) || has(self.dataset.validation) || self.dataset.validationSplit > 0.0",
+                "evaluation.earlyStopping needs evaluation data: set dataset.validation or a dataset.validationSplit above 0",
+                ".evaluation.earlyStopping",
+            ),
         )
     }
     base_model: BaseModelRef = Field(
