@@ -22,6 +22,7 @@ lint: $(STAMP)
 
 test: lint
 	$(VENV)/bin/kubetune crds --check
+	$(VENV)/bin/kubetune docs --check
 	$(PY) -m pytest -q -p no:cacheprovider
 
 crds: $(STAMP)
