@@ -46,28 +46,45 @@ def _store(args: argparse.Namespace) -> Store:
     return Store(Path(args.dir) if getattr(args, "dir", None) else default_root())
 
 
-def build_runtime(store: Store, router_host: str = "127.0.0.1", tick_seconds: float = 0.5) -> LocalRuntime:
-    """A runtime with the FineTuneJob and ModelDeployment drivers registered."""
+def build_runtime(
+    store: Store,
+    router_host: str = "127.0.0.1",
+    tick_seconds: float = 0.5,
+    on_event: Any = None,
+) -> LocalRuntime:
+    """A runtime with the FineTuneJob and ModelDeployment drivers registered.
+
+    ``on_event(kind, name, type, reason, message)`` sees every Event the decision functions
+    emit (they also go to ``<store>/events.jsonl``, the local ``kubectl get events``).
+    """
     from kubetune.local.deployments import DeploymentDriver
     from kubetune.local.jobs import JobDriver
 
     runtime = LocalRuntime(store, tick_seconds=tick_seconds)
-    runtime.add_driver(JobDriver(store, runtime.supervisor))
-    runtime.add_driver(DeploymentDriver(store, runtime.supervisor, router_host=router_host))
+    runtime.add_driver(JobDriver(store, runtime.supervisor, on_event=on_event))
+    runtime.add_driver(
+        DeploymentDriver(store, runtime.supervisor, router_host=router_host, on_event=on_event)
+    )
     return runtime
 
 
 def progress_lines(store: Store) -> dict[str, str]:
     """The current display line of every FineTuneJob and ModelDeployment."""
     lines = {f"ftj/{o['metadata']['name']}": job_line(o) for o in store.list("FineTuneJob")}
-    lines.update({f"mdep/{o['metadata']['name']}": deployment_line(o) for o in store.list("ModelDeployment")})
+    lines.update(
+        {f"mdep/{o['metadata']['name']}": deployment_line(o) for o in store.list("ModelDeployment")}
+    )
     return lines
 
 
 def overall_ok(store: Store) -> bool:
     """False when a FineTuneJob failed or a ModelDeployment is Degraded."""
-    jobs_ok = all((o.get("status") or {}).get("phase") != "Failed" for o in store.list("FineTuneJob"))
-    mdeps_ok = all((o.get("status") or {}).get("phase") != "Degraded" for o in store.list("ModelDeployment"))
+    jobs_ok = all(
+        (o.get("status") or {}).get("phase") != "Failed" for o in store.list("FineTuneJob")
+    )
+    mdeps_ok = all(
+        (o.get("status") or {}).get("phase") != "Degraded" for o in store.list("ModelDeployment")
+    )
     return jobs_ok and mdeps_ok
 
 
@@ -78,8 +95,13 @@ async def run_controller(
     printer: ProgressPrinter | None = None,
 ) -> int:
     """Be the controller of ``store`` in the foreground until settled, Ctrl-C or timeout."""
-    runtime = build_runtime(store)
     printer = printer or ProgressPrinter()
+
+    def on_event(kind: str, name: str, type_: str, reason: str, message: str) -> None:
+        marker = "!" if type_ == "Warning" else "-"
+        printer.message(f"  {marker} {kind.lower()}/{name}: {reason}: {message}")
+
+    runtime = build_runtime(store, on_event=on_event)
     await runtime.start()
     uninstall = install_signal_handlers(runtime)
     announced: set[str] = set()
@@ -136,14 +158,20 @@ def cmd_apply(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         obj, outcome = store.apply(manifest)
-        print(f"{obj['kind'].lower()}.kubetune.io/{obj['metadata']['name']} {outcome}".replace(
-            "secret.kubetune.io", "secret"
-        ))
+        print(
+            f"{obj['kind'].lower()}.kubetune.io/{obj['metadata']['name']} {outcome}".replace(
+                "secret.kubetune.io", "secret"
+            )
+        )
     pid = controller_pid(store)
     if pid is not None:
-        print(f"the local controller (pid {pid}) picks the change up; watch it with `kubetune local status`")
+        print(
+            f"the local controller (pid {pid}) picks the change up; watch it with `kubetune local status`"
+        )
         return 0
-    return asyncio.run(run_controller(store, exit_when_settled=args.exit_when_settled, timeout=args.timeout))
+    return asyncio.run(
+        run_controller(store, exit_when_settled=args.exit_when_settled, timeout=args.timeout)
+    )
 
 
 def _check_update(manifest: dict[str, Any], old: dict[str, Any] | None) -> None:
@@ -154,10 +182,15 @@ def _check_update(manifest: dict[str, Any], old: dict[str, Any] | None) -> None:
         from kubetune.api import validation
     except ImportError:  # pragma: no cover - validation lands with the api package
         return
-    errors = validation.validate_manifest(manifest, old={k: old[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in old})
+    errors = validation.validate_manifest(
+        manifest, old={k: old[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in old}
+    )
     if errors:
         name = manifest["metadata"]["name"]
-        raise ManifestError(f"{manifest['kind']} {name!r} cannot be updated:\n" + "\n".join(f"  {e}" for e in errors))
+        raise ManifestError(
+            f"{manifest['kind']} {name!r} cannot be updated:\n"
+            + "\n".join(f"  {e}" for e in errors)
+        )
 
 
 # --- status ----------------------------------------------------------------------------------
@@ -167,7 +200,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Show the stored objects: a table, or the whole objects as YAML/JSON."""
     store = _store(args)
     kinds = [KIND_ALIASES[args.kind.lower()]] if args.kind else ["FineTuneJob", "ModelDeployment"]
-    objects = [o for kind in kinds for o in store.list(kind) if not args.name or o["metadata"]["name"] == args.name]
+    objects = [
+        o
+        for kind in kinds
+        for o in store.list(kind)
+        if not args.name or o["metadata"]["name"] == args.name
+    ]
     if args.output in ("yaml", "json"):
         items = objects if len(objects) != 1 else objects[0]
         if args.output == "json":
@@ -240,11 +278,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register ``kubetune local ...`` and ``kubetune demo`` on the top-level parser."""
-    local = sub.add_parser("local", help="run FineTuneJobs and ModelDeployments on this machine, no cluster")
+    local = sub.add_parser(
+        "local", help="run FineTuneJobs and ModelDeployments on this machine, no cluster"
+    )
     local_sub = local.add_subparsers(dest="local_command", required=True)
 
-    p = local_sub.add_parser("apply", help="apply manifests and run them (or hand them to the running controller)")
-    p.add_argument("-f", "--file", action="append", required=True, help="manifest file or folder (repeatable)")
+    p = local_sub.add_parser(
+        "apply", help="apply manifests and run them (or hand them to the running controller)"
+    )
+    p.add_argument(
+        "-f", "--file", action="append", required=True, help="manifest file or folder (repeatable)"
+    )
     p.add_argument("--dir", help="state folder (default: $KUBETUNE_LOCAL_DIR or ./.kubetune)")
     p.add_argument(
         "--exit-when-settled",
@@ -269,8 +313,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dir", help="state folder (default: $KUBETUNE_LOCAL_DIR or ./.kubetune)")
     p.set_defaults(func=cmd_delete)
 
-    p = sub.add_parser("demo", help="the whole story locally: fine-tune, deploy, canary, rollback (~5 min)")
+    p = sub.add_parser(
+        "demo", help="the whole story locally: fine-tune, deploy, canary, rollback (~5 min)"
+    )
     p.add_argument("--dir", help="work folder (default: ./.kubetune/demo)")
     p.add_argument("--fast", action="store_true", help="lighter settings (what the e2e tests run)")
-    p.add_argument("--keep-serving", action="store_true", help="keep the final deployment up until Ctrl-C")
+    p.add_argument(
+        "--keep-serving", action="store_true", help="keep the final deployment up until Ctrl-C"
+    )
     p.set_defaults(func=cmd_demo)

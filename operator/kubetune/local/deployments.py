@@ -1,0 +1,444 @@
+"""ModelDeployments in the local runtime: Deployments as server processes, a router as HTTPRoute.
+
+As with FineTuneJobs (jobs.py), every decision is the operator's: each tick this driver
+resolves the model source with ``kubetune.rollout.revisions.resolve``, gathers what a cluster
+would let the operator observe, and hands it to ``kubetune.rollout.machine.step`` -- the same
+canary state machine the Kopf handlers call. It then carries out the returned actions:
+
+- ``EnsureRevision(revision, replicas)``: the Deployment comes from
+  ``kubetune.rollout.builders.build_server_deployment``; each replica runs as a server process
+  on a free loopback port (``KUBETUNE_PORT``). A replica that exits is restarted with an
+  exponential back-off and its restarts are counted, like the kubelet's CrashLoopBackOff.
+  Readiness is the container's readiness probe (``/readyz``), polled every tick.
+- ``SetWeights(stable, canary)``: the local weighted router (router.py) gets one backend per
+  *ready* replica (as an EndpointSlice lists only ready pods), weighted so that each revision
+  gets its share whatever its replica count. The weights the router really holds are reported
+  back on the next tick, so status shows the weights actually applied (DESIGN.md, Traffic).
+- ``DeleteRevision(revision)``: the revision's processes get SIGTERM (the server drains).
+
+Analysis figures come from scraping each replica's ``/metrics`` and summing them with
+``kubetune.rollout.analysis`` -- the same code the operator uses on pod IPs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from kubetune.local.containers import container_port, free_port, main_container, to_process
+from kubetune.local.processes import Supervisor
+from kubetune.local.router import WeightedRouter
+from kubetune.local.store import Store, now_rfc3339
+
+KIND = "ModelDeployment"
+
+# CrashLoopBackOff, compressed for a laptop: 1 s, 2 s, 4 s ... at most 20 s between restarts.
+BACKOFF_START_SECONDS = 1.0
+BACKOFF_MAX_SECONDS = 20.0
+# A replica that stayed up this long has its back-off reset (the kubelet uses 10 minutes).
+BACKOFF_RESET_SECONDS = 60.0
+PROBE_TIMEOUT_SECONDS = 2.0
+SERVER_GRACE_SECONDS = 10.0
+
+
+@dataclass
+class Replica:
+    """One server process (a pod of a revision's Deployment)."""
+
+    index: int
+    process_name: str
+    port: int
+    ready: bool = False
+    restarts: int = 0
+    last_exit_code: int | None = None
+    next_start_at: float = 0.0
+    started_at: float = 0.0
+
+    @property
+    def url(self) -> str:
+        """Base URL of the replica's HTTP server."""
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class LocalRevision:
+    """A revision's Deployment: its manifest and replica processes."""
+
+    name: str
+    manifest: dict[str, Any]
+    replicas: list[Replica] = field(default_factory=list)
+    desired: int = 0
+    probe_path: str = "/readyz"
+
+    @property
+    def ready_replicas(self) -> list[Replica]:
+        """Replicas whose readiness probe passes."""
+        return [r for r in self.replicas if r.ready]
+
+
+@dataclass
+class MdepState:
+    """Everything the driver keeps about one ModelDeployment."""
+
+    router: WeightedRouter
+    revisions: dict[str, LocalRevision] = field(default_factory=dict)
+    # revision -> weight (percent) the state machine asked for, applied to ready replicas.
+    weights: dict[str, int] = field(default_factory=dict)
+
+
+class DeploymentDriver:
+    """Reconciles ModelDeployments with ``kubetune.rollout.machine.step`` and local processes."""
+
+    kind = KIND
+
+    def __init__(
+        self,
+        store: Store,
+        supervisor: Supervisor,
+        router_host: str = "127.0.0.1",
+        on_event: Callable[[str, str, str, str, str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.supervisor = supervisor
+        self.router_host = router_host
+        self.on_event = on_event
+        self.states: dict[str, MdepState] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    # --- the Driver protocol ----------------------------------------------------------------
+
+    async def reconcile(self, obj: dict[str, Any]) -> None:
+        """Observe the revisions, ask the state machine, act, write status once."""
+        from kubetune.api.modeldeployment import ModelDeploymentSpec
+        from kubetune.rollout import revisions
+        from kubetune.rollout.machine import step
+
+        name = obj["metadata"]["name"]
+        state = await self._state(name)
+        spec = ModelDeploymentSpec.model_validate(obj["spec"])
+        ftj = None
+        if spec.model.fine_tune_job_ref is not None:
+            ftj = self.store.get("FineTuneJob", spec.model.fine_tune_job_ref.name)
+        resolved = revisions.resolve(spec, name, ftj)
+
+        await self._tend_processes(state)
+        await self._probe(state)
+        self._apply_router(state)
+        observed = await self._observe(obj, state, resolved)
+        decided = step(obj, observed, _now())
+        for action in decided.actions:
+            await self._act(obj, state, action)
+        self._apply_router(state)
+        self.store.write_status(KIND, name, decided.status)
+
+    def settled(self, obj: dict[str, Any]) -> bool:
+        """Settled: Healthy, RolledBack or Degraded for the current generation, nothing retiring."""
+        status = obj.get("status") or {}
+        if status.get("phase") not in ("Healthy", "RolledBack", "Degraded"):
+            return False
+        if status.get("observedGeneration") not in (None, obj["metadata"].get("generation")):
+            return False
+        if status.get("canary") or status.get("retiring"):
+            return False
+        return True
+
+    async def forget(self, name: str) -> None:
+        """The ModelDeployment was deleted: stop its servers and its router."""
+        state = self.states.pop(name, None)
+        if state is None:
+            return
+        for revision in list(state.revisions):
+            await self._delete_revision(state, revision)
+        await state.router.stop()
+        self._write_endpoints()
+
+    async def shutdown(self) -> None:
+        """Stop every router (the supervisor stops the server processes)."""
+        for name in list(self.states):
+            state = self.states.pop(name)
+            with contextlib.suppress(Exception):
+                await state.router.stop()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        self._write_endpoints()
+
+    # --- state ------------------------------------------------------------------------------
+
+    async def _state(self, name: str) -> MdepState:
+        state = self.states.get(name)
+        if state is None:
+            # Keep the router's port across controller restarts when it is still free, so a
+            # client configured with the endpoint keeps working.
+            port = 0
+            previous = _read_json(self.store.root / "endpoints.json").get(name)
+            if previous:
+                with contextlib.suppress(ValueError):
+                    port = int(previous.rsplit(":", 1)[1])
+            router = WeightedRouter(self.router_host, port)
+            try:
+                await router.start()
+            except OSError:
+                router = WeightedRouter(self.router_host, 0)
+                await router.start()
+            state = MdepState(router=router)
+            self.states[name] = state
+            self._write_endpoints()
+        return state
+
+    def _write_endpoints(self) -> None:
+        path = self.store.root / "endpoints.json"
+        data = {name: s.router.url for name, s in self.states.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(".endpoints.json.tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(path)
+
+    def router_of(self, name: str) -> WeightedRouter | None:
+        """The router of a ModelDeployment (the demo reads its counters)."""
+        state = self.states.get(name)
+        return state.router if state else None
+
+    # --- processes (the kubelet + the Deployment controller) ---------------------------------
+
+    async def _ensure_revision(
+        self, obj: dict[str, Any], state: MdepState, revision: Any, replicas: int, role: str
+    ) -> None:
+        """Run ``replicas`` server processes of a revision's Deployment (scale up or down)."""
+        from kubetune.rollout.builders import build_server_deployment
+
+        rev_name = _revision_name(revision)
+        local = state.revisions.get(rev_name)
+        if local is None:
+            spec_image = (obj.get("spec", {}).get("server") or {}).get("image")
+            manifest = _call_builder(build_server_deployment, obj, revision, role, spec_image)
+            self.store.save_child(manifest)
+            container = main_container(manifest)
+            probe = ((container.get("readinessProbe") or {}).get("httpGet") or {}).get(
+                "path"
+            ) or "/readyz"
+            local = LocalRevision(name=rev_name, manifest=manifest, probe_path=probe)
+            state.revisions[rev_name] = local
+        local.desired = replicas
+        # Scale down: the highest indexes go first, as a ReplicaSet removes the newest pods.
+        while len(local.replicas) > replicas:
+            replica = local.replicas.pop()
+            await self.supervisor.stop(replica.process_name, grace_seconds=SERVER_GRACE_SECONDS)
+            self.supervisor.forget(replica.process_name)
+        while len(local.replicas) < replicas:
+            index = len(local.replicas)
+            mdep = obj["metadata"]["name"]
+            replica = Replica(
+                index=index, process_name=f"server/{mdep}-{rev_name}-{index}", port=free_port()
+            )
+            local.replicas.append(replica)
+            await self._start_replica(local, replica)
+
+    async def _start_replica(self, local: LocalRevision, replica: Replica) -> None:
+        manifest = local.manifest
+        spec = to_process(
+            manifest,
+            replica.process_name,
+            self.store.run_dir(replica.process_name),
+            self.store.cache_dir,
+            self.store.secret_value,
+            overrides={"KUBETUNE_PORT": str(replica.port), "KUBETUNE_HOST": "127.0.0.1"},
+        )
+        # The pod's own port is irrelevant locally; the probe follows KUBETUNE_PORT.
+        _ = container_port(main_container(manifest))
+        self.supervisor.forget(replica.process_name)
+        replica.ready = False
+        replica.started_at = time.monotonic()
+        await self.supervisor.start(spec)
+
+    async def _tend_processes(self, state: MdepState) -> None:
+        """Restart replicas that exited (with back-off), as the kubelet restarts containers."""
+        now = time.monotonic()
+        for local in state.revisions.values():
+            for replica in local.replicas:
+                managed = self.supervisor.get(replica.process_name)
+                if managed is not None and managed.running:
+                    continue
+                if managed is not None and replica.next_start_at == 0.0:
+                    # Just noticed the exit: schedule the restart.
+                    replica.ready = False
+                    replica.last_exit_code = managed.returncode
+                    uptime = (managed.finished_at or time.time()) - managed.started_at
+                    if uptime > BACKOFF_RESET_SECONDS:
+                        replica.restarts = 0
+                    delay = min(
+                        BACKOFF_MAX_SECONDS, BACKOFF_START_SECONDS * 2 ** min(replica.restarts, 10)
+                    )
+                    replica.next_start_at = now + delay
+                    replica.restarts += 1
+                    continue
+                if now >= replica.next_start_at:
+                    replica.next_start_at = 0.0
+                    await self._start_replica(local, replica)
+
+    async def _delete_revision(self, state: MdepState, rev_name: str) -> None:
+        local = state.revisions.pop(rev_name, None)
+        state.weights.pop(rev_name, None)
+        if local is None:
+            return
+        await asyncio.gather(
+            *(
+                self.supervisor.stop(r.process_name, grace_seconds=SERVER_GRACE_SECONDS)
+                for r in local.replicas
+            )
+        )
+        for replica in local.replicas:
+            self.supervisor.forget(replica.process_name)
+
+    # --- probing and scraping ----------------------------------------------------------------
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_SECONDS)
+            )
+        return self._session
+
+    async def _probe(self, state: MdepState) -> None:
+        """Run every replica's readiness probe (concurrently)."""
+        replicas = [(local, r) for local in state.revisions.values() for r in local.replicas]
+
+        async def one(local: LocalRevision, replica: Replica) -> None:
+            managed = self.supervisor.get(replica.process_name)
+            if managed is None or not managed.running:
+                replica.ready = False
+                return
+            try:
+                async with self._client().get(replica.url + local.probe_path) as response:
+                    replica.ready = response.status == 200
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                replica.ready = False
+
+        await asyncio.gather(*(one(local, r) for local, r in replicas))
+
+    async def scrape(self, state: MdepState, rev_name: str) -> Any:
+        """Cumulative counters of a revision: every ready replica's /metrics, summed."""
+        from kubetune.rollout.analysis import counters_from_text, sum_counters
+
+        local = state.revisions.get(rev_name)
+        if local is None:
+            return None
+        texts = []
+        for replica in local.replicas:
+            if not replica.ready:
+                continue
+            try:
+                async with self._client().get(replica.url + "/metrics") as response:
+                    if response.status == 200:
+                        texts.append(await response.text())
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                continue
+        if not texts:
+            return None
+        return sum_counters(counters_from_text(t) for t in texts)
+
+    # --- the router (HTTPRoute) ----------------------------------------------------------------
+
+    def _apply_router(self, state: MdepState) -> None:
+        """Give the router one backend per ready replica, each revision keeping its share."""
+        table: dict[str, tuple[str, int]] = {}
+        counts = [
+            len(state.revisions[r].ready_replicas) for r in state.weights if r in state.revisions
+        ]
+        scale = math.lcm(*[c for c in counts if c]) if any(counts) else 1
+        for rev_name, weight in state.weights.items():
+            local = state.revisions.get(rev_name)
+            if local is None:
+                continue
+            ready = local.ready_replicas
+            for replica in ready:
+                table[f"{rev_name}/{replica.index}"] = (replica.url, weight * scale // len(ready))
+        if table != {n: (b.url, b.weight) for n, b in state.router.backends.items()}:
+            state.router.set_backends(table)
+
+    def applied_weights(self, state: MdepState) -> dict[str, int]:
+        """Revision -> percent of traffic the router really sends (0 for a revision without ready pods)."""
+        by_revision: dict[str, int] = {}
+        for backend_name, backend in state.router.backends.items():
+            rev = backend_name.split("/", 1)[0]
+            by_revision[rev] = by_revision.get(rev, 0) + backend.weight
+        total = sum(by_revision.values())
+        if total <= 0:
+            return {rev: 0 for rev in state.weights}
+        return {rev: round(100 * by_revision.get(rev, 0) / total) for rev in state.weights}
+
+    # --- observing / acting (glue to kubetune.rollout.machine) ---------------------------------
+
+    async def _observe(self, obj: dict[str, Any], state: MdepState, resolved: Any) -> Any:
+        raise NotImplementedError  # filled in once kubetune.rollout.machine lands
+
+    async def _act(self, obj: dict[str, Any], state: MdepState, action: Any) -> None:
+        kind = type(action).__name__
+        if kind == "EnsureRevision":
+            role = getattr(action, "role", None) or "canary"
+            await self._ensure_revision(obj, state, action.revision, action.replicas, role)
+        elif kind == "SetWeights":
+            state.weights = {k: v for k, v in _weights_of(action).items()}
+        elif kind == "DeleteRevision":
+            await self._delete_revision(state, _revision_name(action.revision))
+        elif kind == "Event":
+            self._event(obj, action)
+
+    def _event(self, obj: dict[str, Any], action: Any) -> None:
+        type_ = getattr(action, "type", "Normal")
+        reason = getattr(action, "reason", "")
+        message = getattr(action, "message", "")
+        name = obj["metadata"]["name"]
+        record = {
+            "time": _now(),
+            "object": f"modeldeployment/{name}",
+            "type": type_,
+            "reason": reason,
+            "message": message,
+        }
+        with (self.store.root / "events.jsonl").open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.on_event is not None:
+            self.on_event(KIND, name, type_, reason, message)
+
+
+def _revision_name(revision: Any) -> str:
+    return revision if isinstance(revision, str) else str(revision.name)
+
+
+def _weights_of(action: Any) -> dict[str, int]:
+    """revision -> weight from a SetWeights action."""
+    weights = getattr(action, "weights", None)
+    if isinstance(weights, dict):
+        return {str(k): int(v) for k, v in weights.items()}
+    out: dict[str, int] = {}
+    stable, canary = getattr(action, "stable", None), getattr(action, "canary", None)
+    for item in (stable, canary):
+        if isinstance(item, tuple) and item[0]:
+            out[str(item[0])] = int(item[1])
+    return out
+
+
+def _call_builder(
+    builder: Any, obj: dict[str, Any], revision: Any, role: str, image: str | None
+) -> dict[str, Any]:
+    return builder(obj, revision, role=role, image=image)
+
+
+def _read_json(path: Any) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _now() -> str:
+    return now_rfc3339()
