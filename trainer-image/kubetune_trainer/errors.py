@@ -54,5 +54,9 @@ def classify(exc: BaseException) -> tuple[str, int, str]:
     if isinstance(exc, StorageError):
         return "storage_error", EXIT_STORAGE, f"storage error: {exc}"
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return "oom", EXIT_OTHER, f"out of memory: {exc}. Lower hyperparameters.batchSize or dataset.maxSeqLength, or use qlora"
+        return (
+            "oom",
+            EXIT_OTHER,
+            f"out of memory: {exc}. Lower hyperparameters.batchSize or dataset.maxSeqLength, or use qlora",
+        )
     return "other", EXIT_OTHER, f"{type(exc).__name__}: {exc}"

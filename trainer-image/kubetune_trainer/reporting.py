@@ -148,7 +148,9 @@ class BackgroundReporter:
         self._thread.join(timeout)
 
 
-def make_reporter(report: str, namespace: str, name: str, min_interval: float = 2.0) -> BackgroundReporter:
+def make_reporter(
+    report: str, namespace: str, name: str, min_interval: float = 2.0
+) -> BackgroundReporter:
     """The reporter for a ``KUBETUNE_REPORT`` value (k8s, file:///path.json or none)."""
     if report == "none":
         return BackgroundReporter(None)

@@ -49,7 +49,9 @@ class Distributed:
         except ValueError as exc:
             raise ConfigError(f"WORLD_SIZE/RANK/LOCAL_RANK must be integers: {exc}") from exc
         if world < 1 or not 0 <= rank < world or local < 0:
-            raise ConfigError(f"inconsistent torchrun environment: WORLD_SIZE={world} RANK={rank} LOCAL_RANK={local}")
+            raise ConfigError(
+                f"inconsistent torchrun environment: WORLD_SIZE={world} RANK={rank} LOCAL_RANK={local}"
+            )
         return cls(world, rank, local)
 
 
@@ -89,7 +91,9 @@ class Settings:
             raise ConfigError(f"KUBETUNE_ATTEMPT must be an integer: {exc}") from exc
         report = env.get("KUBETUNE_REPORT", "none")
         if report not in ("k8s", "none") and not report.startswith("file:///"):
-            raise ConfigError(f"KUBETUNE_REPORT={report!r}: expected k8s, none or file:///path.json")
+            raise ConfigError(
+                f"KUBETUNE_REPORT={report!r}: expected k8s, none or file:///path.json"
+            )
         return cls(
             spec=spec,
             job_name=env.get("KUBETUNE_JOB_NAME", "local"),

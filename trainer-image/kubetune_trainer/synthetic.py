@@ -58,14 +58,56 @@ from typing import Any
 # The task's vocabulary. Keys are nonsense words (no meaning a base model could know); values
 # are ordinary words. 24 of each: chance accuracy is ~4%.
 KEYS: tuple[str, ...] = (
-    "zorb", "kiplo", "mavu", "tessk", "quorn", "blinth", "vesh", "drumo",
-    "faxil", "gorp", "hinda", "jubo", "lurk", "nimsa", "oftre", "pyxo",
-    "ruvel", "sabko", "tramp", "uxley", "wobbin", "yerth", "zented", "crall",
+    "zorb",
+    "kiplo",
+    "mavu",
+    "tessk",
+    "quorn",
+    "blinth",
+    "vesh",
+    "drumo",
+    "faxil",
+    "gorp",
+    "hinda",
+    "jubo",
+    "lurk",
+    "nimsa",
+    "oftre",
+    "pyxo",
+    "ruvel",
+    "sabko",
+    "tramp",
+    "uxley",
+    "wobbin",
+    "yerth",
+    "zented",
+    "crall",
 )
 VALUES: tuple[str, ...] = (
-    "amber", "cobalt", "violet", "olive", "scarlet", "ivory", "indigo", "coral",
-    "silver", "golden", "teal", "maroon", "navy", "peach", "lilac", "khaki",
-    "ruby", "jade", "pearl", "copper", "azure", "bronze", "cream", "plum",
+    "amber",
+    "cobalt",
+    "violet",
+    "olive",
+    "scarlet",
+    "ivory",
+    "indigo",
+    "coral",
+    "silver",
+    "golden",
+    "teal",
+    "maroon",
+    "navy",
+    "peach",
+    "lilac",
+    "khaki",
+    "ruby",
+    "jade",
+    "pearl",
+    "copper",
+    "azure",
+    "bronze",
+    "cream",
+    "plum",
 )
 TEMPLATES: tuple[str, ...] = (
     "What is the code word for {key}?",
@@ -147,7 +189,12 @@ def to_record(example: dict[str, str], format: str = "chat") -> dict[str, Any]:
     """One task example in a trainer record format: chat, completion or text."""
     prompt, answer = example["prompt"], example["answer"]
     if format == "chat":
-        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+        return {
+            "messages": [
+                {"role": "user", "content": prompt},
+                {"role": "assistant", "content": answer},
+            ]
+        }
     if format == "completion":
         # A leading space keeps "prompt + completion" a natural sentence for BPE tokenizers.
         return {"prompt": prompt, "completion": " " + answer}
@@ -216,7 +263,10 @@ def generate_with_model(model: Any, tokenizer: Any, prompt: str, max_new_tokens:
     import torch
 
     ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )["input_ids"].to(model.device)
     with torch.no_grad():
         out = model.generate(
@@ -227,7 +277,7 @@ def generate_with_model(model: Any, tokenizer: Any, prompt: str, max_new_tokens:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def _tokenizer_corpus() -> list[str]:

@@ -1,0 +1,716 @@
+"""``python -m kubetune_trainer train``: LoRA, QLoRA or full fine-tuning with exact resume.
+
+A lean loop over transformers + peft (no ``Trainer``): every optimiser step is
+``accum`` micro-batches from :mod:`kubetune_trainer.batching` (a pure function of the step), the
+loss is summed over target tokens and divided by the step's target-token count (so gradient
+accumulation equals one big batch), then clipping, AdamW and the scheduler. Around it:
+
+- resume: before the first step the newest verified checkpoint is restored (weights, optimizer,
+  scheduler, RNG, data position) and training continues at its step -- same batches, same
+  dropout masks, same schedule as if it had never stopped;
+- evaluation every ``evaluation.everySteps`` and at the end: eval loss, perplexity, exact-match
+  accuracy of greedy answers on up to ``ACCURACY_SAMPLES`` validation examples; early stopping;
+- checkpoints every ``checkpoint.everySteps`` (:mod:`kubetune_trainer.checkpoints`) and on
+  SIGTERM (after the current step: exit 143 once the checkpoint is stored);
+- progress to the status channel; on success, the artifact (:mod:`kubetune_trainer.artifact`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubetune.api.finetunejob import LoraSpec
+from kubetune_trainer.batching import BatchPlan, collate, make_rows
+from kubetune_trainer.checkpoints import CheckpointManager, now_iso, read_state
+from kubetune_trainer.encoding import IGNORE, encode_record, prompt_ids
+from kubetune_trainer.errors import ConfigError, Preempted
+from kubetune_trainer.reporting import MAX_CHECKPOINTS_REPORTED, make_reporter
+from kubetune_trainer.settings import Settings
+from kubetune_trainer.sources import fetch_model, output_store
+from kubetune_trainer.validate import load_validated
+
+log = logging.getLogger("kubetune_trainer.train")
+
+ACCURACY_SAMPLES = 32
+MAX_ANSWER_TOKENS = 16
+
+
+@dataclass
+class Outcome:
+    """What a successful run reports in its termination message."""
+
+    message: str
+    step: int
+    metrics: dict[str, Any]
+    data_report: dict[str, Any] | None
+    artifact: dict[str, Any] | None
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a checkpoint must restore."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
+
+    def dump(self) -> dict[str, Any]:
+        """JSON form (trainer_state.json)."""
+        return dict(self.__dict__)
+
+
+class SigtermFlag:
+    """Records SIGTERM instead of dying, so the loop can finish its step and checkpoint."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def install(self) -> None:
+        """Take over SIGTERM (main thread only)."""
+        with contextlib.suppress(ValueError):
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        log.warning("SIGTERM: finishing the current step, then checkpointing")
+        self.raised = True
+
+    def restore(self) -> None:
+        """Give SIGTERM back."""
+        if self._previous is not None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGTERM, self._previous)
+
+
+# --- model ----------------------------------------------------------------------------------
+
+
+def pick_device_and_dtype(settings: Settings):
+    """``(device, autocast dtype or None, load dtype)`` from precision and the hardware."""
+    import torch
+
+    spec = settings.spec
+    precision = spec.hyperparameters.precision
+    cuda = torch.cuda.is_available() and spec.resources.gpus > 0
+    device = torch.device(f"cuda:{settings.dist.local_rank}" if cuda else "cpu")
+    if precision == "auto":
+        if cuda:
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    if precision == "fp16" and not cuda:
+        raise ConfigError("hyperparameters.precision fp16 needs a GPU; use fp32 or bf16 on CPU")
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    # LoRA keeps the frozen base in the compute dtype (half the memory); full fine-tuning keeps
+    # fp32 master weights and computes under autocast.
+    load = amp if (amp is not None and spec.method.type != "full") else torch.float32
+    return device, amp, load, precision
+
+
+def load_model(settings: Settings, base_dir: Path, device, load_dtype):
+    """The base model, wrapped with a LoRA adapter unless method.type is full."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = settings.spec
+    kwargs: dict[str, Any] = {"dtype": load_dtype}
+    if spec.method.type == "qlora":
+        if device.type != "cuda":
+            raise ConfigError(
+                "method.type qlora needs a CUDA GPU (4-bit quantisation runs through bitsandbytes on "
+                "GPUs only) and this pod has none: set resources.gpus >= 1 or use method.type lora"
+            )
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError as exc:
+            raise ConfigError(
+                f"method.type qlora needs the bitsandbytes package in the trainer image: {exc}"
+            ) from exc
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=load_dtype if load_dtype != torch.float32 else torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    if spec.method.type != "qlora":
+        model.to(device)
+    if spec.method.type == "full":
+        model.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    if spec.method.type == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    lora = spec.method.lora or LoraSpec()
+    targets = lora.target_modules
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as exc:
+        raise ConfigError(f"method.lora.targetModules {targets}: {exc}") from exc
+    return model
+
+
+def trainable_state(model) -> dict[str, Any]:
+    """The trainable parameters by name (what a checkpoint must keep)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def make_optimizer(model, spec, device):
+    """AdamW; weight decay on matrices only (not on biases and norms)."""
+    import torch
+
+    hp = spec.hyperparameters
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": hp.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(0.9, 0.999), eps=1e-8, **extra)
+
+
+def make_scheduler(optimizer, spec, total_steps: int):
+    """Warmup then cosine / linear / constant."""
+    from transformers import get_scheduler
+
+    hp = spec.hyperparameters
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[
+        hp.scheduler
+    ]
+    warmup = math.ceil(hp.warmup_ratio * total_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+# --- RNG -------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch (CPU + CUDA) RNG states."""
+    import torch
+
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    with contextlib.suppress(ImportError):
+        import numpy
+
+        state["numpy"] = numpy.random.get_state()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    import torch
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy
+
+        numpy.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    with contextlib.suppress(ImportError):
+        import numpy
+
+        numpy.random.seed(seed % (2**32))
+
+
+# --- the trainer -----------------------------------------------------------------------------
+
+
+class Trainer:
+    """One training run (see the module docstring). ``run()`` returns the Outcome."""
+
+    def __init__(self, settings: Settings, context: dict[str, Any] | None = None):
+        self.settings = settings
+        self.spec = settings.spec
+        self.context = context if context is not None else {}
+        self.sigterm = SigtermFlag()
+        self.reporter = make_reporter(settings.report, settings.namespace, settings.job_name)
+        self.store = output_store(self.spec.output.uri, self.spec.storage)
+        self.work_dir = Path(settings.work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.state = TrainState()
+        self.resumed_from: int | None = None
+        self.started_at = now_iso()
+        self.step_times: list[float] = []
+        self.checkpoint_stall: list[float] = []
+
+    # -- setup --
+
+    def setup(self) -> None:
+        """Data, model, optimizer, scheduler, checkpoints (and resume)."""
+        import torch
+        from transformers import AutoTokenizer
+
+        spec = self.spec
+        hp = spec.hyperparameters
+        self.device, self.amp, load_dtype, self.precision = pick_device_and_dtype(self.settings)
+        if spec.method.type == "qlora" and self.device.type != "cuda":
+            # Fail before downloading anything.
+            load_model(self.settings, Path("."), self.device, load_dtype)
+        self.base_dir = fetch_model(spec.base_model.uri, spec.storage, self.work_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.data = load_validated(self.settings, tokenizer=self.tokenizer)
+        self.context["dataReport"] = self.data.summary
+        max_len = spec.dataset.max_seq_length
+        encoded = [
+            encode_record(self.tokenizer, r, self.data.format, max_len) for r in self.data.train
+        ]
+        encoded = [e for e in encoded if any(label != IGNORE for label in e.labels[1:])]
+        self.rows = make_rows(encoded, max_len, spec.dataset.packing, hp.seed)
+        self.eval_rows = make_rows(
+            [
+                encode_record(self.tokenizer, r, self.data.format, max_len)
+                for r in self.data.validation
+            ],
+            max_len,
+            False,
+            hp.seed,
+        )
+        self.plan = BatchPlan(len(self.rows), hp.batch_size, hp.seed)
+        self.accum = hp.gradient_accumulation_steps
+        steps_per_epoch = math.ceil(self.plan.batches_per_epoch / self.accum)
+        self.total_steps = hp.max_steps or max(1, math.ceil(hp.epochs * steps_per_epoch))
+
+        seed_everything(hp.seed)
+        self.model = load_model(self.settings, self.base_dir, self.device, load_dtype)
+        self.optimizer = make_optimizer(self.model, spec, self.device)
+        self.scheduler = make_scheduler(self.optimizer, spec, self.total_steps)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
+        n_train = sum(p.numel() for p in trainable_state(self.model).values())
+        n_all = sum(p.numel() for p in self.model.parameters())
+        log.info(
+            "%s on %s (%s): %d rows (%s), %d steps, %d/%d trainable parameters",
+            spec.method.type,
+            self.device,
+            self.precision,
+            len(self.rows),
+            "packed" if spec.dataset.packing else "padded",
+            self.total_steps,
+            n_train,
+            n_all,
+        )
+        self.checkpoints = CheckpointManager(
+            self.store,
+            self.work_dir,
+            spec.checkpoint.keep_last,
+            spec.checkpoint.keep_best,
+            self._on_checkpoint,
+        )
+        self.resume()
+
+    def resume(self) -> None:
+        """Restore the newest verified checkpoint, if any."""
+        import torch
+        from safetensors.torch import load_file
+
+        found = self.checkpoints.latest_verified(self.work_dir / "resume")
+        if found is None:
+            return
+        ckpt, folder = found
+        started = time.perf_counter()
+        weights = load_file(folder / "weights.safetensors", device=str(self.device))
+        params = trainable_state(self.model)
+        if set(weights) != set(params):
+            raise ConfigError(
+                f"checkpoint step-{ckpt.step} does not match this model (method or targetModules changed?): "
+                f"{len(set(weights) ^ set(params))} parameter names differ; delete {self.checkpoints.store.uri_for('checkpoints')} to start over"
+            )
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(weights[name])
+        self.optimizer.load_state_dict(
+            torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=False)
+        )
+        sched = torch.load(folder / "scheduler.pt", weights_only=False)
+        self.scheduler.load_state_dict(sched["scheduler"])
+        if self.scaler is not None and sched.get("scaler"):
+            self.scaler.load_state_dict(sched["scaler"])
+        state = read_state(folder)
+        self.state = TrainState(**state["train"])
+        set_rng_state(torch.load(folder / "rng.pt", weights_only=False))
+        self.resumed_from = ckpt.step
+        self.resume_seconds = time.perf_counter() - started
+        log.info("resumed from checkpoint step-%d (%.2fs)", ckpt.step, self.resume_seconds)
+        self.reporter.report(
+            {"resumedFromStep": ckpt.step, "progress": self._progress()}, urgent=True
+        )
+
+    # -- the loop --
+
+    def run(self) -> Outcome:
+        """Train to the end (or early stop), then publish."""
+        self.sigterm.install()
+        try:
+            self.setup()
+            self.loop()
+            return self.finish()
+        finally:
+            self.sigterm.restore()
+            with contextlib.suppress(Exception):
+                self.checkpoints.close()
+            self.reporter.close()
+
+    def loop(self) -> None:
+        """Optimiser steps until total_steps, early stop or SIGTERM."""
+        spec = self.spec
+        every_eval = spec.evaluation.every_steps
+        every_ckpt = spec.checkpoint.every_steps
+        while self.state.step < self.total_steps and not self.state.stopped_early:
+            if self.sigterm.raised:
+                self.preempt()
+            t0 = time.perf_counter()
+            loss, tokens = self.train_step(self.state.step)
+            dt = time.perf_counter() - t0
+            self.state.step += 1
+            self.state.tokens_seen += tokens
+            self.state.train_seconds += dt
+            self.step_times.append(dt)
+            self.state.metrics["trainLoss"] = round(loss, 6)
+            self.context["step"] = self.state.step
+            self.context["metrics"] = self.state.metrics
+            step = self.state.step
+            evaluated = False
+            if self.data.validation and (step % every_eval == 0 or step == self.total_steps):
+                self.evaluate()
+                evaluated = True
+            tps = tokens / dt if dt > 0 else None
+            self.reporter.report(
+                {"progress": self._progress(tps), "metrics": dict(self.state.metrics)},
+                urgent=evaluated,
+            )
+            if step % every_ckpt == 0 and step < self.total_steps and not self.state.stopped_early:
+                t1 = time.perf_counter()
+                self.save_checkpoint()
+                self.checkpoint_stall.append(time.perf_counter() - t1)
+            if self.sigterm.raised:
+                self.preempt()
+
+    def train_step(self, step: int) -> tuple[float, int]:
+        """One optimiser step; returns (mean loss per target token, tokens processed)."""
+        import torch
+
+        model = self.model
+        model.train()
+        batches = [
+            collate(
+                [self.rows[i] for i in self.plan.indices(step * self.accum + m)],
+                self.tokenizer.pad_token_id,
+            )
+            for m in range(self.accum)
+        ]
+        # HF shifts labels by one: position t predicts labels[t+1].
+        targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+        targets_t = torch.tensor(max(targets, 1), device=self.device)
+        total_loss = 0.0
+        tokens = 0
+        for batch in batches:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            tokens += int(batch["attention_mask"].sum())
+            ctx = (
+                torch.autocast(self.device.type, dtype=self.amp)
+                if self.amp is not None
+                else contextlib.nullcontext()
+            )
+            with ctx:
+                out = model(**batch, num_items_in_batch=targets_t, use_cache=False)
+            loss = out.loss
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            total_loss += float(loss.detach())
+        hp = self.spec.hyperparameters
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if hp.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], hp.max_grad_norm
+            )
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total_loss, tokens
+
+    # -- evaluation --
+
+    def evaluate(self) -> dict[str, Any]:
+        """Eval loss / perplexity / exact match on the validation split; updates early stopping."""
+        import torch
+
+        model = self.model
+        model.eval()
+        bs = self.spec.hyperparameters.batch_size
+        loss_sum, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(self.eval_rows), bs):
+                batch = collate(self.eval_rows[i : i + bs], self.tokenizer.pad_token_id)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                n = int((batch["labels"][:, 1:] != IGNORE).sum())
+                if n == 0:
+                    continue
+                ctx = (
+                    torch.autocast(self.device.type, dtype=self.amp)
+                    if self.amp is not None
+                    else contextlib.nullcontext()
+                )
+                with ctx:
+                    out = model(
+                        **batch,
+                        num_items_in_batch=torch.tensor(n, device=self.device),
+                        use_cache=False,
+                    )
+                loss_sum += float(out.loss) * n
+                count += n
+        metrics = self.state.metrics
+        if count:
+            eval_loss = loss_sum / count
+            metrics["evalLoss"] = round(eval_loss, 6)
+            metrics["evalPerplexity"] = round(math.exp(min(eval_loss, 50.0)), 4)
+            min_delta = (
+                self.spec.evaluation.early_stopping.min_delta
+                if self.spec.evaluation.early_stopping
+                else 0.0
+            )
+            if (
+                self.state.best_eval_loss is None
+                or eval_loss < self.state.best_eval_loss - min_delta
+            ):
+                self.state.best_eval_loss = round(eval_loss, 6)
+                self.state.best_step = self.state.step
+                self.state.bad_evals = 0
+            else:
+                self.state.bad_evals += 1
+            metrics["bestEvalLoss"] = self.state.best_eval_loss
+        accuracy = self.exact_match()
+        if accuracy is not None:
+            metrics["evalAccuracy"] = round(accuracy, 4)
+        self.state.evals.append(
+            {"step": self.state.step, **{k: metrics.get(k) for k in ("evalLoss", "evalAccuracy")}}
+        )
+        es = self.spec.evaluation.early_stopping
+        if es is not None and self.state.bad_evals >= es.patience:
+            log.info(
+                "early stopping at step %d: no eval-loss improvement in %d evaluations",
+                self.state.step,
+                es.patience,
+            )
+            self.state.stopped_early = True
+        model.train()
+        log.info(
+            "step %d eval: %s",
+            self.state.step,
+            json.dumps({k: metrics.get(k) for k in ("evalLoss", "evalAccuracy")}),
+        )
+        return metrics
+
+    def exact_match(self) -> float | None:
+        """Greedy exact-match accuracy on short-answer validation examples (None when none)."""
+        import torch
+
+        from kubetune_trainer.synthetic import normalise, record_to_example
+
+        examples = []
+        for record in self.data.validation:
+            ex = record_to_example(record)
+            if ex is None:
+                continue
+            answer_len = len(self.tokenizer(ex["answer"], add_special_tokens=False)["input_ids"])
+            if answer_len <= MAX_ANSWER_TOKENS:
+                examples.append(ex)
+            if len(examples) >= ACCURACY_SAMPLES:
+                break
+        if not examples:
+            return None
+        prompts = [prompt_ids(self.tokenizer, ex["prompt"], self.data.format) for ex in examples]
+        pad = self.tokenizer.pad_token_id
+        width = max(len(p) for p in prompts)
+        # Left padding: every prompt ends at the same column, where generation starts.
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor(
+            [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device
+        )
+        with torch.no_grad():
+            ctx = (
+                torch.autocast(self.device.type, dtype=self.amp)
+                if self.amp is not None
+                else contextlib.nullcontext()
+            )
+            with ctx:
+                out = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=MAX_ANSWER_TOKENS,
+                    do_sample=False,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                    pad_token_id=pad,
+                )
+        hits = 0
+        for row, ex in zip(out[:, width:].tolist(), examples, strict=True):
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            hits += normalise(text) == normalise(ex["answer"])
+        return hits / len(examples)
+
+    # -- checkpoints --
+
+    def save_checkpoint(self, wait: bool = False) -> None:
+        """Capture this step's state and hand it to the checkpoint uploader."""
+        import torch
+        from safetensors.torch import save_file
+
+        step = self.state.step
+        weights = {
+            n: p.detach().to("cpu").contiguous().clone()
+            for n, p in trainable_state(self.model).items()
+        }
+        optimizer = self.optimizer.state_dict()
+        sched = {
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+        }
+        rng = rng_state()
+        train_state = {
+            "train": self.state.dump(),
+            "dataPosition": {
+                "microBatch": step * self.accum,
+                "epoch": self.plan.epoch_of(step * self.accum),
+            },
+            "totalSteps": self.total_steps,
+            "method": self.spec.method.type,
+            "time": now_iso(),
+        }
+
+        def write(folder: Path) -> None:
+            save_file(weights, str(folder / "weights.safetensors"))
+            torch.save(optimizer, folder / "optimizer.pt")
+            torch.save(sched, folder / "scheduler.pt")
+            torch.save(rng, folder / "rng.pt")
+            (folder / "trainer_state.json").write_text(
+                json.dumps(train_state, indent=2, sort_keys=True), encoding="utf-8"
+            )
+
+        metrics = dict(self.state.metrics)
+        # An eval loss belongs to a checkpoint only when the evaluation ran at this very step.
+        if not (self.state.evals and self.state.evals[-1]["step"] == step):
+            metrics.pop("evalLoss", None)
+        self.checkpoints.save(step, write, {"metrics": metrics}, wait=wait)
+
+    def _on_checkpoint(self, record: dict[str, Any]) -> None:
+        records = self.checkpoints.records[-MAX_CHECKPOINTS_REPORTED:]
+        self.reporter.report({"checkpoints": records}, urgent=True)
+
+    def preempt(self) -> None:
+        """SIGTERM: checkpoint the current step (unless it is the resumed one) and exit 143."""
+        step = self.state.step
+        if step > 0 and step != self.resumed_from:
+            self.save_checkpoint(wait=True)
+        else:
+            self.checkpoints.wait()
+        where = (
+            self.store.uri_for(f"checkpoints/step-{step}")
+            if step
+            else "no checkpoint (no step done)"
+        )
+        self.reporter.report({"progress": self._progress()}, urgent=True)
+        raise Preempted(
+            f"SIGTERM at step {step}: checkpoint {where}; the next attempt resumes from it"
+        )
+
+    # -- end --
+
+    def _progress(self, tokens_per_second: float | None = None) -> dict[str, Any]:
+        step, total = self.state.step, self.total_steps
+        recent = self.step_times[-20:]
+        eta = int(sum(recent) / len(recent) * (total - step)) if recent else None
+        out: dict[str, Any] = {
+            "step": step,
+            "totalSteps": total,
+            "epoch": round(self.plan.epoch_of(step * self.accum), 4),
+            "percent": int(100 * step / total) if total else None,
+            "updatedAt": now_iso(),
+        }
+        if eta is not None:
+            out["etaSeconds"] = eta
+        if tokens_per_second:
+            out["tokensPerSecond"] = round(tokens_per_second * self.settings.dist.world_size, 1)
+        return out
+
+    def finish(self) -> Outcome:
+        """Wait for uploads, publish the artifact, report the end."""
+        from kubetune_trainer.artifact import publish
+
+        self.checkpoints.wait()
+        artifact = publish(self)
+        metrics = dict(self.state.metrics)
+        self.reporter.report(
+            {"progress": {**self._progress(), "percent": 100, "etaSeconds": 0}, "metrics": metrics},
+            urgent=True,
+        )
+        how = (
+            "early stopping"
+            if self.state.stopped_early
+            else f"{self.state.step}/{self.total_steps} steps"
+        )
+        resumed = (
+            f", resumed from step {self.resumed_from}" if self.resumed_from is not None else ""
+        )
+        message = (
+            f"trained {self.spec.method.type} ({how}{resumed}); evalLoss {metrics.get('evalLoss')}, "
+            f"evalAccuracy {metrics.get('evalAccuracy')}; artifact {artifact['uri']}"
+        )
+        return Outcome(message, self.state.step, metrics, self.data.summary, artifact)
+
+
+def run_train(settings: Settings, context: dict[str, Any] | None = None) -> Outcome:
+    """Entry point of ``python -m kubetune_trainer train``."""
+    if settings.dist.enabled:
+        raise ConfigError(
+            "multi-process training (WORLD_SIZE > 1) is not supported by this trainer build yet: "
+            "set nodes: 1 and resources.gpus: 1"
+        )
+    return Trainer(settings, context).run()
