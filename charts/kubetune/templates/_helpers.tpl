@@ -1,0 +1,118 @@
+{{/* Names and labels. */}}
+{{- define "kubetune.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "kubetune.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "kubetune.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "kubetune.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "kubetune.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubetune.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "kubetune.labels" -}}
+{{ include "kubetune.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kubetune
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{/*
+The permissions the operator needs in every namespace it watches. Each rule is listed with its
+reason in docs/security.md, and tests/integration/test_rbac_chart.py checks that every API call
+the operator makes is allowed by these rules and that no rule is unused or undocumented.
+No wildcards; no Secrets (credentials reach pods only as secretKeyRef, which needs no read).
+*/}}
+{{- define "kubetune.namespacedRules" -}}
+# The two custom resources: Kopf lists/watches them and patches its bookkeeping annotations.
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunejobs", "modeldeployments"]
+  verbs: ["get", "list", "watch", "patch"]
+# The one status write of a reconcile. get: the per-job trainer Role grants get+patch on one
+# FineTuneJob's status, and RBAC only lets us grant what we hold ourselves.
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunejobs/status", "modeldeployments/status"]
+  verbs: ["get", "patch"]
+# ownerReferences with blockOwnerDeletion need this where OwnerReferencesPermissionEnforcement
+# is on (OpenShift and hardened clusters).
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunejobs/finalizers", "modeldeployments/finalizers"]
+  verbs: ["update"]
+# Validate/train Jobs: created, observed, replaced after a failed attempt or on suspend.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "delete"]
+# Trainer pods: read-only, for termination messages and scheduling/pull/OOM reasons.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+# Torchrun rendezvous (headless) Services; per-revision and stable serving Services.
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "create", "patch", "delete"]
+# The per-job trainer identity (ServiceAccount, Role, RoleBinding). get on ServiceAccounts also
+# reads spec.storage.serviceAccountName to copy its workload-identity annotations.
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["get", "create", "patch"]
+# Serving revisions.
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "create", "patch", "delete"]
+# Weighted canary traffic (traffic.mode gatewayAPI).
+- apiGroups: ["gateway.networking.k8s.io"]
+  resources: ["httproutes"]
+  verbs: ["get", "create", "patch"]
+# Events for kubectl describe (Kopf's and ours).
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end -}}
+
+{{- define "kubetune.args" -}}
+- run
+- --module=kubetune.handlers
+- --liveness=http://0.0.0.0:{{ .Values.health.port }}/healthz
+{{- if .Values.watchNamespaces }}
+{{- range .Values.watchNamespaces }}
+- --namespace={{ . }}
+{{- end }}
+{{- else }}
+- --all-namespaces
+{{- end }}
+{{- if .Values.peering.enabled }}
+- --peering={{ .Values.peering.name }}
+{{- else }}
+- --standalone
+{{- end }}
+{{- if eq .Values.logLevel "debug" }}
+- --debug
+{{- else if eq .Values.logLevel "warning" }}
+- --quiet
+{{- end }}
+{{- range .Values.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end -}}

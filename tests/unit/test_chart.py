@@ -1,0 +1,271 @@
+"""The Helm chart, rendered by a real Helm engine (helm-python-sdk's libhelm) under several values.
+
+Covers:
+- ``helm lint --strict`` passes; values.schema.json refuses bad values with a message naming
+  the key (unknown key, replicas 0, a namespace that is not a DNS label, a bad pull policy);
+- every rendered object, and every CRD the chart ships, validates with kubernetes-validate
+  (strict: unknown fields are errors); objects of kinds it has no schema for (ServiceMonitor,
+  Kopf's peerings) are checked against their CRD's schema or by shape;
+- the chart's CRDs are the repo's crds/ (symlinks to the same bytes: one source, no drift);
+- the operator Deployment: ``kopf run --module=kubetune.handlers``, liveness on Kopf's health
+  endpoint (same port as ``--liveness``), non-root, read-only root filesystem, every capability
+  dropped, no privilege escalation, resources set, metrics port, peering vs. standalone;
+- RBAC: cluster-wide mode is one ClusterRole; namespace mode (watchNamespaces) has a Role per
+  namespace and no cluster-scoped object at all; no wildcard, no Secret access anywhere;
+- optional pieces appear only when asked for: ServiceMonitor, NetworkPolicy, PDB (replicas > 1).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "kubetune"
+KUBE_VERSION = "1.30"
+NAMESPACE = "kubetune-system"
+
+helm.disable_logging()  # libhelm logs every followed symlink at INFO
+
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "namespaced": {"watchNamespaces": ["team-a", "team-b"]},
+    "single-standalone": {"replicas": 1, "peering": {"enabled": False}},
+    "everything-on": {
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
+        "networkPolicy": {
+            "enabled": True,
+            "metricsFrom": [
+                {
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
+                    }
+                }
+            ],
+            "extraEgress": [{"ports": [{"port": 9090, "protocol": "TCP"}]}],
+        },
+        "image": {
+            "repository": "registry.example.com/kubetune/operator",
+            "tag": "0.1.0-rc1",
+            "pullPolicy": "Always",
+        },
+        "imagePullSecrets": [{"name": "regcred"}],
+        "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/x"}},
+        "logLevel": "debug",
+        "priorityClassName": "system-cluster-critical",
+        "extraEnv": [{"name": "KUBETUNE_EXTRA", "value": "1"}],
+    },
+}
+
+
+def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every object the chart renders (templates only; CRDs are separate in Helm)."""
+    chart = helm.Chart.load(CHART)
+    manifests = chart.render(values, name="kubetune", namespace=NAMESPACE, is_install=True)
+    objects = []
+    for path, text in sorted(manifests.items()):
+        if path.endswith(".txt"):
+            continue
+        objects += [doc for doc in yaml.safe_load_all(text) if doc]
+    return objects
+
+
+def chart_crds() -> list[dict[str, Any]]:
+    out = []
+    for path in sorted((CHART / "crds").glob("*.yaml")):
+        out += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return out
+
+
+def _by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def _schema_of(crd_kind: str) -> dict[str, Any]:
+    crd = next(c for c in chart_crds() if c["spec"]["names"]["kind"] == crd_kind)
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+RENDERED = {name: render(values) for name, values in VALUE_SETS.items()}
+
+
+def test_chart_lints_strictly() -> None:
+    for values in VALUE_SETS.values():
+        report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
+        errors = [m for m in report["messages"] if m["severity"] >= 2]
+        assert errors == [] and report["errors"] == [], report
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_every_rendered_object_is_valid_kubernetes(name: str) -> None:
+    objects = RENDERED[name]
+    assert objects
+    for obj in objects:
+        group = obj["apiVersion"].split("/")[0]
+        if group == "kopf.dev":
+            jsonschema.Draft4Validator(_schema_of(obj["kind"])).validate(obj)
+            assert set(obj) <= {"apiVersion", "kind", "metadata", "status"}
+        elif group == "monitoring.coreos.com":
+            assert obj["kind"] == "ServiceMonitor"
+            assert obj["spec"]["endpoints"][0]["port"] == "metrics"
+        else:
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+        meta = obj["metadata"]
+        assert meta["labels"]["app.kubernetes.io/part-of"] == "kubetune"
+        if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"):
+            assert meta["namespace"], obj["kind"]
+
+
+def test_chart_crds_are_valid_and_are_the_repo_crds() -> None:
+    for crd in chart_crds():
+        kubernetes_validate.validate(crd, KUBE_VERSION, strict=True)
+    for repo_crd in sorted((REPO / "crds").glob("*.yaml")):
+        shipped = CHART / "crds" / repo_crd.name
+        assert shipped.is_symlink(), f"{shipped} must be a symlink to {repo_crd} (one source)"
+        assert shipped.resolve() == repo_crd.resolve()
+        assert shipped.read_bytes() == repo_crd.read_bytes()
+    loaded = {Path(c["name"]).name: c for c in helm.Chart.load(CHART).crds}
+    assert {p.name for p in (REPO / "crds").glob("*.yaml")} <= set(loaded)
+
+
+def _operator(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (deployment,) = _by_kind(objects, "Deployment")
+    return deployment
+
+
+def test_operator_deployment_is_hardened_and_probed() -> None:
+    deployment = _operator(RENDERED["defaults"])
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    assert container["command"] == ["kopf"] and args[:2] == ["run", "--module=kubetune.handlers"]
+    liveness = next(a for a in args if a.startswith("--liveness="))
+    port = next(p["containerPort"] for p in container["ports"] if p["name"] == "health")
+    assert liveness == f"--liveness=http://0.0.0.0:{port}/healthz"
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"]
+    assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["KUBETUNE_METRICS_PORT"]["value"] == "8081"
+    assert not any("secretKeyRef" in json.dumps(e) for e in container["env"])
+
+
+def test_peering_replicas_and_standalone() -> None:
+    defaults = RENDERED["defaults"]
+    deployment = _operator(defaults)
+    assert deployment["spec"]["replicas"] == 2
+    assert "--peering=kubetune" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    (peering,) = _by_kind(defaults, "ClusterKopfPeering")
+    assert peering["metadata"]["name"] == "kubetune"
+    assert _by_kind(defaults, "PodDisruptionBudget")[0]["spec"]["maxUnavailable"] == 1
+
+    single = RENDERED["single-standalone"]
+    args = _operator(single)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--standalone" in args and not any(a.startswith("--peering") for a in args)
+    assert (
+        _by_kind(single, "ClusterKopfPeering") == []
+        and _by_kind(single, "PodDisruptionBudget") == []
+    )
+
+
+def _rules(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        rule for obj in objects if obj["kind"] in ("Role", "ClusterRole") for rule in obj["rules"]
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_rbac_has_no_wildcards_and_no_secrets(name: str) -> None:
+    rules = _rules(RENDERED[name])
+    assert rules
+    for rule in rules:
+        for key in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule[key], rule
+        assert "secrets" not in rule["resources"], rule
+        assert "resourceNames" not in rule or rule["resourceNames"]
+
+
+def test_namespaced_mode_has_only_roles_in_the_watched_namespaces() -> None:
+    objects = RENDERED["namespaced"]
+    kinds = {o["kind"] for o in objects}
+    assert not kinds & {"ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"}
+    roles = _by_kind(objects, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    bindings = _by_kind(objects, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    for binding in bindings:
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "kubetune", "namespace": NAMESPACE}
+        ]
+    assert sorted(p["metadata"]["namespace"] for p in _by_kind(objects, "KopfPeering")) == [
+        "team-a",
+        "team-b",
+    ]
+    args = _operator(objects)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert (
+        "--namespace=team-a" in args
+        and "--namespace=team-b" in args
+        and "--all-namespaces" not in args
+    )
+    assert all(r["apiGroups"] != ["apiextensions.k8s.io"] for r in _rules(objects))
+
+
+def test_cluster_mode_binds_one_cluster_role_to_the_service_account() -> None:
+    objects = RENDERED["defaults"]
+    (role,) = _by_kind(objects, "ClusterRole")
+    (binding,) = _by_kind(objects, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    (sa,) = _by_kind(objects, "ServiceAccount")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NAMESPACE}
+    ]
+    assert _by_kind(objects, "Role") == []
+    args = _operator(objects)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--all-namespaces" in args
+
+
+def test_optional_objects_only_when_enabled() -> None:
+    defaults = {o["kind"] for o in RENDERED["defaults"]}
+    assert "ServiceMonitor" not in defaults and "NetworkPolicy" not in defaults
+    objects = RENDERED["everything-on"]
+    (monitor,) = _by_kind(objects, "ServiceMonitor")
+    (service,) = _by_kind(objects, "Service")
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["spec"]["selector"].items()
+    (policy,) = _by_kind(objects, "NetworkPolicy")
+    assert policy["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"]
+    egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule.get("ports", [])}
+    assert {53, 443, 6443, 9090} <= egress_ports
+    container = _operator(objects)["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "registry.example.com/kubetune/operator:0.1.0-rc1"
+    assert "--debug" in container["args"]
+
+
+@pytest.mark.parametrize(
+    ("values", "fragment"),
+    [
+        ({"replicaCount": 3}, "replicaCount"),
+        ({"replicas": 0}, "replicas"),
+        ({"watchNamespaces": ["Team_A"]}, "watchNamespaces"),
+        ({"image": {"repository": "x", "pullPolicy": "Sometimes"}}, "pullPolicy"),
+        ({"metrics": {"port": 70000}}, "port"),
+    ],
+)
+def test_values_schema_refuses_bad_values(values: dict[str, Any], fragment: str) -> None:
+    chart = helm.Chart.load(CHART)
+    with pytest.raises(helm.HelmError) as info:
+        chart.render(values, name="kubetune", namespace=NAMESPACE)
+    assert fragment in str(info.value)
