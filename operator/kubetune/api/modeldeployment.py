@@ -41,7 +41,9 @@ class UriRef(Model):
     """A model or adapter location."""
 
     uri: str = Field(description=URI_DESCRIPTION, pattern=URI_PATTERN)
-    revision: str | None = Field(default=None, description="Optional revision label, recorded in status.")
+    revision: str | None = Field(
+        default=None, description="Optional revision label, recorded in status."
+    )
 
 
 class ModelSource(Model):
@@ -64,8 +66,12 @@ class ModelSource(Model):
         default=None,
         description="Serve the artifact of this FineTuneJob (its base model plus the published adapter). Nothing is deployed until it has Succeeded.",
     )
-    base_model: UriRef | None = Field(default=None, description="Base model weights (Hugging Face-format folder).")
-    adapter: UriRef | None = Field(default=None, description="Optional LoRA adapter to serve over baseModel.")
+    base_model: UriRef | None = Field(
+        default=None, description="Base model weights (Hugging Face-format folder)."
+    )
+    adapter: UriRef | None = Field(
+        default=None, description="Optional LoRA adapter to serve over baseModel."
+    )
     name: str | None = Field(
         default=None,
         description="Model name clients send in the request's model field (default: the ModelDeployment's name).",
@@ -73,37 +79,86 @@ class ModelSource(Model):
     )
 
 
+class EnvVar(Model):
+    """An extra environment variable of the server container (e.g. KUBETUNE_FAULT_ERROR_RATE)."""
+
+    name: str = Field(description="Variable name.", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    value: str = Field(default="", description="Value.")
+
+
 class ServerSpec(Model):
     """Inference server settings (kubetune_server, OpenAI-compatible)."""
 
-    image: str = Field(default=DEFAULT_SERVER_IMAGE, description="Server container image.", min_length=1)
-    max_batch_size: int = Field(default=8, ge=1, le=1024, description="Requests batched into one forward pass.")
-    batch_wait_ms: int = Field(default=10, ge=0, le=1000, description="How long the batcher waits to fill a batch.")
-    max_queue: int = Field(default=64, ge=1, le=100000, description="Queued requests before 429 Too Many Requests.")
-    max_model_len: int = Field(default=2048, ge=16, description="Context limit: prompt plus generated tokens.")
-    max_tokens_limit: int = Field(default=512, ge=1, description="Largest max_tokens a request may ask for.")
-    request_timeout_seconds: int = Field(default=60, ge=1, le=3600, description="Per-request timeout.")
-    merge_adapter: bool = Field(default=False, description="Merge the adapter into the weights at load (faster, one adapter only).")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(default="auto", description="Weights dtype.")
-    port: int = Field(default=8000, ge=1, le=65535, description="Container port of the HTTP API and /metrics.")
+    image: str = Field(
+        default=DEFAULT_SERVER_IMAGE, description="Server container image.", min_length=1
+    )
+    max_batch_size: int = Field(
+        default=8, ge=1, le=1024, description="Requests batched into one forward pass."
+    )
+    batch_wait_ms: int = Field(
+        default=10, ge=0, le=1000, description="How long the batcher waits to fill a batch."
+    )
+    max_queue: int = Field(
+        default=64, ge=1, le=100000, description="Queued requests before 429 Too Many Requests."
+    )
+    max_model_len: int = Field(
+        default=2048, ge=16, description="Context limit: prompt plus generated tokens."
+    )
+    max_tokens_limit: int = Field(
+        default=512, ge=1, description="Largest max_tokens a request may ask for."
+    )
+    request_timeout_seconds: int = Field(
+        default=60, ge=1, le=3600, description="Per-request timeout."
+    )
+    merge_adapter: bool = Field(
+        default=False,
+        description="Merge the adapter into the weights at load (faster, one adapter only).",
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="Weights dtype."
+    )
+    port: int = Field(
+        default=8000, ge=1, le=65535, description="Container port of the HTTP API and /metrics."
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Extra environment of the server container (fault injection for drills: KUBETUNE_FAULT_ERROR_RATE, KUBETUNE_FAULT_LATENCY_MS). Part of the revision.",
+    )
 
 
 class ServeResources(Model):
     """Compute for each serving pod."""
 
-    gpus: int = Field(default=1, ge=0, le=16, description="nvidia.com/gpu per pod (0 serves on CPU).")
-    cpu: str = Field(default="2", description="CPU request per pod.", pattern=r"^[0-9]+(\.[0-9]+)?m?$")
-    memory: str = Field(default="16Gi", description="Memory request and limit per pod.", pattern=r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?|[eE][0-9]+)?$")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must match.")
-    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for tainted nodes.")
-    priority_class_name: str | None = Field(default=None, description="PriorityClass of the serving pods.")
+    gpus: int = Field(
+        default=1, ge=0, le=16, description="nvidia.com/gpu per pod (0 serves on CPU)."
+    )
+    cpu: str = Field(
+        default="2", description="CPU request per pod.", pattern=r"^[0-9]+(\.[0-9]+)?m?$"
+    )
+    memory: str = Field(
+        default="16Gi",
+        description="Memory request and limit per pod.",
+        pattern=r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?|[eE][0-9]+)?$",
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the pods must match."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Tolerations for tainted nodes."
+    )
+    priority_class_name: str | None = Field(
+        default=None, description="PriorityClass of the serving pods."
+    )
 
 
 class ParentRef(Model):
     """A Gateway the HTTPRoute attaches to."""
 
     name: str = Field(description="Gateway name.")
-    namespace: str | None = Field(default=None, description="Gateway namespace (default: the ModelDeployment's).")
+    namespace: str | None = Field(
+        default=None, description="Gateway namespace (default: the ModelDeployment's)."
+    )
     section_name: str | None = Field(default=None, description="Listener name on the Gateway.")
 
 
@@ -124,7 +179,9 @@ class TrafficSpec(Model):
         default="auto",
         description="gatewayAPI: weighted HTTPRoute backendRefs; replicas: one Service over both revisions, split by replica count; auto: gatewayAPI when the cluster serves HTTPRoute.",
     )
-    parent_refs: list[ParentRef] = Field(default_factory=list, description="Gateways for the HTTPRoute (gatewayAPI mode).")
+    parent_refs: list[ParentRef] = Field(
+        default_factory=list, description="Gateways for the HTTPRoute (gatewayAPI mode)."
+    )
     hostnames: list[str] = Field(default_factory=list, description="Hostnames of the HTTPRoute.")
     port: int = Field(default=80, ge=1, le=65535, description="Service port.")
 
@@ -133,14 +190,18 @@ class PauseStep(Model):
     """Wait a duration, or until promoted when no duration is given."""
 
     duration: str | None = Field(
-        default=None, description="e.g. 30s, 5m; empty waits for kubetune.io/promote=true.", pattern=DURATION_PATTERN
+        default=None,
+        description="e.g. 30s, 5m; empty waits for kubetune.io/promote=true.",
+        pattern=DURATION_PATTERN,
     )
 
 
 class AnalysisStep(Model):
     """Run analysis for a number of intervals before moving on."""
 
-    intervals: int = Field(default=1, ge=1, le=1000, description="Successful analysis intervals required.")
+    intervals: int = Field(
+        default=1, ge=1, le=1000, description="Successful analysis intervals required."
+    )
 
 
 class RolloutStep(Model):
@@ -154,35 +215,62 @@ class RolloutStep(Model):
             ),
         )
     }
-    set_weight: int | None = Field(default=None, ge=1, le=100, description="Percent of traffic for the canary.")
-    pause: PauseStep | None = Field(default=None, description="Pause, for a duration or until promoted.")
-    analysis: AnalysisStep | None = Field(default=None, description="Hold until this many analysis intervals pass.")
+    set_weight: int | None = Field(
+        default=None, ge=1, le=100, description="Percent of traffic for the canary."
+    )
+    pause: PauseStep | None = Field(
+        default=None, description="Pause, for a duration or until promoted."
+    )
+    analysis: AnalysisStep | None = Field(
+        default=None, description="Hold until this many analysis intervals pass."
+    )
 
 
 class Thresholds(Model):
     """Absolute limits and limits relative to stable. Unset limits are not checked."""
 
-    max_error_rate: float = Field(default=0.05, ge=0.0, le=1.0, description="Largest share of 5xx responses.")
-    max_p95_latency_seconds: float | None = Field(default=None, gt=0, description="Largest p95 request latency.")
-    max_ttft_p95_seconds: float | None = Field(default=None, gt=0, description="Largest p95 time to first token.")
+    max_error_rate: float = Field(
+        default=0.05, ge=0.0, le=1.0, description="Largest share of 5xx responses."
+    )
+    max_p95_latency_seconds: float | None = Field(
+        default=None, gt=0, description="Largest p95 request latency."
+    )
+    max_ttft_p95_seconds: float | None = Field(
+        default=None, gt=0, description="Largest p95 time to first token."
+    )
     max_error_rate_increase: float | None = Field(
-        default=0.02, ge=0.0, le=1.0, description="Canary error rate may exceed stable's by at most this much."
+        default=0.02,
+        ge=0.0,
+        le=1.0,
+        description="Canary error rate may exceed stable's by at most this much.",
     )
     max_latency_ratio: float | None = Field(
-        default=1.5, gt=0, description="Canary p95 latency may be at most this multiple of stable's."
+        default=1.5,
+        gt=0,
+        description="Canary p95 latency may be at most this multiple of stable's.",
     )
 
 
 class PrometheusProvider(Model):
     """Analysis through Prometheus queries instead of scraping pods."""
 
-    address: str = Field(description="Prometheus base URL, e.g. http://prometheus.monitoring:9090.", pattern=r"^https?://")
-    error_rate_query: str | None = Field(
-        default=None, description="PromQL template; {{revision}} and {{namespace}} are substituted. Default uses kubetune_server metrics."
+    address: str = Field(
+        description="Prometheus base URL, e.g. http://prometheus.monitoring:9090.",
+        pattern=r"^https?://",
     )
-    latency_p95_query: str | None = Field(default=None, description="PromQL template for p95 latency (seconds).")
-    ttft_p95_query: str | None = Field(default=None, description="PromQL template for p95 time to first token (seconds).")
-    requests_query: str | None = Field(default=None, description="PromQL template for the request count in the interval.")
+    error_rate_query: str | None = Field(
+        default=None,
+        description="PromQL template; {{revision}} and {{namespace}} are substituted. Default uses kubetune_server metrics.",
+    )
+    latency_p95_query: str | None = Field(
+        default=None, description="PromQL template for p95 latency (seconds)."
+    )
+    ttft_p95_query: str | None = Field(
+        default=None, description="PromQL template for p95 time to first token (seconds)."
+    )
+    requests_query: str | None = Field(
+        default=None, description="PromQL template for the request count in the interval."
+    )
 
 
 class AnalysisSpec(Model):
@@ -198,17 +286,28 @@ class AnalysisSpec(Model):
         )
     }
 
-    interval: str = Field(default="10s", description="How often analysis runs.", pattern=DURATION_PATTERN)
+    interval: str = Field(
+        default="10s", description="How often analysis runs.", pattern=DURATION_PATTERN
+    )
     provider: Literal["builtin", "prometheus"] = Field(
-        default="builtin", description="builtin scrapes the revisions' pods' /metrics; prometheus runs queries."
+        default="builtin",
+        description="builtin scrapes the revisions' pods' /metrics; prometheus runs queries.",
     )
-    prometheus: PrometheusProvider | None = Field(default=None, description="Prometheus settings (provider prometheus).")
+    prometheus: PrometheusProvider | None = Field(
+        default=None, description="Prometheus settings (provider prometheus)."
+    )
     min_samples: int = Field(
-        default=20, ge=1, description="Fewer canary requests in an interval make it Inconclusive (never a pass or a failure)."
+        default=20,
+        ge=1,
+        description="Fewer canary requests in an interval make it Inconclusive (never a pass or a failure).",
     )
-    failure_limit: int = Field(default=1, ge=1, description="Failed intervals that trigger rollback.")
+    failure_limit: int = Field(
+        default=1, ge=1, description="Failed intervals that trigger rollback."
+    )
     inconclusive_limit: int = Field(
-        default=0, ge=0, description="Inconclusive intervals before the rollout pauses for a human (0: wait for traffic until the progress deadline)."
+        default=0,
+        ge=0,
+        description="Inconclusive intervals before the rollout pauses for a human (0: wait for traffic until the progress deadline).",
     )
     thresholds: Thresholds = Field(default_factory=Thresholds, description="Pass/fail limits.")
 
@@ -233,10 +332,20 @@ class EvalGate(Model):
     }
 
     prompts: list[GoldenPrompt] = Field(default_factory=list, description="Inline golden prompts.")
-    prompts_uri: str | None = Field(default=None, description="JSONL of {prompt, expected}. " + URI_DESCRIPTION, pattern=URI_PATTERN)
-    match: Literal["exact", "contains"] = Field(default="contains", description="How an answer is scored.")
-    min_score: float = Field(default=0.8, ge=0.0, le=1.0, description="Lowest share of correct answers.")
-    max_score_drop: float | None = Field(default=None, ge=0.0, le=1.0, description="Largest drop against stable's score.")
+    prompts_uri: str | None = Field(
+        default=None,
+        description="JSONL of {prompt, expected}. " + URI_DESCRIPTION,
+        pattern=URI_PATTERN,
+    )
+    match: Literal["exact", "contains"] = Field(
+        default="contains", description="How an answer is scored."
+    )
+    min_score: float = Field(
+        default=0.8, ge=0.0, le=1.0, description="Lowest share of correct answers."
+    )
+    max_score_drop: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Largest drop against stable's score."
+    )
     max_tokens: int = Field(default=32, ge=1, description="max_tokens per golden prompt.")
 
 
@@ -260,10 +369,16 @@ class RolloutSpec(Model):
             ),
         ),
     )
-    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec, description="Metric analysis during the canary.")
-    eval_gate: EvalGate | None = Field(default=None, description="Optional golden-prompt gate before any traffic.")
+    analysis: AnalysisSpec = Field(
+        default_factory=AnalysisSpec, description="Metric analysis during the canary."
+    )
+    eval_gate: EvalGate | None = Field(
+        default=None, description="Optional golden-prompt gate before any traffic."
+    )
     progress_deadline_seconds: int = Field(
-        default=600, ge=30, description="A canary that makes no progress this long (never ready, stuck) is rolled back."
+        default=600,
+        ge=30,
+        description="A canary that makes no progress this long (never ready, stuck) is rolled back.",
     )
     scale_down_delay_seconds: int = Field(
         default=5,
@@ -280,12 +395,20 @@ class ModelDeploymentSpec(Model):
     """Desired state of a ModelDeployment."""
 
     model: ModelSource = Field(description="What to serve.")
-    replicas: int = Field(default=1, ge=0, le=1000, description="Serving pods of the stable revision.")
-    resources: ServeResources = Field(default_factory=ServeResources, description="Compute per pod.")
+    replicas: int = Field(
+        default=1, ge=0, le=1000, description="Serving pods of the stable revision."
+    )
+    resources: ServeResources = Field(
+        default_factory=ServeResources, description="Compute per pod."
+    )
     server: ServerSpec = Field(default_factory=ServerSpec, description="Inference server settings.")
-    storage: StorageConfig = Field(default_factory=StorageConfig, description="Object-store endpoint and credentials.")
+    storage: StorageConfig = Field(
+        default_factory=StorageConfig, description="Object-store endpoint and credentials."
+    )
     traffic: TrafficSpec = Field(default_factory=TrafficSpec, description="Traffic splitting.")
-    rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Canary steps and analysis.")
+    rollout: RolloutSpec = Field(
+        default_factory=RolloutSpec, description="Canary steps and analysis."
+    )
 
 
 # --- status -------------------------------------------------------------------------------
@@ -300,7 +423,10 @@ class RevisionStatus(Model):
     model_uri: str | None = Field(default=None, description="Base model served.")
     adapter_uri: str | None = Field(default=None, description="Adapter served.")
     adapter_digest: str | None = Field(default=None, description="Digest of the adapter artifact.")
-    fine_tune_job: str | None = Field(default=None, description="FineTuneJob the artifact came from.")
+    fine_tune_job: str | None = Field(
+        default=None, description="FineTuneJob the artifact came from."
+    )
+    model_name: str | None = Field(default=None, description="Model name clients send.")
     image: str | None = Field(default=None, description="Server image.")
     ready_replicas: int | None = Field(default=None, description="Ready pods.")
     replicas: int | None = Field(default=None, description="Desired pods.")
@@ -311,9 +437,13 @@ class Weights(Model):
 
     stable: int = Field(default=100, description="Percent to stable.")
     canary: int = Field(default=0, description="Percent to canary.")
-    requested_canary: int | None = Field(default=None, description="Percent the current step asked for.")
+    requested_canary: int | None = Field(
+        default=None, description="Percent the current step asked for."
+    )
     mode: str | None = Field(default=None, description="gatewayAPI, replicas or local.")
-    warning: str | None = Field(default=None, description="Set when the achieved weight is far from the requested one.")
+    warning: str | None = Field(
+        default=None, description="Set when the achieved weight is far from the requested one."
+    )
 
 
 class AnalysisResult(Model):
@@ -323,7 +453,9 @@ class AnalysisResult(Model):
     phase: Literal["Successful", "Failed", "Inconclusive", "Error"] = Field(description="Verdict.")
     samples: int | None = Field(default=None, description="Canary requests in the interval.")
     message: str | None = Field(default=None, description="Why.")
-    canary: dict[str, float] | None = Field(default=None, description="Canary metrics (errorRate, p95LatencySeconds, ttftP95Seconds).")
+    canary: dict[str, float] | None = Field(
+        default=None, description="Canary metrics (errorRate, p95LatencySeconds, ttftP95Seconds)."
+    )
     stable: dict[str, float] | None = Field(default=None, description="Stable metrics, same keys.")
     revision: str | None = Field(default=None, description="Canary revision the interval judged.")
     step: int | None = Field(default=None, description="Index of the rollout step it ran in.")
@@ -334,11 +466,19 @@ class CounterSnapshot(Model):
 
     requests: float = Field(default=0.0, description="Requests served.")
     errors: float = Field(default=0.0, description="5xx responses.")
-    latency_bounds: list[float] = Field(default_factory=list, description="Finite latency bucket bounds (seconds).")
-    latency_counts: list[float] = Field(default_factory=list, description="Cumulative count per latency bound.")
+    latency_bounds: list[float] = Field(
+        default_factory=list, description="Finite latency bucket bounds (seconds)."
+    )
+    latency_counts: list[float] = Field(
+        default_factory=list, description="Cumulative count per latency bound."
+    )
     latency_total: float = Field(default=0.0, description="Latency observations (the +Inf bucket).")
-    ttft_bounds: list[float] = Field(default_factory=list, description="Finite time-to-first-token bucket bounds.")
-    ttft_counts: list[float] = Field(default_factory=list, description="Cumulative count per TTFT bound.")
+    ttft_bounds: list[float] = Field(
+        default_factory=list, description="Finite time-to-first-token bucket bounds."
+    )
+    ttft_counts: list[float] = Field(
+        default_factory=list, description="Cumulative count per TTFT bound."
+    )
     ttft_total: float = Field(default=0.0, description="TTFT observations (the +Inf bucket).")
     pods: int = Field(default=0, description="Pods scraped.")
 
@@ -347,15 +487,21 @@ class AnalysisBaseline(Model):
     """Start of the current analysis interval: when, and (built-in provider) the counters then."""
 
     time: str = Field(description="When the interval started.")
-    revisions: dict[str, CounterSnapshot] = Field(default_factory=dict, description="Counters per revision at that time.")
+    revisions: dict[str, CounterSnapshot] = Field(
+        default_factory=dict, description="Counters per revision at that time."
+    )
 
 
 class RetiringRevision(Model):
     """A revision taken out of traffic; its pods go once its weight is 0 and the drain delay passed."""
 
     name: str = Field(description="Revision hash.")
-    reason: str = Field(default="", description="Why it is retired (RolledBack, Promoted, Superseded).")
-    zero_weight_since: str | None = Field(default=None, description="When its weight was first observed at 0.")
+    reason: str = Field(
+        default="", description="Why it is retired (RolledBack, Promoted, Superseded)."
+    )
+    zero_weight_since: str | None = Field(
+        default=None, description="When its weight was first observed at 0."
+    )
 
 
 class RejectedRevision(Model):
@@ -369,23 +515,50 @@ class RejectedRevision(Model):
 class ModelDeploymentStatus(Model):
     """Observed state of a ModelDeployment."""
 
-    phase: MdepPhase | None = Field(default=None, description="Pending, Progressing, Paused, Healthy, Degraded or RolledBack.")
+    phase: MdepPhase | None = Field(
+        default=None, description="Pending, Progressing, Paused, Healthy, Degraded or RolledBack."
+    )
     message: str | None = Field(default=None, description="Human-readable summary.")
-    observed_generation: int | None = Field(default=None, description="Generation the status was computed from.")
-    conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing, Degraded.")
+    observed_generation: int | None = Field(
+        default=None, description="Generation the status was computed from."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Ready, Progressing, Degraded."
+    )
     stable: RevisionStatus | None = Field(default=None, description="The stable revision.")
-    canary: RevisionStatus | None = Field(default=None, description="The canary revision, while a rollout runs.")
-    current_step_index: int | None = Field(default=None, description="Index into rollout.steps of the canary.")
+    canary: RevisionStatus | None = Field(
+        default=None, description="The canary revision, while a rollout runs."
+    )
+    current_step_index: int | None = Field(
+        default=None, description="Index into rollout.steps of the canary."
+    )
     step_started_at: str | None = Field(default=None, description="When the current step started.")
-    canary_started_at: str | None = Field(default=None, description="When the current canary started.")
+    canary_started_at: str | None = Field(
+        default=None, description="When the current canary started."
+    )
     weights: Weights | None = Field(default=None, description="Applied traffic weights.")
-    analysis: list[AnalysisResult] = Field(default_factory=list, description="Latest analysis results (newest last).")
-    eval_gate_score: float | None = Field(default=None, description="Golden-prompt score of the canary.")
-    eval_gate_stable_score: float | None = Field(default=None, description="Golden-prompt score of stable (with maxScoreDrop).")
-    analysis_baseline: AnalysisBaseline | None = Field(default=None, description="Start of the current analysis interval.")
-    retiring: list[RetiringRevision] = Field(default_factory=list, description="Revisions whose pods are being removed.")
-    rejected_revisions: list[RejectedRevision] = Field(default_factory=list, description="Rolled-back revisions.")
-    paused: bool | None = Field(default=None, description="Paused by a human (kubetune.io/pause) or an indefinite pause step.")
+    analysis: list[AnalysisResult] = Field(
+        default_factory=list, description="Latest analysis results (newest last)."
+    )
+    eval_gate_score: float | None = Field(
+        default=None, description="Golden-prompt score of the canary."
+    )
+    eval_gate_stable_score: float | None = Field(
+        default=None, description="Golden-prompt score of stable (with maxScoreDrop)."
+    )
+    analysis_baseline: AnalysisBaseline | None = Field(
+        default=None, description="Start of the current analysis interval."
+    )
+    retiring: list[RetiringRevision] = Field(
+        default_factory=list, description="Revisions whose pods are being removed."
+    )
+    rejected_revisions: list[RejectedRevision] = Field(
+        default_factory=list, description="Rolled-back revisions."
+    )
+    paused: bool | None = Field(
+        default=None,
+        description="Paused by a human (kubetune.io/pause) or an indefinite pause step.",
+    )
 
 
 class ModelDeployment(Model):

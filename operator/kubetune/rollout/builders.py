@@ -1,0 +1,350 @@
+"""ModelDeployment children as whole manifests: Deployment, Services, PodDisruptionBudget, HTTPRoute.
+
+Pure dict builders (STYLE.md rule 2), shared by the operator and the local runtime (docs/contracts.md,
+"Shared Python interfaces"): the local runtime runs the very container command and environment
+built here as a process, so nothing here may depend on being in a cluster.
+
+Names and labels follow docs/contracts.md: ``<mdep>-<revision>`` for a revision's Deployment,
+Service and PDB, ``<mdep>`` for the Service over every revision and the HTTPRoute. The pod
+template carries only labels that never change during a revision's life (owner, kind, component,
+revision): the *role* of a revision (stable or canary) is a label on the Deployment object only,
+so promoting a canary never restarts its pods.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from kubetune.api.common import (
+    API_VERSION,
+    LABEL_COMPONENT,
+    LABEL_KIND,
+    LABEL_MANAGED_BY,
+    LABEL_OWNER,
+    LABEL_REVISION,
+)
+from kubetune.api.modeldeployment import KIND, ModelDeploymentSpec
+from kubetune.rollout.revisions import Revision, resource_name
+
+# Role of a revision's Deployment (object label only, never in the pod template; see above).
+LABEL_ROLE = "kubetune.io/role"
+ROLE_STABLE = "stable"
+ROLE_CANARY = "canary"
+
+COMPONENT = "server"
+CONTAINER = "server"
+PORT_NAME = "http"
+CACHE_DIR = "/cache"
+GATEWAY_API_VERSION = "gateway.networking.k8s.io/v1"
+
+# Model loading can take minutes (download + load to GPU). The startup probe gives it up to
+# STARTUP_FAILURES * STARTUP_PERIOD seconds before liveness applies; a pod that never becomes
+# ready is still bounded by the Deployment's progressDeadlineSeconds (= the rollout's).
+STARTUP_PERIOD = 5
+STARTUP_FAILURES = 120
+
+
+def _spec(md: Mapping[str, Any]) -> ModelDeploymentSpec:
+    spec = md.get("spec")
+    return (
+        spec
+        if isinstance(spec, ModelDeploymentSpec)
+        else ModelDeploymentSpec.model_validate(spec or {})
+    )
+
+
+def _meta(md: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(md.get("metadata") or {})
+
+
+def owner_labels(md: Mapping[str, Any]) -> dict[str, str]:
+    """Labels every child of the ModelDeployment carries (selects all of its serving pods)."""
+    return {
+        LABEL_OWNER: _meta(md)["name"],
+        LABEL_KIND: KIND,
+        LABEL_COMPONENT: COMPONENT,
+    }
+
+
+def revision_labels(md: Mapping[str, Any], revision: str) -> dict[str, str]:
+    """Labels of one revision's pods (and its Deployment's immutable selector)."""
+    return {**owner_labels(md), LABEL_REVISION: revision}
+
+
+def _object_meta(md: Mapping[str, Any], name: str, labels: Mapping[str, str]) -> dict[str, Any]:
+    meta = _meta(md)
+    out: dict[str, Any] = {"name": name, "labels": {**labels, LABEL_MANAGED_BY: "kubetune"}}
+    if meta.get("namespace"):
+        out["namespace"] = meta["namespace"]
+    # Garbage collection through ownerReferences when the parent came from an API server (it
+    # has a uid); the local runtime's manifests have none and need none.
+    if meta.get("uid"):
+        out["ownerReferences"] = [
+            {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": meta["name"],
+                "uid": meta["uid"],
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+    return out
+
+
+def server_env(md: Mapping[str, Any], revision: Revision) -> list[dict[str, Any]]:
+    """The server container's environment (docs/contracts.md, "Server pod environment")."""
+    spec = _spec(md)
+    env: list[dict[str, Any]] = [
+        {"name": "KUBETUNE_MODEL_URI", "value": revision.model_uri},
+        {"name": "KUBETUNE_MODEL_NAME", "value": revision.model_name},
+        {"name": "KUBETUNE_REVISION", "value": revision.name},
+        {"name": "KUBETUNE_SERVER_CONFIG", "value": json.dumps(spec.server.dump(), sort_keys=True)},
+        {"name": "KUBETUNE_CACHE_DIR", "value": CACHE_DIR},
+        {"name": "KUBETUNE_PORT", "value": str(spec.server.port)},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/hf"},
+    ]
+    if revision.adapter_uri:
+        env.append({"name": "KUBETUNE_ADAPTER_URI", "value": revision.adapter_uri})
+    if revision.adapter_digest:
+        env.append({"name": "KUBETUNE_ADAPTER_DIGEST", "value": revision.adapter_digest})
+    storage = spec.storage
+    if storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
+    if storage.region:
+        env.append({"name": "AWS_REGION", "value": storage.region})
+    if storage.credentials_secret:
+        # Keys only ever come from the Secret (DESIGN.md, storage): never inline in a spec.
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            env.append(
+                {
+                    "name": key,
+                    "valueFrom": {"secretKeyRef": {"name": storage.credentials_secret, "key": key}},
+                }
+            )
+    # User extras last, so a drill can override a default (last duplicate wins in Kubernetes).
+    env.extend({"name": e.name, "value": e.value} for e in spec.server.env)
+    return env
+
+
+def build_server_deployment(
+    md: Mapping[str, Any],
+    revision: Revision,
+    *,
+    role: str,
+    image: str | None = None,
+    replicas: int | None = None,
+) -> dict[str, Any]:
+    """apps/v1 Deployment ``<mdep>-<revision>`` running the inference server for one revision.
+
+    ``replicas`` defaults to ``spec.replicas``; the state machine sizes canaries itself
+    (``weights.canary_replicas``). ``image`` defaults to the revision's (``spec.server.image``).
+    """
+    spec = _spec(md)
+    name = resource_name(_meta(md)["name"], revision.name)
+    pod_labels = revision_labels(md, revision.name)
+    res = spec.resources
+    requests: dict[str, str] = {"cpu": res.cpu, "memory": res.memory}
+    limits: dict[str, str] = {"memory": res.memory}
+    if res.gpus:
+        requests["nvidia.com/gpu"] = str(res.gpus)
+        limits["nvidia.com/gpu"] = str(res.gpus)
+    http_get = {"port": PORT_NAME}
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": image or revision.image,
+        "command": ["python", "-m", "kubetune_server"],
+        "env": server_env(md, revision),
+        "ports": [{"name": PORT_NAME, "containerPort": spec.server.port, "protocol": "TCP"}],
+        "resources": {"requests": requests, "limits": limits},
+        "startupProbe": {
+            "httpGet": {**http_get, "path": "/healthz"},
+            "periodSeconds": STARTUP_PERIOD,
+            "failureThreshold": STARTUP_FAILURES,
+        },
+        "livenessProbe": {
+            "httpGet": {**http_get, "path": "/healthz"},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "readinessProbe": {
+            "httpGet": {**http_get, "path": "/readyz"},
+            "periodSeconds": 2,
+            "failureThreshold": 2,
+        },
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": "cache", "mountPath": CACHE_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumes": [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+        # In-flight generations finish; the router already stopped sending (weight 0 first).
+        "terminationGracePeriodSeconds": 30,
+        "enableServiceLinks": False,
+    }
+    if spec.storage.service_account_name:
+        pod_spec["serviceAccountName"] = spec.storage.service_account_name
+    if res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        pod_spec["tolerations"] = [t.dump() for t in res.tolerations]
+    if res.priority_class_name:
+        pod_spec["priorityClassName"] = res.priority_class_name
+    metadata = _object_meta(md, name, {**pod_labels, LABEL_ROLE: role})
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata,
+        "spec": {
+            "replicas": spec.replicas if replicas is None else replicas,
+            "selector": {"matchLabels": pod_labels},
+            "progressDeadlineSeconds": spec.rollout.progress_deadline_seconds,
+            "revisionHistoryLimit": 2,
+            # Never below the desired count while a revision's own pods roll (node drains,
+            # image bumps do not apply: a new image is a new revision).
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "template": {
+                "metadata": {
+                    "labels": pod_labels,
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(spec.server.port),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def build_revision_service(md: Mapping[str, Any], revision: str) -> dict[str, Any]:
+    """Service ``<mdep>-<revision>`` selecting one revision's pods (an HTTPRoute backend)."""
+    spec = _spec(md)
+    name = resource_name(_meta(md)["name"], revision)
+    labels = revision_labels(md, revision)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _object_meta(md, name, labels),
+        "spec": {
+            "selector": labels,
+            "ports": [
+                {
+                    "name": PORT_NAME,
+                    "port": spec.traffic.port,
+                    "targetPort": PORT_NAME,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def build_stable_service(md: Mapping[str, Any]) -> dict[str, Any]:
+    """Service ``<mdep>`` over the pods of every revision of this ModelDeployment.
+
+    In ``replicas`` mode this is how traffic is split: kube-proxy spreads connections over the
+    ready endpoints of both revisions, so the canary's share is its share of ready pods (see
+    ``kubetune.rollout.weights``). In ``gatewayAPI`` mode the HTTPRoute carries the split and
+    this Service is only the in-cluster name.
+    """
+    spec = _spec(md)
+    labels = owner_labels(md)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _object_meta(md, _meta(md)["name"], labels),
+        "spec": {
+            "selector": labels,
+            "ports": [
+                {
+                    "name": PORT_NAME,
+                    "port": spec.traffic.port,
+                    "targetPort": PORT_NAME,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def build_pdb(md: Mapping[str, Any], revision: str) -> dict[str, Any]:
+    """policy/v1 PodDisruptionBudget ``<mdep>-<revision>``: voluntary evictions one pod at a time.
+
+    ``maxUnavailable: 1`` rather than ``minAvailable``: a single-replica revision must not block
+    node drains forever.
+    """
+    labels = revision_labels(md, revision)
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _object_meta(md, resource_name(_meta(md)["name"], revision), labels),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels}},
+    }
+
+
+def build_httproute(md: Mapping[str, Any], weights: Mapping[str, int]) -> dict[str, Any]:
+    """gateway.networking.k8s.io/v1 HTTPRoute ``<mdep>`` with one weighted backendRef per revision.
+
+    ``weights`` maps revision -> weight (``weights.traffic_weights``). A weight of 0 keeps the
+    backend listed with weight 0: the Gateway stops sending to it at once, and the revision's
+    Service stays referenced until its pods are gone.
+    """
+    spec = _spec(md)
+    meta = _meta(md)
+    parent_refs = []
+    for ref in spec.traffic.parent_refs:
+        entry: dict[str, Any] = {
+            "group": "gateway.networking.k8s.io",
+            "kind": "Gateway",
+            "name": ref.name,
+        }
+        if ref.namespace:
+            entry["namespace"] = ref.namespace
+        if ref.section_name:
+            entry["sectionName"] = ref.section_name
+        parent_refs.append(entry)
+    backends = [
+        {
+            "kind": "Service",
+            "name": resource_name(meta["name"], rev),
+            "port": spec.traffic.port,
+            "weight": int(w),
+        }
+        for rev, w in sorted(weights.items())
+    ]
+    route_spec: dict[str, Any] = {
+        "parentRefs": parent_refs,
+        "rules": [
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/"}}], "backendRefs": backends}
+        ],
+    }
+    if spec.traffic.hostnames:
+        route_spec["hostnames"] = list(spec.traffic.hostnames)
+    return {
+        "apiVersion": GATEWAY_API_VERSION,
+        "kind": "HTTPRoute",
+        "metadata": _object_meta(md, meta["name"], owner_labels(md)),
+        "spec": route_spec,
+    }

@@ -1,0 +1,954 @@
+"""The ModelDeployment rollout state machine: ``step(md, observed, now) -> Step``.
+
+One pure decision function shared by the operator and the local runtime (docs/contracts.md,
+"Shared Python interfaces"). It takes the object (metadata, spec, the status written by the
+previous step), what the runtime observed right now (the resolved model source, each revision's
+readiness and cumulative metric counters) and the time, and returns the complete new status
+plus the actions to take, in the order to take them. Everything the machine needs to remember
+lives in ``status`` (the canary, the step index, when it started, the analysis baseline, the
+revisions being retired), so an operator restart mid-rollout simply continues, and replaying the
+same input gives the same output (idempotent on Kopf's ADDED replays).
+
+The recipe (reads like Argo Rollouts' ``rolloutCanary()``):
+
+1. Resolve the model. Nothing resolvable and nothing serving: Pending (or Degraded when the
+   FineTuneJob failed). A canary whose desired revision went away is retired.
+2. No stable yet: the first revision is deployed straight as stable.
+3. Desired revision == stable: steady state, Healthy when available.
+4. Desired revision was rejected before: hold at stable, phase RolledBack, until the spec changes.
+5. Otherwise canary: start it (or restart it when the spec changed mid-rollout), wait for its
+   pods, then walk the steps. Analysis runs in the background on every interval while the canary
+   takes traffic; analysis steps wait for N successful intervals. Failure, crash-looping pods, a
+   progress deadline or an abort annotation roll back: weight 0 FIRST, then the pods go after
+   ``scaleDownDelaySeconds``. After the last step the canary is scaled to full size, then
+   promoted: it becomes stable, the old stable's weight goes to 0, then its pods go.
+
+Fast failure: a pass needs a whole interval, but a failure does not. Between intervals the
+machine re-checks the partial interval every ``check period`` and fails early when it is
+statistically certain (99% Wilson lower bound) that the canary's error rate is above the
+limit. That turns "rollback after interval x failureLimit" (Flagger: 5 minutes by default)
+into seconds for a canary that returns errors, without failing a healthy canary on noise.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubetune.api import conditions as cond
+from kubetune.api.common import ANNOTATION_ABORT, ANNOTATION_PAUSE, ANNOTATION_PROMOTE
+from kubetune.api.conditions import Reason
+from kubetune.api.modeldeployment import ModelDeploymentSpec
+from kubetune.rollout import analysis as an
+from kubetune.rollout import weights as wt
+from kubetune.rollout.builders import ROLE_CANARY, ROLE_STABLE
+from kubetune.rollout.revisions import ModelProblem, Revision
+
+# How many analysis results status keeps (newest last); failureLimit counts within them.
+MAX_ANALYSIS_RESULTS = 30
+MAX_REJECTED = 10
+# Requeue periods (seconds).
+STEADY_REQUEUE = 30.0
+WAIT_REQUEUE = 2.0
+# z of a one-sided 99% bound: the fast-fail check must be sure, not just suspicious.
+FAST_FAIL_Z = 2.326
+# Event types.
+NORMAL = "Normal"
+WARNING = "Warning"
+
+
+# --- inputs ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RevisionObservation:
+    """What a runtime sees of one revision's pods right now."""
+
+    replicas: int = 0
+    ready_replicas: int = 0
+    available: bool = False
+    # Set when the pods will not become ready by waiting: CrashLoopBackOff, ImagePullBackOff,
+    # the Deployment's ProgressDeadlineExceeded. ``failure_reason`` is a Reason constant.
+    failure: str | None = None
+    failure_reason: str | None = None
+    # Built-in provider: cumulative counters summed over the revision's pods (None: not scraped).
+    counters: an.RevisionCounters | None = None
+    scrape_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything a runtime observed for one step (see the module docstring)."""
+
+    model: Revision | ModelProblem
+    revisions: Mapping[str, RevisionObservation] = field(default_factory=dict)
+    # Resolved traffic mode: weights.GATEWAY_API, weights.REPLICAS or weights.LOCAL.
+    mode: str = wt.REPLICAS
+    # Prometheus provider: each revision's figures over the interval ending now.
+    interval_metrics: Mapping[str, an.IntervalMetrics] | None = None
+    # None: read kubetune.io/promote|abort|pause from md.metadata.annotations.
+    annotations: Mapping[str, str] | None = None
+
+    @property
+    def resolved_revision(self) -> str | None:
+        """The hash of the revision the spec asks for, None while unresolvable."""
+        return self.model.name if isinstance(self.model, Revision) else None
+
+
+# --- outputs -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnsureRevision:
+    """Make revision's Deployment exist with ``replicas`` pods (create from ``source`` when absent)."""
+
+    revision: str
+    replicas: int
+    role: str = ROLE_CANARY
+    source: Revision | None = None
+
+
+@dataclass(frozen=True)
+class SetWeights:
+    """Route ``stable``/``canary`` percent; ``weights`` is the full revision -> weight map."""
+
+    stable: int
+    canary: int
+    weights: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeleteRevision:
+    """Remove a revision's Deployment, Service and PDB (its weight is already 0)."""
+
+    revision: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event about the ModelDeployment (``type`` Normal or Warning)."""
+
+    type: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Requeue:
+    """Run ``step`` again after this many seconds (or earlier on any change)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RemoveAnnotation:
+    """A one-shot annotation (promote, abort) was acted on: remove it from the object."""
+
+    key: str
+
+
+Action = EnsureRevision | SetWeights | DeleteRevision | Event | Requeue | RemoveAnnotation
+
+
+@dataclass(frozen=True)
+class Step:
+    """The complete new status and the actions, in execution order."""
+
+    status: dict[str, Any]
+    actions: list[Action]
+
+    def of(self, kind: type) -> list[Any]:
+        """Actions of one type (tests, executors)."""
+        return [a for a in self.actions if isinstance(a, kind)]
+
+
+# --- time helpers ------------------------------------------------------------------------
+
+
+def format_time(now: datetime.datetime) -> str:
+    """RFC 3339 in UTC with milliseconds (analysis intervals can be short)."""
+    return (
+        now.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        + f"{now.microsecond // 1000:03d}Z"
+    )
+
+
+def parse_time(text: str | None) -> datetime.datetime | None:
+    """Inverse of ``format_time`` (also accepts seconds precision); None for None."""
+    if not text:
+        return None
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _revision_status(rev: Revision) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "name": rev.name,
+        "modelUri": rev.model_uri,
+        "modelName": rev.model_name,
+        "image": rev.image,
+    }
+    if rev.adapter_uri:
+        out["adapterUri"] = rev.adapter_uri
+    if rev.adapter_digest:
+        out["adapterDigest"] = rev.adapter_digest
+    if rev.fine_tune_job:
+        out["fineTuneJob"] = rev.fine_tune_job
+    return out
+
+
+def revision_from_status(data: Mapping[str, Any], mdep_name: str) -> Revision:
+    """Rebuild a Revision from status.stable / status.canary (to recreate a lost Deployment)."""
+    return Revision(
+        name=data["name"],
+        model_uri=data.get("modelUri") or "",
+        adapter_uri=data.get("adapterUri"),
+        adapter_digest=data.get("adapterDigest"),
+        fine_tune_job=data.get("fineTuneJob"),
+        model_name=data.get("modelName") or mdep_name,
+        image=data.get("image") or "",
+    )
+
+
+def wilson_lower(errors: float, total: float, z: float = FAST_FAIL_Z) -> float:
+    """Lower bound of the Wilson score interval of an error proportion (0 when no data)."""
+    if total <= 0:
+        return 0.0
+    p = errors / total
+    denom = 1 + z * z / total
+    centre = p + z * z / (2 * total)
+    margin = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
+    return max(0.0, (centre - margin) / denom)
+
+
+# --- the machine ---------------------------------------------------------------------------
+
+
+class _Run:
+    """One step's working state: the status being built and the actions collected so far."""
+
+    def __init__(self, md: Mapping[str, Any], observed: Observed, now: datetime.datetime) -> None:
+        self.md = md
+        self.meta = md.get("metadata") or {}
+        self.name = self.meta["name"]
+        self.generation = self.meta.get("generation")
+        self.spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
+        self.old = md.get("status") or {}
+        self.st: dict[str, Any] = copy.deepcopy(dict(self.old))
+        self.obs = observed
+        self.now = now
+        self.ts = format_time(now)
+        annotations = (
+            observed.annotations
+            if observed.annotations is not None
+            else (self.meta.get("annotations") or {})
+        )
+        self.promote = (annotations.get(ANNOTATION_PROMOTE) or "").lower()
+        self.abort = (annotations.get(ANNOTATION_ABORT) or "").lower() in ("true", "1", "yes")
+        self.pause = (annotations.get(ANNOTATION_PAUSE) or "").lower() in ("true", "1", "yes")
+        self.has_promote = self.promote in ("true", "1", "yes", "full")
+        self.has_abort_annotation = ANNOTATION_ABORT in annotations
+        self.has_promote_annotation = ANNOTATION_PROMOTE in annotations
+        # Action buckets, concatenated in this order: scale up and create, route, scale down,
+        # delete, tell. Weight changes always precede any scale-down or deletion.
+        self.ups: list[Action] = []
+        self.route: list[Action] = []
+        self.downs: list[Action] = []
+        self.deletes: list[Action] = []
+        self.events: list[Action] = []
+        self.requeues: list[float] = []
+        self.phase = "Pending"
+        self.reason = Reason.PENDING
+        self.message = ""
+        self.canary_weight = 0  # requested canary weight after this step
+        self.interval = an.parse_duration(self.spec.rollout.analysis.interval)
+        self.deadline = float(self.spec.rollout.progress_deadline_seconds)
+
+    # --- small helpers ------------------------------------------------------------------
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.events.append(Event(type_, reason, message))
+
+    def requeue(self, seconds: float) -> None:
+        self.requeues.append(max(0.05, seconds))
+
+    def since(self, text: str | None) -> float:
+        start = parse_time(text)
+        return (self.now - start).total_seconds() if start else 0.0
+
+    def rev_obs(self, name: str | None) -> RevisionObservation:
+        return self.obs.revisions.get(name or "", RevisionObservation())
+
+    @property
+    def mode(self) -> str:
+        return self.obs.mode
+
+    def stable(self) -> dict[str, Any] | None:
+        return self.st.get("stable")
+
+    def canary(self) -> dict[str, Any] | None:
+        return self.st.get("canary")
+
+    # --- retiring ----------------------------------------------------------------------
+
+    def retire(self, name: str, reason: str) -> None:
+        """Take a revision out of traffic now; its pods go after scaleDownDelaySeconds."""
+        retiring = [r for r in self.st.get("retiring") or [] if r["name"] != name]
+        retiring.append({"name": name, "reason": reason, "zeroWeightSince": self.ts})
+        self.st["retiring"] = retiring
+
+    def unretire(self, name: str) -> None:
+        self.st["retiring"] = [r for r in self.st.get("retiring") or [] if r["name"] != name]
+
+    def process_retiring(self) -> None:
+        delay = float(self.spec.rollout.scale_down_delay_seconds)
+        keep = []
+        for r in self.st.get("retiring") or []:
+            waited = self.since(r.get("zeroWeightSince"))
+            if waited >= delay:
+                self.deletes.append(DeleteRevision(r["name"], r.get("reason", "")))
+                continue
+            if self.mode not in wt.EXACT_MODES:
+                # Replica splitting has no router: weight 0 means no pods behind the Service.
+                self.downs.append(EnsureRevision(r["name"], 0, ROLE_CANARY))
+            self.requeue(delay - waited)
+            keep.append(r)
+        self.st["retiring"] = keep
+
+    # --- transitions ---------------------------------------------------------------------
+
+    def start_canary(self, target: Revision, superseded: str | None) -> None:
+        if superseded:
+            self.retire(superseded, "Superseded")
+            self.event(
+                NORMAL,
+                "Superseded",
+                f"canary {superseded} superseded by {target.name} (spec changed)",
+            )
+        self.unretire(target.name)
+        self.st["canary"] = _revision_status(target)
+        self.st["currentStepIndex"] = 0
+        self.st["canaryStartedAt"] = self.ts
+        self.st["stepStartedAt"] = self.ts
+        self.st["analysisBaseline"] = None
+        self.st["paused"] = None
+        self.st["weights"] = {**(self.st.get("weights") or {}), "requestedCanary": 0}
+        self.event(
+            NORMAL,
+            Reason.CANARY_PROGRESSING,
+            f"canary {target.name} started next to stable {self.stable()['name']}",
+        )
+
+    def rollback(self, reason: str, message: str) -> None:
+        """Weight to 0 first (SetWeights below), then pods after the delay; record rejection."""
+        canary = self.canary()
+        assert canary is not None
+        name = canary["name"]
+        self.retire(name, Reason.ROLLED_BACK)
+        rejected = [r for r in self.st.get("rejectedRevisions") or [] if r["name"] != name]
+        rejected.append({"name": name, "reason": f"{reason}: {message}", "time": self.ts})
+        self.st["rejectedRevisions"] = rejected[-MAX_REJECTED:]
+        self.clear_canary()
+        self.canary_weight = 0
+        self.event(WARNING, Reason.ROLLED_BACK, f"canary {name} rolled back ({reason}): {message}")
+        self.phase, self.reason = "RolledBack", reason
+        self.message = f"canary {name} rolled back: {message}; stable {self.stable()['name']} serves all traffic"
+
+    def promote_canary(self, why: str) -> None:
+        canary = self.canary()
+        old = self.stable()
+        assert canary is not None and old is not None
+        self.st["stable"] = {
+            k: v for k, v in canary.items() if k not in ("readyReplicas", "replicas")
+        }
+        self.retire(old["name"], Reason.PROMOTED)
+        self.clear_canary()
+        self.canary_weight = 0
+        self.event(
+            NORMAL,
+            Reason.PROMOTED,
+            f"canary {canary['name']} promoted to stable ({why}); {old['name']} retired",
+        )
+        self.phase, self.reason = "Healthy", Reason.PROMOTED
+        self.message = f"revision {canary['name']} promoted ({why})"
+
+    def clear_canary(self) -> None:
+        for key in (
+            "canary",
+            "currentStepIndex",
+            "stepStartedAt",
+            "canaryStartedAt",
+            "analysisBaseline",
+            "paused",
+        ):
+            self.st[key] = None
+
+    # --- the recipe -------------------------------------------------------------------------
+
+    def run(self) -> Step:
+        model = self.obs.model
+        if isinstance(model, ModelProblem):
+            self.unresolved(model)
+        else:
+            self.st["conditions"] = cond.set_condition(
+                self.st.get("conditions") or [],
+                cond.MODEL_RESOLVED,
+                True,
+                Reason.MODEL_RESOLVED,
+                f"serving {model.adapter_uri or model.model_uri}",
+                self.ts,
+                self.generation,
+            )
+            stable = self.stable()
+            rejected = {r["name"] for r in self.st.get("rejectedRevisions") or []}
+            if stable is None:
+                self.first_deploy(model)
+            elif model.name == stable["name"]:
+                self.cancel_canary("spec reverted to the stable revision")
+                self.steady()
+            elif model.name in rejected and (self.canary() or {}).get("name") != model.name:
+                self.cancel_canary("spec changed to a rejected revision")
+                self.hold_rejected(model)
+            else:
+                self.canary_rollout(model)
+        self.consume_annotations()
+        return self.finish()
+
+    def unresolved(self, problem: ModelProblem) -> None:
+        self.st["conditions"] = cond.set_condition(
+            self.st.get("conditions") or [],
+            cond.MODEL_RESOLVED,
+            False,
+            problem.reason,
+            problem.message,
+            self.ts,
+            self.generation,
+        )
+        self.cancel_canary("the desired model cannot be resolved")
+        stable = self.stable()
+        if stable is not None:
+            self.ensure_stable()
+        self.phase = "Degraded" if problem.terminal else "Pending"
+        self.reason = problem.reason
+        self.message = problem.message + (
+            f"; stable {stable['name']} keeps serving" if stable else "; nothing deployed"
+        )
+        self.requeue(STEADY_REQUEUE)
+
+    def cancel_canary(self, why: str) -> None:
+        canary = self.canary()
+        if canary is None:
+            return
+        self.retire(canary["name"], "Superseded")
+        self.event(NORMAL, "Superseded", f"canary {canary['name']} stopped: {why}")
+        self.clear_canary()
+
+    def ensure_stable(self) -> RevisionObservation:
+        stable = self.stable()
+        assert stable is not None
+        src = (
+            self.obs.model
+            if isinstance(self.obs.model, Revision) and self.obs.model.name == stable["name"]
+            else None
+        )
+        self.ups.append(
+            EnsureRevision(
+                stable["name"],
+                self.spec.replicas,
+                ROLE_STABLE,
+                src or revision_from_status(stable, self.name),
+            )
+        )
+        obs = self.rev_obs(stable["name"])
+        stable["readyReplicas"] = obs.ready_replicas
+        stable["replicas"] = self.spec.replicas
+        return obs
+
+    def first_deploy(self, target: Revision) -> None:
+        self.st["stable"] = _revision_status(target)
+        if not self.old.get("stable"):
+            self.st["stepStartedAt"] = self.ts
+            self.event(
+                NORMAL, Reason.DEPLOYING, f"deploying first revision {target.name} as stable"
+            )
+        self.steady()
+
+    def steady(self) -> None:
+        obs = self.ensure_stable()
+        stable = self.stable()
+        assert stable is not None
+        first = (
+            not self.old.get("stable")
+            or self.old.get("phase") in (None, "Pending", "Progressing")
+            and not self.old.get("canary")
+        )
+        if obs.available or self.spec.replicas == 0:
+            self.phase, self.reason = "Healthy", Reason.STABLE_READY
+            self.message = f"revision {stable['name']} serving ({obs.ready_replicas}/{self.spec.replicas} ready)"
+            if self.old.get("phase") != "Healthy" and first:
+                self.event(NORMAL, Reason.STABLE_READY, self.message)
+            self.st["stepStartedAt"] = None
+            self.requeue(STEADY_REQUEUE)
+            return
+        started = self.st.get("stepStartedAt")
+        if first and (obs.failure is None) and self.since(started) <= self.deadline:
+            self.phase, self.reason = "Progressing", Reason.DEPLOYING
+            self.message = f"waiting for revision {stable['name']} ({obs.ready_replicas}/{self.spec.replicas} ready)"
+            self.requeue(WAIT_REQUEUE)
+            return
+        self.phase = "Degraded"
+        self.reason = obs.failure_reason or (
+            Reason.DEADLINE_EXCEEDED if first else Reason.STABLE_NOT_READY
+        )
+        detail = obs.failure or f"{obs.ready_replicas}/{self.spec.replicas} pods ready"
+        self.message = f"stable revision {stable['name']} is not available: {detail}"
+        if self.old.get("phase") != "Degraded":
+            self.event(WARNING, self.reason, self.message)
+        self.requeue(WAIT_REQUEUE * 5)
+
+    def hold_rejected(self, target: Revision) -> None:
+        self.steady()
+        rejected = next(r for r in self.st["rejectedRevisions"] if r["name"] == target.name)
+        if self.phase == "Healthy":
+            self.phase, self.reason = "RolledBack", Reason.ROLLED_BACK
+            self.message = (
+                f"revision {target.name} was rolled back ({rejected['reason']}); "
+                f"stable {self.stable()['name']} serves; change the spec to try again"
+            )
+
+    # --- canary ---------------------------------------------------------------------------
+
+    def canary_rollout(self, target: Revision) -> None:
+        canary = self.canary()
+        if canary is None or canary["name"] != target.name:
+            self.start_canary(target, canary["name"] if canary else None)
+        canary = self.canary()
+        assert canary is not None
+        self.canary_weight = int((self.st.get("weights") or {}).get("requestedCanary") or 0)
+        stable_obs = self.ensure_stable()
+        del stable_obs
+        obs = self.rev_obs(canary["name"])
+        canary["readyReplicas"] = obs.ready_replicas
+
+        if self.abort:
+            self.rollback(Reason.ABORTED, f"aborted through the {ANNOTATION_ABORT} annotation")
+            return
+        if obs.failure:
+            self.rollback(obs.failure_reason or Reason.CANARY_CRASHLOOP, obs.failure)
+            return
+        if self.promote == "full":
+            self.finish_promotion(target, "promoted through the annotation")
+            return
+
+        # Background analysis: every interval while the canary takes traffic.
+        if self.canary_weight > 0 and self.analyse(canary["name"]):
+            return  # rolled back
+        self.walk_steps(target, obs)
+        canary = self.canary()
+        if (
+            canary is not None
+            and self.canary_weight > 0
+            and self.st.get("analysisBaseline") is None
+        ):
+            # The weight changed in this step: the next interval starts now.
+            self.rebaseline(canary["name"], (self.stable() or {}).get("name"))
+            self.requeue(self.check_period())
+
+    def walk_steps(self, target: Revision, obs: RevisionObservation) -> None:
+        """Walk the rollout steps from the current index as far as they go in this step."""
+        canary = self.canary()
+        assert canary is not None
+        steps = self.spec.rollout.steps
+        idx = int(self.st.get("currentStepIndex") or 0)
+        if obs.ready_replicas < 1:
+            canary["replicas"] = self.size_for(max(self.canary_weight, 0))
+            self.ups.append(EnsureRevision(canary["name"], canary["replicas"], ROLE_CANARY, target))
+            if self.since(self.st.get("canaryStartedAt")) > self.deadline:
+                self.rollback(
+                    Reason.DEADLINE_EXCEEDED,
+                    f"canary pods not ready within progressDeadlineSeconds ({int(self.deadline)}s)",
+                )
+                return
+            self.progressing(f"waiting for canary {canary['name']} pods to be ready")
+            self.requeue(WAIT_REQUEUE)
+            return
+
+        while idx < len(steps):
+            step = steps[idx]
+            if self.pause and not self.has_promote:
+                self.st["paused"] = True
+                self.phase, self.reason = "Paused", Reason.CANARY_PAUSED
+                self.message = f"paused through the {ANNOTATION_PAUSE} annotation at step {idx}"
+                self.keep_canary_size(target)
+                self.requeue(STEADY_REQUEUE if self.canary_weight == 0 else self.check_period())
+                return
+            if step.set_weight is not None:
+                need = self.size_for(step.set_weight)
+                canary["replicas"] = max(need, int(canary.get("replicas") or 0))
+                self.ups.append(
+                    EnsureRevision(canary["name"], canary["replicas"], ROLE_CANARY, target)
+                )
+                if self.mode in wt.EXACT_MODES and obs.ready_replicas < need:
+                    # Never send an exact weight to pods that are not there yet.
+                    if self.stalled():
+                        return
+                    self.progressing(
+                        f"scaling canary to {need} pods for {step.set_weight}% (step {idx})"
+                    )
+                    self.requeue(WAIT_REQUEUE)
+                    return
+                self.canary_weight = step.set_weight
+                self.st["analysisBaseline"] = None  # the traffic mix changed: new interval
+                idx = self.advance(idx, f"weight {step.set_weight}%")
+                continue
+            if step.pause is not None:
+                if step.pause.duration:
+                    left = an.parse_duration(step.pause.duration) - self.since(
+                        self.st.get("stepStartedAt")
+                    )
+                    if left > 0 and self.has_promote:
+                        self.consume_promote = True
+                    elif left > 0:
+                        self.keep_canary_size(target)
+                        self.progressing(f"pausing {step.pause.duration} at step {idx}")
+                        self.requeue(min(left, self.check_period()) if self.canary_weight else left)
+                        return
+                    idx = self.advance(idx, "pause over")
+                    continue
+                if self.has_promote:
+                    self.consume_promote = True
+                    self.st["paused"] = None
+                    idx = self.advance(idx, "resumed through the promote annotation")
+                    continue
+                self.st["paused"] = True
+                self.phase, self.reason = "Paused", Reason.CANARY_PAUSED
+                self.message = f"paused at step {idx} until {ANNOTATION_PROMOTE}=true"
+                self.keep_canary_size(target)
+                self.requeue(self.check_period() if self.canary_weight else STEADY_REQUEUE)
+                return
+            # analysis step
+            assert step.analysis is not None
+            results = [
+                r
+                for r in self.st.get("analysis") or []
+                if r.get("revision") == canary["name"]
+                and r.get("step") == idx
+                and (parse_time(r.get("time")) or self.now)
+                >= (parse_time(self.st.get("stepStartedAt")) or self.now)
+            ]
+            passed = sum(1 for r in results if r["phase"] == an.SUCCESSFUL)
+            if passed >= step.analysis.intervals:
+                idx = self.advance(idx, f"{passed} successful analysis intervals")
+                continue
+            streak = 0
+            for r in reversed(results):
+                if r["phase"] in (an.INCONCLUSIVE, an.ERROR):
+                    streak += 1
+                else:
+                    break
+            if self.has_promote:
+                self.consume_promote = True
+                idx = self.advance(idx, "analysis skipped through the promote annotation")
+                continue
+            self.keep_canary_size(target)
+            limit = self.spec.rollout.analysis.inconclusive_limit
+            if limit and streak >= limit:
+                self.st["paused"] = True
+                self.phase, self.reason = "Paused", Reason.ANALYSIS_INCONCLUSIVE
+                self.message = (
+                    f"{streak} inconclusive analysis intervals at step {idx}; "
+                    f"set {ANNOTATION_PROMOTE}=true to continue or {ANNOTATION_ABORT}=true to roll back"
+                )
+                if not (self.old.get("paused") and self.old.get("phase") == "Paused"):
+                    self.event(WARNING, Reason.ANALYSIS_INCONCLUSIVE, self.message)
+                self.requeue(self.check_period())
+                return
+            self.st["paused"] = None
+            if streak and self.stalled():
+                return
+            self.progressing(
+                f"analysis at step {idx}: {passed}/{step.analysis.intervals} intervals passed"
+            )
+            if self.canary_weight == 0:
+                self.analyse(canary["name"])
+            return
+        self.finish_promotion(target, "all steps passed")
+
+    def stalled(self) -> bool:
+        """Roll back when the current step made no progress within the progress deadline."""
+        if self.since(self.st.get("stepStartedAt")) <= self.deadline:
+            return False
+        self.rollback(
+            Reason.DEADLINE_EXCEEDED,
+            f"no progress at step {self.st.get('currentStepIndex')} within progressDeadlineSeconds ({int(self.deadline)}s)",
+        )
+        return True
+
+    def advance(self, idx: int, why: str) -> int:
+        self.st["currentStepIndex"] = idx + 1
+        self.st["stepStartedAt"] = self.ts
+        self.st["paused"] = None
+        self.event(NORMAL, Reason.CANARY_PROGRESSING, f"step {idx} done ({why})")
+        return idx + 1
+
+    def progressing(self, message: str) -> None:
+        self.phase, self.reason = "Progressing", Reason.CANARY_PROGRESSING
+        self.message = message
+
+    def size_for(self, weight: int) -> int:
+        return wt.canary_replicas(self.mode, self.spec.replicas, weight)
+
+    def keep_canary_size(self, target: Revision) -> None:
+        canary = self.canary()
+        assert canary is not None
+        size = max(self.size_for(self.canary_weight), int(canary.get("replicas") or 0))
+        canary["replicas"] = size
+        self.ups.append(EnsureRevision(canary["name"], size, ROLE_CANARY, target))
+
+    def check_period(self) -> float:
+        """How often the partial interval is re-checked for a fast failure."""
+        return max(0.5, min(self.interval, self.interval / 5))
+
+    def finish_promotion(self, target: Revision, why: str) -> None:
+        canary = self.canary()
+        assert canary is not None
+        obs = self.rev_obs(canary["name"])
+        full = max(self.spec.replicas, 1)
+        canary["replicas"] = full
+        self.ups.append(EnsureRevision(canary["name"], full, ROLE_STABLE, target))
+        if obs.ready_replicas < min(full, self.spec.replicas or 1):
+            # Scale the canary to full size BEFORE it takes all traffic.
+            self.st["currentStepIndex"] = len(self.spec.rollout.steps)
+            if self.stalled():
+                return
+            self.progressing(f"scaling canary {canary['name']} to {full} pods before promotion")
+            self.requeue(WAIT_REQUEUE)
+            return
+        if self.has_promote:
+            self.consume_promote = True
+        self.promote_canary(why)
+
+    # --- analysis ---------------------------------------------------------------------------
+
+    def analyse(self, canary: str) -> bool:
+        """Run due analysis; returns True when it rolled the canary back."""
+        spec = self.spec.rollout.analysis
+        stable = (self.stable() or {}).get("name")
+        base = self.st.get("analysisBaseline")
+        builtin = spec.provider == "builtin"
+        if base is None or (builtin and canary not in (base.get("revisions") or {})):
+            self.rebaseline(canary, stable)
+            self.requeue(self.check_period())
+            return False
+        elapsed = self.since(base.get("time"))
+        due = elapsed >= self.interval
+        measured = self.measure(base, canary, stable)
+        if isinstance(measured, str):
+            if not due:
+                self.requeue(self.check_period())
+                return False
+            verdict = an.Verdict(an.ERROR, measured, 0)
+        else:
+            verdict = an.evaluate(measured, spec)
+            if not due:
+                # Fast failure on a partial interval: only a statistically certain error rate.
+                c = measured.canary
+                errors = (c.error_rate or 0.0) * c.requests
+                if not (
+                    c.requests >= spec.min_samples
+                    and wilson_lower(errors, c.requests) > spec.thresholds.max_error_rate
+                ):
+                    self.requeue(min(self.check_period(), self.interval - elapsed))
+                    return False
+                verdict = an.Verdict(
+                    an.FAILED,
+                    f"{verdict.message} (fast failure: 99% certain within {elapsed:.1f}s)",
+                    verdict.samples,
+                    verdict.canary,
+                    verdict.stable,
+                )
+        self.record(verdict, canary)
+        self.rebaseline(canary, stable)
+        self.requeue(self.check_period())
+        if verdict.phase == an.FAILED:
+            failures = sum(
+                1
+                for r in self.st.get("analysis") or []
+                if r.get("revision") == canary and r["phase"] == an.FAILED
+            )
+            if failures >= spec.failure_limit:
+                self.rollback(Reason.ANALYSIS_FAILED, verdict.message)
+                return True
+            self.event(
+                WARNING,
+                Reason.ANALYSIS_FAILED,
+                f"analysis failed ({failures}/{spec.failure_limit}): {verdict.message}",
+            )
+        return False
+
+    def measure(
+        self, base: Mapping[str, Any], canary: str, stable: str | None
+    ) -> an.Measurement | str:
+        if self.spec.rollout.analysis.provider == "prometheus":
+            figures = self.obs.interval_metrics or {}
+            if canary not in figures:
+                return "no Prometheus figures for the canary"
+            return an.Measurement(self.ts, figures[canary], figures.get(stable or ""))
+        revs = base.get("revisions") or {}
+
+        def one(name: str | None) -> an.IntervalMetrics | str:
+            obs = self.rev_obs(name)
+            if obs.counters is None:
+                return f"could not scrape revision {name}: {obs.scrape_error or 'no ready pods'}"
+            before = an.RevisionCounters.from_dict(revs.get(name or "") or {})
+            got = an.interval(before, obs.counters)
+            return (
+                got
+                if got is not None
+                else f"counters of revision {name} went backwards (pod restart); interval discarded"
+            )
+
+        c = one(canary)
+        if isinstance(c, str):
+            return c
+        s = one(stable) if stable and stable in revs else None
+        return an.Measurement(self.ts, c, s if isinstance(s, an.IntervalMetrics) else None)
+
+    def rebaseline(self, canary: str, stable: str | None) -> None:
+        revisions = {}
+        for name in (canary, stable):
+            obs = self.rev_obs(name)
+            if name and obs.counters is not None:
+                revisions[name] = obs.counters.to_dict()
+        self.st["analysisBaseline"] = {"time": self.ts, "revisions": revisions}
+
+    def record(self, verdict: an.Verdict, canary: str) -> None:
+        entry: dict[str, Any] = {
+            "time": self.ts,
+            "phase": verdict.phase,
+            "samples": verdict.samples,
+            "message": verdict.message,
+            "revision": canary,
+            "step": int(self.st.get("currentStepIndex") or 0),
+        }
+        if verdict.canary:
+            entry["canary"] = verdict.canary
+        if verdict.stable:
+            entry["stable"] = verdict.stable
+        self.st["analysis"] = [*(self.st.get("analysis") or []), entry][-MAX_ANALYSIS_RESULTS:]
+
+    # --- annotations and the final status --------------------------------------------------
+
+    consume_promote = False
+
+    def consume_annotations(self) -> None:
+        # abort is one-shot: acted on (a canary existed) or not, it must not hit the next canary.
+        if self.has_abort_annotation:
+            self.events.append(RemoveAnnotation(ANNOTATION_ABORT))
+        # promote is one-shot when acted on; without a canary it is dropped too (same reason).
+        if self.has_promote_annotation and (self.consume_promote or self.canary() is None):
+            self.events.append(RemoveAnnotation(ANNOTATION_PROMOTE))
+
+    def finish(self) -> Step:
+        stable = self.stable()
+        canary = self.canary()
+        stable_name = stable["name"] if stable else None
+        canary_name = canary["name"] if canary else None
+        weights = wt.traffic_weights(stable_name, canary_name, self.canary_weight)
+        for r in self.st.get("retiring") or []:
+            weights.setdefault(r["name"], 0)
+        if stable_name or canary_name:
+            self.route.append(
+                SetWeights(
+                    weights.get(stable_name or "", 0), weights.get(canary_name or "", 0), weights
+                )
+            )
+        self.process_retiring()
+        ready = {name: self.rev_obs(name).ready_replicas for name in weights}
+        achieved = wt.achieved_canary_weight(self.mode, weights, canary_name, ready)
+        w: dict[str, Any] = {
+            "stable": 100 - achieved if stable_name else 0,
+            "canary": achieved,
+            "mode": self.mode,
+        }
+        if canary_name:
+            w["requestedCanary"] = self.canary_weight
+            warning = (
+                wt.weight_warning(self.canary_weight, achieved) if self.canary_weight else None
+            )
+            if warning:
+                w["warning"] = warning
+        self.st["weights"] = w if (stable_name or canary_name) else None
+
+        self.st["phase"] = self.phase
+        self.st["message"] = self.message
+        self.st["observedGeneration"] = self.generation
+        self.set_conditions()
+        status = {k: v for k, v in self.st.items() if v is not None and v != []}
+        if "analysis" not in status and self.st.get("analysis"):
+            status["analysis"] = self.st["analysis"]
+        actions: list[Action] = [*self.ups, *self.route, *self.downs, *self.deletes, *self.events]
+        if self.requeues:
+            actions.append(Requeue(round(min(self.requeues), 3)))
+        return Step(status, actions)
+
+    def set_conditions(self) -> None:
+        conds = self.st.get("conditions") or []
+        stable = self.stable()
+        stable_ok = bool(stable) and (
+            self.rev_obs(stable["name"]).available or self.spec.replicas == 0
+        )
+        if stable_ok:
+            conds = cond.set_condition(
+                conds,
+                cond.READY,
+                True,
+                Reason.STABLE_READY,
+                f"stable revision {stable['name']} is available",
+                self.ts,
+                self.generation,
+            )
+        else:
+            conds = cond.set_condition(
+                conds,
+                cond.READY,
+                False,
+                self.reason if not stable else Reason.STABLE_NOT_READY,
+                self.message,
+                self.ts,
+                self.generation,
+            )
+        progressing = self.phase in ("Progressing", "Paused")
+        conds = cond.set_condition(
+            conds,
+            cond.PROGRESSING,
+            progressing,
+            self.reason,
+            self.message,
+            self.ts,
+            self.generation,
+        )
+        degraded = self.phase in ("Degraded", "RolledBack")
+        conds = cond.set_condition(
+            conds,
+            cond.DEGRADED,
+            degraded,
+            self.reason if degraded else Reason.STABLE_READY,
+            self.message if degraded else "",
+            self.ts,
+            self.generation,
+        )
+        self.st["conditions"] = conds
+
+
+def step(md: Mapping[str, Any], observed: Observed, now: datetime.datetime) -> Step:
+    """Decide one reconcile of a ModelDeployment (see the module docstring).
+
+    ``md`` is the whole object (``metadata`` with name, generation and annotations; ``spec``;
+    ``status`` as the previous step wrote it). ``now`` must be timezone-aware.
+    """
+    return _Run(md, observed, now).run()
