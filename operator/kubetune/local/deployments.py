@@ -29,11 +29,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 
 from kubetune.local.containers import container_port, free_port, main_container, to_process
+from kubetune.local.jobs import kubelet_exit_code
 from kubetune.local.processes import Supervisor
 from kubetune.local.router import WeightedRouter
 from kubetune.local.store import Store, now_rfc3339
@@ -42,6 +44,9 @@ KIND = "ModelDeployment"
 
 # CrashLoopBackOff, compressed for a laptop: 1 s, 2 s, 4 s ... at most 20 s between restarts.
 BACKOFF_START_SECONDS = 1.0
+# Restarts after which a replica that is still not ready counts as crash-looping (a failure the
+# state machine acts on: a canary is rolled back, a stable is Degraded).
+CRASHLOOP_RESTARTS = 3
 BACKOFF_MAX_SECONDS = 20.0
 # A replica that stayed up this long has its back-off reset (the kubelet uses 10 minutes).
 BACKOFF_RESET_SECONDS = 60.0
@@ -133,11 +138,13 @@ class DeploymentDriver:
         await self._probe(state)
         self._apply_router(state)
         observed = await self._observe(obj, state, resolved)
-        decided = step(obj, observed, _now())
-        for action in decided.actions:
-            await self._act(obj, state, action)
-        self._apply_router(state)
+        decided = step(obj, observed, datetime.now(UTC))
+        # Status first, then act (as the operator does): the next step reads back what this
+        # one decided (a rejection recorded, a retiring revision's clock started).
         self.store.write_status(KIND, name, decided.status)
+        for action in decided.actions:
+            await self._act({**obj, "status": decided.status}, state, action)
+        self._apply_router(state)
 
     def settled(self, obj: dict[str, Any]) -> bool:
         """Settled: Healthy, RolledBack or Degraded for the current generation, nothing retiring."""
@@ -210,16 +217,20 @@ class DeploymentDriver:
     # --- processes (the kubelet + the Deployment controller) ---------------------------------
 
     async def _ensure_revision(
-        self, obj: dict[str, Any], state: MdepState, revision: Any, replicas: int, role: str
+        self,
+        obj: dict[str, Any],
+        state: MdepState,
+        source: Any,
+        rev_name: str,
+        replicas: int,
+        role: str,
     ) -> None:
         """Run ``replicas`` server processes of a revision's Deployment (scale up or down)."""
         from kubetune.rollout.builders import build_server_deployment
 
-        rev_name = _revision_name(revision)
         local = state.revisions.get(rev_name)
         if local is None:
-            spec_image = (obj.get("spec", {}).get("server") or {}).get("image")
-            manifest = _call_builder(build_server_deployment, obj, revision, role, spec_image)
+            manifest = build_server_deployment(obj, source, role=role, replicas=replicas)
             self.store.save_child(manifest)
             container = main_container(manifest)
             probe = ((container.get("readinessProbe") or {}).get("httpGet") or {}).get(
@@ -378,19 +389,71 @@ class DeploymentDriver:
     # --- observing / acting (glue to kubetune.rollout.machine) ---------------------------------
 
     async def _observe(self, obj: dict[str, Any], state: MdepState, resolved: Any) -> Any:
-        raise NotImplementedError  # filled in once kubetune.rollout.machine lands
+        """What the operator would observe: each revision's pods and counters, the router mode."""
+        from kubetune.api.conditions import Reason
+        from kubetune.rollout.machine import Observed, RevisionObservation
+        from kubetune.rollout.weights import LOCAL
+
+        revisions: dict[str, RevisionObservation] = {}
+        for rev_name, local in state.revisions.items():
+            ready = len(local.ready_replicas)
+            failure = failure_reason = None
+            crashing = [
+                r for r in local.replicas if r.restarts >= CRASHLOOP_RESTARTS and not r.ready
+            ]
+            if crashing:
+                worst = max(crashing, key=lambda r: r.restarts)
+                log = self.store.run_dir(worst.process_name) / "log.txt"
+                failure = (
+                    f"CrashLoopBackOff: server exited with code {kubelet_exit_code(worst.last_exit_code)} "
+                    f"{worst.restarts} times (log: {log}){_last_line(log)}"
+                )
+                failure_reason = Reason.CANARY_CRASHLOOP
+            counters, scrape_error = None, None
+            if ready:
+                try:
+                    counters = await self.scrape(state, rev_name)
+                except ValueError as exc:  # a malformed exposition: an analysis Error, not a crash
+                    scrape_error = str(exc)
+            revisions[rev_name] = RevisionObservation(
+                replicas=len(local.replicas),
+                ready_replicas=ready,
+                available=local.desired > 0 and ready >= local.desired,
+                failure=failure,
+                failure_reason=failure_reason,
+                counters=counters,
+                scrape_error=scrape_error,
+            )
+        return Observed(model=resolved, revisions=revisions, mode=LOCAL)
 
     async def _act(self, obj: dict[str, Any], state: MdepState, action: Any) -> None:
+        from kubetune.rollout.machine import revision_from_status
+
         kind = type(action).__name__
+        name = obj["metadata"]["name"]
         if kind == "EnsureRevision":
-            role = getattr(action, "role", None) or "canary"
-            await self._ensure_revision(obj, state, action.revision, action.replicas, role)
+            source = action.source
+            if source is None:
+                # Recreate a lost Deployment from what status remembers of the revision.
+                status = obj.get("status") or {}
+                for role in ("stable", "canary"):
+                    if (status.get(role) or {}).get("name") == action.revision:
+                        source = revision_from_status(status[role], name)
+            if source is None and action.revision not in state.revisions:
+                return
+            await self._ensure_revision(
+                obj, state, source, action.revision, action.replicas, action.role
+            )
         elif kind == "SetWeights":
-            state.weights = {k: v for k, v in _weights_of(action).items()}
+            state.weights = {str(k): int(v) for k, v in dict(action.weights).items()}
         elif kind == "DeleteRevision":
-            await self._delete_revision(state, _revision_name(action.revision))
+            await self._delete_revision(state, action.revision)
+        elif kind == "RemoveAnnotation":
+            # A one-shot annotation (promote, abort) was acted on, as `kubectl annotate key-`.
+            self.store.patch_annotations(KIND, name, {action.key: None})
         elif kind == "Event":
             self._event(obj, action)
+        # Requeue: the runtime reconciles every tick anyway.
 
     def _event(self, obj: dict[str, Any], action: Any) -> None:
         type_ = getattr(action, "type", "Normal")
@@ -410,27 +473,13 @@ class DeploymentDriver:
             self.on_event(KIND, name, type_, reason, message)
 
 
-def _revision_name(revision: Any) -> str:
-    return revision if isinstance(revision, str) else str(revision.name)
-
-
-def _weights_of(action: Any) -> dict[str, int]:
-    """revision -> weight from a SetWeights action."""
-    weights = getattr(action, "weights", None)
-    if isinstance(weights, dict):
-        return {str(k): int(v) for k, v in weights.items()}
-    out: dict[str, int] = {}
-    stable, canary = getattr(action, "stable", None), getattr(action, "canary", None)
-    for item in (stable, canary):
-        if isinstance(item, tuple) and item[0]:
-            out[str(item[0])] = int(item[1])
-    return out
-
-
-def _call_builder(
-    builder: Any, obj: dict[str, Any], revision: Any, role: str, image: str | None
-) -> dict[str, Any]:
-    return builder(obj, revision, role=role, image=image)
+def _last_line(log: Any) -> str:
+    """``: <last line of the log>`` (the crash reason, usually), or nothing."""
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return f": {lines[-1][-300:]}" if lines else ""
 
 
 def _read_json(path: Any) -> dict[str, Any]:
