@@ -321,4 +321,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--keep-serving", action="store_true", help="keep the final deployment up until Ctrl-C"
     )
+    p.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="only build the base model and dataset and write the manifests (examples/local uses /tmp/kubetune-local)",
+    )
     p.set_defaults(func=cmd_demo)

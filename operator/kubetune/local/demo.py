@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
 import sys
 import time
@@ -47,9 +48,9 @@ class DemoSettings:
     """Knobs of the story: the full demo and the lighter one the e2e tests run."""
 
     train_examples: int = 480
-    v1_steps: int = 40
-    v2_steps: int = 140
-    eval_every: int = 20
+    v1_steps: int = 80
+    v2_steps: int = 200
+    eval_every: int = 10
     batch_size: int = 16
     learning_rate: float = 3e-3
     analysis_interval: str = "5s"
@@ -81,7 +82,12 @@ class DemoSettings:
 
 def prepare(work: Path, settings: DemoSettings, say: Any = print) -> dict[str, Path]:
     """Build the base model and the datasets under ``work`` unless they are already there."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
     from kubetune_trainer import synthetic
+
+    hf_logging.disable_progress_bar()
 
     paths = {
         "base": work / "models" / "base",
@@ -149,8 +155,9 @@ def finetunejob(
                 "precision": "fp32",
                 "seed": seed,
             },
-            "evaluation": {"everySteps": settings.eval_every},
-            "checkpoint": {"everySteps": settings.eval_every * 2, "keepLast": 1},
+            # About eight evaluations per run: enough to watch the accuracy rise, cheap on CPU.
+            "evaluation": {"everySteps": max(settings.eval_every, steps // 8)},
+            "checkpoint": {"everySteps": max(settings.eval_every, steps // 8) * 2, "keepLast": 1},
             "output": {"uri": (work / "artifacts" / name).resolve().as_uri()},
             "resources": {"gpus": 0, "cpu": "1", "memory": "2Gi"},
             "retry": {"maxRestarts": 1, "backoffSeconds": 1},
@@ -202,6 +209,42 @@ def write_manifest(work: Path, filename: str, manifest: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(manifest, sort_keys=False))
     return path
+
+
+# --- examples/local -------------------------------------------------------------------------------
+
+# Where ``kubetune demo --prepare-only`` puts the model and data the examples/local manifests
+# name (file:// URIs must be absolute, so the examples fix one folder).
+EXAMPLES_WORK = Path("/tmp/kubetune-local")
+EXAMPLES_HEADER = (
+    "# Local runtime example (docs/local.md). Build the tiny base model and the dataset it names first:\n"
+    "#   kubetune demo --prepare-only --dir /tmp/kubetune-local\n"
+)
+
+
+def example_manifests(
+    work: Path = EXAMPLES_WORK, settings: DemoSettings | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """The files of examples/local/, rendered from the demo's own manifests (one source)."""
+    s = settings or DemoSettings()
+    paths = {"base": work / "models" / "base", "train": work / "data" / "train.jsonl"}
+    return {
+        "finetunejobs.yaml": [
+            finetunejob("assistant-v1", work, paths, s.v1_steps, s, seed=1),
+            finetunejob("assistant-v2", work, paths, s.v2_steps, s, seed=2),
+        ],
+        "modeldeployment.yaml": [modeldeployment("assistant-v1", s)],
+        "steps/canary.yaml": [modeldeployment("assistant-v2", s)],
+        "steps/broken.yaml": [modeldeployment("assistant-v2", s, fault=True)],
+    }
+
+
+def render_examples(work: Path = EXAMPLES_WORK) -> dict[str, str]:
+    """File name -> YAML text of examples/local/."""
+    return {
+        name: EXAMPLES_HEADER + "---\n".join(yaml.safe_dump(m, sort_keys=False) for m in docs)
+        for name, docs in example_manifests(work).items()
+    }
 
 
 # --- generated traffic -------------------------------------------------------------------------
@@ -302,7 +345,7 @@ class Summary:
 
     accuracy_history: dict[str, list[float]] = field(default_factory=dict)
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    revisions: list[dict[str, Any]] = field(default_factory=list)
+    revisions_seen: dict[str, str] = field(default_factory=dict)
     final_status: dict[str, Any] = field(default_factory=dict)
     traffic: dict[str, Any] = field(default_factory=dict)
     phases: list[tuple[str, float]] = field(default_factory=list)
@@ -326,6 +369,9 @@ class Story:
         self.traffic: Traffic | None = None
         self.started = time.monotonic()
         self.revision_roles: dict[str, str] = {}
+        self.traffic_stopped = False
+        # Requests the router still sent to a rolled-back revision after its rollback (must be 0).
+        self.requests_after_rollback: dict[str, int] = {}
 
     def say(self, text: str) -> None:
         """A line that stays above the progress bars."""
@@ -354,6 +400,7 @@ class Story:
             history = self.summary.accuracy_history.setdefault(ftj["metadata"]["name"], [])
             if acc is not None and (not history or history[-1] != acc):
                 history.append(acc)
+        self._remember_revisions()
         self.printer.update(progress_lines(self.store))
 
     async def wait(self, phase: str, until: Any) -> None:
@@ -468,33 +515,44 @@ class Story:
             self.apply("assistant.yaml", modeldeployment("assistant-v1", s))
             await self.wait("deploy stable", self._stable_is("assistant-v1"))
             self._remember_revisions()
-            self.say(
-                f"   serving at {self.router_url()}/v1 (OpenAI-compatible); generating traffic now"
-            )
-            await self.traffic.start()
+            self.say(f"   serving at {self.router_url()}/v1 (OpenAI-compatible)")
 
-            self.say(
-                "== 4. fine-tune revision 2 (longer), then roll it out as a canary with analysis"
-            )
+            self.say("== 4. fine-tune revision 2 (longer), then roll it out as a canary")
             self.train("assistant-v2", s.v2_steps, seed=2)
             await self.wait("fine-tune v2", self._job_succeeded("assistant-v2"))
+            # Traffic starts now, not earlier: on 2 cores the trainer needs them more than a
+            # stable revision nobody compares anything with yet.
+            self.say(
+                f"   generating traffic: {s.requests_per_second:.0f} requests/s of held-out prompts"
+            )
+            await self.traffic.start()
             self.apply("assistant.yaml", modeldeployment("assistant-v2", s))
             await self.wait("canary v2 -> promoted", self._stable_is("assistant-v2"))
-            self._remember_revisions()
 
+            fault = f"{float(FAULT_ERROR_RATE):.0%}"
             self.say(
-                f"== 5. a broken revision: the server fails {float(FAULT_ERROR_RATE):.0%} of requests (fault injection)"
+                f"== 5. a broken revision: its server fails {fault} of requests (fault injection)"
             )
             self.apply("assistant.yaml", modeldeployment("assistant-v2", s, fault=True))
             await self.wait("broken canary -> rolled back", self._rolled_back)
-            self._remember_revisions()
+            at_rollback = {rev: sum(c.values()) for rev, c in self.traffic.stats.codes.items()}
             # Let the rolled-back revision drain and go (scaleDownDelaySeconds).
             await self.runtime.run(until=self.runtime.settled, timeout=30, on_tick=self._tick)
+            for rejected in self.mdep_status().get("rejectedRevisions") or []:
+                name = rejected["name"]
+                seen = sum(self.traffic.stats.codes.get(name, {}).values())
+                self.requests_after_rollback[name] = seen - at_rollback.get(name, 0)
             self.summary.ok = True
+            if self.keep_serving:
+                await self.traffic.stop()
+                self.traffic_stopped = True
+                self._collect()
+                self.say(f"serving {MDEP} at {self.router_url()}/v1 until Ctrl-C")
+                await self.runtime.run(on_tick=self._tick)
         except KeyboardInterrupt:
             self.summary.interrupted = True
         finally:
-            if self.traffic is not None:
+            if self.traffic is not None and not self.traffic_stopped:
                 with contextlib.suppress(Exception):
                     await self.traffic.stop()
             self._collect()
@@ -503,11 +561,17 @@ class Story:
         return self.summary
 
     def _remember_revisions(self) -> None:
-        status = self.mdep_status()
+        """Note each revision's source the first time it shows up as stable or canary."""
+        obj = self.store.get("ModelDeployment", MDEP) or {}
+        status = obj.get("status") or {}
         for role in ("stable", "canary"):
             rev = status.get(role) or {}
-            if rev.get("name"):
-                self.revision_roles.setdefault(rev["name"], role)
+            if rev.get("name") and rev["name"] not in self.summary.revisions_seen:
+                source = rev.get("fineTuneJob") or rev.get("adapterUri") or "-"
+                env = (obj.get("spec", {}).get("server") or {}).get("env") or []
+                if role == "canary" and env:
+                    source += " + " + ",".join(f"{e['name']}={e['value']}" for e in env)
+                self.summary.revisions_seen[rev["name"]] = source
 
     def _collect(self) -> None:
         """Fill the summary from the store and the traffic counters."""
@@ -565,7 +629,7 @@ def render_summary(summary: Summary, total_seconds: float) -> str:
         m = job["metrics"]
         history = summary.accuracy_history.get(name) or []
         acc = (
-            " -> ".join(f"{a:.0%}" for a in history[-5:])
+            " -> ".join(f"{a:.0%}" for a in _sparse(history))
             if history
             else (f"{m['evalAccuracy']:.0%}" if m.get("evalAccuracy") is not None else "-")
         )
@@ -588,8 +652,7 @@ def render_summary(summary: Summary, total_seconds: float) -> str:
     rows = [
         ["revision", "source", "outcome", "weight now", "requests (2xx/5xx)", "answers correct"]
     ]
-    seen = list(summary.traffic)
-    for rev in [*seen, *rejected]:
+    for rev in [*summary.revisions_seen, *summary.traffic, *rejected]:
         if rev in ("none",) or any(r[0] == rev for r in rows):
             continue
         traffic = summary.traffic.get(rev, {"codes": {}, "correct": 0, "answered": 0})
@@ -599,7 +662,8 @@ def render_summary(summary: Summary, total_seconds: float) -> str:
         outcome = "stable" if rev == stable else ("rolled back" if rev in rejected else "replaced")
         weight = f"{weights.get('stable', 100)}%" if rev == stable else "0%"
         correct = f"{traffic['correct'] / traffic['answered']:.0%}" if traffic["answered"] else "-"
-        rows.append([rev, _source_of(status, rev), outcome, weight, f"{ok}/{bad}", correct])
+        source = summary.revisions_seen.get(rev) or _source_of(status, rev)
+        rows.append([rev, source, outcome, weight, f"{ok}/{bad}", correct])
     out.append("")
     out.append(_table(rows))
     for rev, reason in rejected.items():
@@ -611,6 +675,14 @@ def render_summary(summary: Summary, total_seconds: float) -> str:
         + f"; total {total_seconds:.0f}s"
     )
     return "\n".join(out)
+
+
+def _sparse(values: list[float], keep: int = 6) -> list[float]:
+    """At most ``keep`` values, always the first and the last, evenly spaced in between."""
+    if len(values) <= keep:
+        return values
+    picks = {round(i * (len(values) - 1) / (keep - 1)) for i in range(keep)}
+    return [values[i] for i in sorted(picks)]
 
 
 def _source_of(status: dict[str, Any], rev: str) -> str:
@@ -625,8 +697,22 @@ def run_demo(args: argparse.Namespace) -> int:
     """Entry point of ``kubetune demo``."""
     work = Path(args.dir or ".kubetune/demo").resolve()
     settings = DemoSettings.fast() if args.fast else DemoSettings()
+    if getattr(args, "prepare_only", False):
+        prepare(work, settings)
+        for name, text in render_examples(work).items():
+            path = work / "manifests" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        print(f"manifests in {work / 'manifests'}; run them with:")
+        print(
+            f"  kubetune local apply -f {work / 'manifests'}          # fine-tune v1 and v2, deploy v1"
+        )
+        print(
+            f"  kubetune local apply -f {work / 'manifests' / 'steps' / 'canary.yaml'}  # canary v2 (another terminal)"
+        )
+        return 0
     started = time.monotonic()
-    story = Story(work, settings)
+    story = Story(work, settings, keep_serving=args.keep_serving)
     print(f"kubetune demo: working in {work} (state, artifacts, logs); Ctrl-C stops everything")
     try:
         summary = asyncio.run(story.run())
