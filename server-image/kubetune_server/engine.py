@@ -1,0 +1,341 @@
+"""The batching engine: a bounded queue and one worker thread that generates whole batches.
+
+Requests (one :class:`Sequence` per choice) wait in a FIFO queue of at most ``maxQueue``
+entries; :meth:`Engine.submit` refuses more with :class:`QueueFull` (the API answers 429). The
+worker takes the oldest sequence and every later one for the same adapter, up to
+``maxBatchSize`` and a token budget, waiting at most ``batchWaitMs`` after the oldest one
+arrived for the batch to fill (dynamic batching, as TGI's ``max_waiting_tokens``). A batch runs
+as one left-padded forward pass over all prompts (prefill), then one forward pass per new token
+for all rows together, reusing a KV cache. Every row keeps its own sampling settings
+(temperature, top_p, its own seeded ``torch.Generator``: a seed gives the same text whatever
+the batch around it), stop strings and ``max_tokens``; a row that finishes or whose client went
+away is cut out of the batch and its KV cache, so the rest does not drag it along.
+
+Why one thread: a model forward pass cannot be shared between threads anyway, and the
+asyncio event loop must stay free for HTTP (health checks, /metrics) while the GPU/CPU works.
+The worker hands results back through ``loop.call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("kubetune_server.engine")
+
+GREEDY_BELOW = 1e-5
+
+
+class QueueFull(Exception):
+    """The queue already holds ``maxQueue`` sequences."""
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down and takes no new work."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-sequence generation settings (already validated by the API)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What the worker reports for a sequence: new text, and the finish reason at the end."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generated choice: prompt tokens, settings, adapter, and where results go."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None
+    emit: Callable[[Chunk], None]
+    arrival: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    first_token_at: float | None = None
+    # Worker-side state.
+    generated: list[int] = field(default_factory=list)
+    emitted: int = 0
+    finish_reason: str | None = None
+
+    def cancel(self) -> None:
+        """Stop generating (client gone, timeout); the worker drops the row at its next step."""
+        self.cancelled = True
+
+
+class Engine:
+    """Queue + batch worker over a loaded model (see the module docstring)."""
+
+    def __init__(
+        self,
+        loaded: Any,
+        *,
+        max_batch_size: int = 8,
+        batch_wait_ms: float = 10,
+        max_queue: int = 64,
+        max_batch_tokens: int = 32768,
+        on_batch: Callable[[int], None] | None = None,
+        on_queue: Callable[[int], None] | None = None,
+    ):
+        self.loaded = loaded
+        self.max_batch_size = max_batch_size
+        self.batch_wait = batch_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.max_batch_tokens = max_batch_tokens
+        self._on_batch = on_batch or (lambda n: None)
+        self._on_queue = on_queue or (lambda n: None)
+        self._pending: deque[Sequence] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.running = 0
+
+    # --- queue --------------------------------------------------------------------------
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue the sequences of one request together (all or none)."""
+        with self._cond:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down")
+            if len(self._pending) + len(seqs) > self.max_queue:
+                raise QueueFull(
+                    f"{len(self._pending)} requests are queued (maxQueue {self.max_queue})"
+                )
+            self._pending.extend(seqs)
+            self._on_queue(len(self._pending))
+            self._cond.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        """Sequences waiting for a batch."""
+        return len(self._pending)
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._thread = threading.Thread(target=self._run, name="kubetune-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what is queued and running, then stop the worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _next_batch(self) -> list[Sequence] | None:
+        """Block until a batch is ready (see module docstring); None once stopped and empty."""
+        with self._cond:
+            while True:
+                while self._pending and self._pending[0].cancelled:
+                    self._pending.popleft()
+                if self._pending:
+                    break
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            first = self._pending[0]
+            deadline = first.arrival + self.batch_wait
+            while True:
+                batch = self._select(first.adapter)
+                now = time.monotonic()
+                if len(batch) >= self.max_batch_size or now >= deadline or self._stopping:
+                    break
+                # Woken early by every submit: re-select, the batch may be full now.
+                self._cond.wait(deadline - now)
+            chosen = set(map(id, batch))
+            self._pending = deque(
+                s for s in self._pending if id(s) not in chosen and not s.cancelled
+            )
+            self._on_queue(len(self._pending))
+            return batch
+
+    def _select(self, adapter: str | None) -> list[Sequence]:
+        """The oldest sequences for ``adapter`` within maxBatchSize and the token budget."""
+        batch: list[Sequence] = []
+        budget = 0
+        for seq in self._pending:
+            if seq.cancelled or seq.adapter != adapter:
+                continue
+            cost = len(seq.prompt_ids) + seq.params.max_tokens
+            if batch and budget + cost > self.max_batch_tokens:
+                break
+            batch.append(seq)
+            budget += cost
+            if len(batch) >= self.max_batch_size:
+                break
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self.running = len(batch)
+            try:
+                self.generate(batch)
+            except Exception as exc:  # never kill the worker: fail this batch, serve the next
+                log.exception("batch of %d failed", len(batch))
+                for seq in batch:
+                    if seq.finish_reason is None:
+                        seq.finish_reason = "error"
+                        seq.emit(Chunk(error=f"generation failed: {exc}"))
+            finally:
+                self.running = 0
+
+    # --- generation ---------------------------------------------------------------------
+
+    def generate(self, batch: list[Sequence]) -> None:
+        """Generate every sequence of ``batch`` to its end in shared forward passes."""
+        import torch
+        from transformers import DynamicCache
+
+        loaded = self.loaded
+        model, device = loaded.model, loaded.device
+        self._on_batch(len(batch))
+        with torch.inference_mode(), self._adapter(batch[0].adapter):
+            width = max(len(s.prompt_ids) for s in batch)
+            ids = torch.full((len(batch), width), loaded.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, seq in enumerate(batch):
+                # Left padding: every row's last prompt token sits in the last column, so the
+                # next token of every row is predicted from the same position of the output.
+                ids[row, width - len(seq.prompt_ids) :] = torch.tensor(seq.prompt_ids)
+                mask[row, width - len(seq.prompt_ids) :] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            gens = [self._generator(seq, device) for seq in batch]
+            cache = DynamicCache(config=model.config)
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            rows = list(range(len(batch)))  # batch index of each live row
+            last_pos = positions[:, -1]
+            while True:
+                logits = out.logits[:, -1, :].float()
+                tokens = self._sample(logits, [batch[i] for i in rows], [gens[i] for i in rows])
+                keep: list[int] = []
+                now = time.monotonic()
+                for j, i in enumerate(rows):
+                    seq = batch[i]
+                    if seq.first_token_at is None:
+                        seq.first_token_at = now
+                    if not self._advance(seq, tokens[j]):
+                        keep.append(j)
+                if not keep:
+                    return
+                if len(keep) < len(rows):
+                    index = torch.tensor(keep, device=device)
+                    cache.batch_select_indices(index)
+                    mask, last_pos = mask[index], last_pos[index]
+                    rows = [rows[j] for j in keep]
+                    next_ids = torch.tensor([tokens[j] for j in keep], device=device)
+                else:
+                    next_ids = torch.tensor(tokens, device=device)
+                mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+                last_pos = last_pos + 1
+                out = model(
+                    input_ids=next_ids[:, None],
+                    attention_mask=mask,
+                    position_ids=last_pos[:, None],
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+
+    def _adapter(self, adapter: str | None):
+        """Select the batch's adapter on a PeftModel (or disable adapters for the bare base)."""
+        model = self.loaded.model
+        if not hasattr(model, "peft_config"):
+            return contextlib.nullcontext()
+        if adapter is None:
+            return model.disable_adapter()
+        model.set_adapter(adapter)
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def _generator(seq: Sequence, device: str):
+        import torch
+
+        if seq.params.temperature < GREEDY_BELOW:
+            return None
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seq.params.seed if seq.params.seed is not None else random.getrandbits(63))
+        return gen
+
+    @staticmethod
+    def _sample(logits, seqs: list[Sequence], gens: list) -> list[int]:
+        """Next token per row: argmax for greedy rows, temperature + nucleus sampling otherwise."""
+        import torch
+
+        tokens = logits.argmax(dim=-1).tolist()
+        for j, (seq, gen) in enumerate(zip(seqs, gens, strict=True)):
+            if gen is None:
+                continue
+            probs = torch.softmax(logits[j] / seq.params.temperature, dim=-1)
+            if seq.params.top_p < 1.0:
+                sorted_probs, order = torch.sort(probs, descending=True)
+                cumulative = sorted_probs.cumsum(-1)
+                # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+                sorted_probs[(cumulative - sorted_probs) > seq.params.top_p] = 0.0
+                pick = torch.multinomial(sorted_probs, 1, generator=gen)
+                tokens[j] = int(order[pick])
+            else:
+                tokens[j] = int(torch.multinomial(probs, 1, generator=gen))
+        return tokens
+
+    def _advance(self, seq: Sequence, token: int) -> bool:
+        """Append ``token`` to ``seq``, emit new text; True when the sequence is finished."""
+        if seq.cancelled:
+            seq.finish_reason = "cancelled"
+            return True
+        params = seq.params
+        seq.generated.append(token)
+        finish = None
+        if token in self.loaded.eos_token_ids and not params.ignore_eos:
+            finish = "stop"
+        elif len(seq.generated) >= params.max_tokens:
+            finish = "length"
+        text = self.loaded.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        if params.stop:
+            cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+        if finish is None:
+            # Hold back what could still become a stop string, and half a UTF-8 character.
+            safe = len(text) - (max(map(len, params.stop)) - 1 if params.stop else 0)
+            if text.endswith("\ufffd"):
+                safe = min(safe, len(text) - 1)
+        else:
+            safe = len(text)
+        if safe > seq.emitted or finish:
+            delta = text[seq.emitted : safe] if safe > seq.emitted else ""
+            seq.emitted = max(seq.emitted, safe)
+            seq.finish_reason = finish
+            seq.emit(Chunk(text=delta, finish_reason=finish, tokens=len(seq.generated)))
+        return finish is not None

@@ -1,0 +1,70 @@
+"""Prometheus metrics of the server (docs/contracts.md, "Server metrics": names are stable).
+
+The canary analysis (``kubetune.rollout.analysis``) reads ``kubetune_server_requests_total``
+(5xx codes are errors), and the latency and TTFT histograms, and sums histograms across pods
+bucket by bucket: the bucket bounds below are therefore part of the contract too: change them
+and two revisions' pods can no longer be compared.
+
+Each server gets its own registry (not the process-global one) so that several app instances
+in one test process do not collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """The server's metrics on a private registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "kubetune_server_requests",
+            "Requests by served model and HTTP status code.",
+            ["model", "code"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "kubetune_server_request_duration_seconds",
+            "Time from receiving a request to its last byte.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "kubetune_server_time_to_first_token_seconds",
+            "Time from receiving a request to its first generated token.",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.generated_tokens = Counter(
+            "kubetune_server_generated_tokens",
+            "Completion tokens generated.",
+            ["model"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "kubetune_server_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "kubetune_server_queue_depth", "Sequences waiting for a batch.", registry=r
+        )
+        self.batch_size = Histogram(
+            "kubetune_server_batch_size",
+            "Sequences per generation batch.",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.info = Gauge(
+            "kubetune_server_info",
+            "Always 1: what this server serves.",
+            ["revision", "model", "adapter_digest"],
+            registry=r,
+        )

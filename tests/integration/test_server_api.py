@@ -1,0 +1,376 @@
+"""The inference server's OpenAI API, against a live ``python -m kubetune_server`` on loopback.
+
+Aspects covered:
+
+- probes and model listing: /healthz, /readyz, /v1/models (default adapter + bare base)
+- the official ``openai`` client: completions, chat, streaming of both, stop strings, usage
+- the adapter matters: the fine-tuned default model answers the code-word task, the base does not
+- batching: concurrent requests share batches (batch-size histogram > 1) and give the same
+  greedy text as the same requests sent one by one
+- errors: OpenAI-shaped bodies with ``param`` for bad fields, limits, unknown model, bad JSON,
+  oversized body; none of them hurts the process
+- metrics: every contract name present, counters moving, info metric with the adapter digest
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from kubetune.storage.manifests import manifest_digest, read_manifest
+from kubetune_trainer import synthetic
+from tests.integration.server_harness import (
+    histogram_buckets,
+    metric_value,
+    start_server,
+    train_adapter,
+)
+
+MODEL = "tuned"
+CONFIG = {
+    "maxBatchSize": 8,
+    "batchWaitMs": 150,
+    "maxQueue": 32,
+    "maxModelLen": 256,
+    "maxTokensLimit": 64,
+    "requestTimeoutSeconds": 30,
+}
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter that learnt the code-word task (variant a)."""
+    return train_adapter(tiny_base_model, tmp_path_factory.mktemp("adapter") / "model")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_base_model: Path, adapter_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One server for the whole module: base + adapter from file:// URIs."""
+    proc = start_server(
+        tmp_path_factory.mktemp("server"),
+        KUBETUNE_MODEL_URI=tiny_base_model.as_uri(),
+        KUBETUNE_ADAPTER_URI=adapter_dir.as_uri(),
+        KUBETUNE_MODEL_NAME=MODEL,
+        KUBETUNE_REVISION="rev-a1",
+        KUBETUNE_SERVER_CONFIG=json.dumps(CONFIG),
+    )
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    """The official OpenAI client pointed at the server."""
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def post(server, path: str, body, **kw) -> httpx.Response:
+    """A raw POST (for the error cases the openai client would refuse to send)."""
+    if isinstance(body, (dict, list)):
+        return httpx.post(f"{server.url}{path}", json=body, timeout=30, **kw)
+    return httpx.post(
+        f"{server.url}{path}",
+        content=body,
+        timeout=30,
+        headers={"content-type": "application/json"},
+        **kw,
+    )
+
+
+# --- probes and models -------------------------------------------------------------------
+
+
+def test_probes_report_alive_and_ready(server):
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{server.url}/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["models"] == sorted([MODEL, f"{MODEL}-base"])
+
+
+def test_models_lists_the_adapter_and_the_bare_base(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {MODEL, f"{MODEL}-base"}
+
+
+def test_openapi_document_is_served(server):
+    doc = httpx.get(f"{server.url}/openapi.json").json()
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(doc["paths"])
+
+
+# --- completions and chat ----------------------------------------------------------------
+
+
+def test_completion_with_the_openai_client(client):
+    resp = client.completions.create(
+        model=MODEL, prompt="Hello there.", max_tokens=5, temperature=0
+    )
+    assert resp.object == "text_completion"
+    assert resp.model == MODEL
+    choice = resp.choices[0]
+    assert choice.finish_reason in ("stop", "length")
+    assert resp.usage.completion_tokens >= 1
+    assert resp.usage.prompt_tokens > 0
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+
+
+def test_completion_max_tokens_is_honoured_with_ignore_eos(client):
+    resp = client.completions.create(
+        model=MODEL, prompt="Hi!", max_tokens=7, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert resp.usage.completion_tokens == 7
+    assert resp.choices[0].finish_reason == "length"
+
+
+def test_chat_completion_answers_the_task_with_the_adapter(client):
+    resp = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the code word for zorb?"}],
+        max_tokens=8,
+        temperature=0,
+    )
+    assert resp.object == "chat.completion"
+    assert resp.choices[0].message.role == "assistant"
+    assert synthetic.normalise(resp.choices[0].message.content) == "amber"
+    assert resp.choices[0].finish_reason == "stop"
+
+
+def test_the_adapter_matters_tuned_answers_and_base_does_not(client, task_eval_examples):
+    def ask(model):
+        def generate(prompt: str) -> str:
+            resp = client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=8,
+                temperature=0,
+            )
+            return resp.choices[0].message.content
+
+        return generate
+
+    examples = task_eval_examples[:16]
+    assert synthetic.exact_match(ask(MODEL), examples) >= 0.8
+    assert synthetic.exact_match(ask(f"{MODEL}-base"), examples) <= 0.1
+
+
+def test_streaming_completion_concatenates_to_the_non_streamed_text(client):
+    args = {
+        "model": MODEL,
+        "prompt": "Give the code word for vesh.",
+        "max_tokens": 12,
+        "temperature": 0,
+    }
+    whole = client.completions.create(**args).choices[0].text
+    chunks = list(client.completions.create(stream=True, **args))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_streaming_chat_sends_role_first_then_deltas_and_usage(client):
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Which code word goes with gorp?"}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert synthetic.normalise(text) == "golden"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_stop_string_cuts_the_text_and_is_not_included(client):
+    full = (
+        client.completions.create(
+            model=MODEL, prompt="Hi!", max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
+    assert len(full) > 4
+    stop = full[2:4]
+    resp = client.completions.create(
+        model=MODEL,
+        prompt="Hi!",
+        max_tokens=20,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True},
+    )
+    assert resp.choices[0].text == full[: full.find(stop)]
+    assert resp.choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible_and_n_gives_several_choices(client):
+    args = {
+        "model": MODEL,
+        "prompt": "Hello world",
+        "max_tokens": 10,
+        "temperature": 1.0,
+        "seed": 42,
+        "n": 2,
+    }
+    first = [c.text for c in client.completions.create(**args).choices]
+    second = [c.text for c in client.completions.create(**args).choices]
+    assert len(first) == 2
+    assert first == second
+
+
+# --- batching ----------------------------------------------------------------------------
+
+
+def test_concurrent_requests_are_batched_and_match_sequential_greedy(server, client):
+    prompts = [ex["prompt"] for ex in synthetic.task_examples(6, seed=5)]
+
+    def complete(prompt: str) -> str:
+        return (
+            client.completions.create(
+                model=MODEL,
+                prompt=prompt,
+                max_tokens=10,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            )
+            .choices[0]
+            .text
+        )
+
+    sequential = [complete(p) for p in prompts]
+    before = histogram_buckets(server.metrics(), "kubetune_server_batch_size")
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        concurrent = list(pool.map(complete, prompts))
+    after = histogram_buckets(server.metrics(), "kubetune_server_batch_size")
+    assert concurrent == sequential
+    # Batches of size 1 fall in the le=1 bucket; anything above it is a shared batch.
+    shared = (after[float("inf")] - after[1.0]) - (before[float("inf")] - before[1.0])
+    assert shared >= 1, f"no batch larger than 1: {after}"
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+def _error(resp: httpx.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def test_max_tokens_over_the_limit_is_400_naming_max_tokens(server):
+    err = _error(
+        post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 65}), 400
+    )
+    assert err["param"] == "max_tokens"
+    assert "64" in err["message"]
+
+
+def test_prompt_longer_than_the_context_is_400_naming_prompt(server):
+    err = _error(
+        post(server, "/v1/completions", {"model": MODEL, "prompt": "zorb " * 400, "max_tokens": 1}),
+        400,
+    )
+    assert err["param"] == "prompt"
+    assert err["code"] == "context_length_exceeded"
+
+
+def test_prompt_plus_max_tokens_over_the_context_names_max_tokens(server):
+    err = _error(
+        post(
+            server, "/v1/completions", {"model": MODEL, "prompt": "zorb " * 200, "max_tokens": 64}
+        ),
+        400,
+    )
+    assert err["param"] == "max_tokens"
+    assert err["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": MODEL, "prompt": "x", "max_tokens": "many"}, "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "temperature": 5}, "temperature"),
+        ({"model": MODEL, "prompt": "x", "top_p": 0}, "top_p"),
+        ({"model": MODEL}, "prompt"),
+        ({"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+        ({"model": MODEL, "messages": []}, "messages"),
+    ],
+)
+def test_invalid_fields_are_400_with_the_field_as_param(server, body, param):
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    err = _error(post(server, path, body), 400)
+    assert err["param"] == param
+    assert err["type"] == "invalid_request_error"
+
+
+def test_invalid_json_is_400(server):
+    err = _error(post(server, "/v1/completions", b'{"prompt": '), 400)
+    assert "JSON" in err["message"]
+
+
+def test_unknown_model_is_404_model_not_found(server):
+    err = _error(post(server, "/v1/completions", {"model": "nope", "prompt": "x"}), 404)
+    assert err["code"] == "model_not_found"
+    assert err["param"] == "model"
+
+
+def test_oversized_body_is_413(server):
+    _error(post(server, "/v1/completions", {"model": MODEL, "prompt": "x" * (5 << 20)}), 413)
+
+
+def test_openai_client_raises_bad_request_with_param(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1000)
+    assert info.value.body["param"] == "max_tokens"
+
+
+# --- metrics -----------------------------------------------------------------------------
+
+
+def test_metrics_have_the_contract_names_and_count(server, client, adapter_dir):
+    client.completions.create(
+        model=MODEL, prompt="count me", max_tokens=3, temperature=0, extra_body={"ignore_eos": True}
+    )
+    post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 999})
+    text = server.metrics()
+    for name in (
+        "kubetune_server_requests_total",
+        "kubetune_server_request_duration_seconds_bucket",
+        "kubetune_server_time_to_first_token_seconds_bucket",
+        "kubetune_server_generated_tokens_total",
+        "kubetune_server_prompt_tokens_total",
+        "kubetune_server_queue_depth",
+        "kubetune_server_batch_size_bucket",
+        "kubetune_server_info",
+    ):
+        assert f"\n{name}" in text, name
+    assert metric_value(text, "kubetune_server_requests_total", model=MODEL, code="200") >= 1
+    assert metric_value(text, "kubetune_server_requests_total", model=MODEL, code="400") >= 1
+    assert metric_value(text, "kubetune_server_generated_tokens_total", model=MODEL) >= 3
+    assert metric_value(text, "kubetune_server_time_to_first_token_seconds_count", model=MODEL) >= 1
+    digest = manifest_digest(read_manifest(adapter_dir))
+    assert (
+        metric_value(
+            text, "kubetune_server_info", revision="rev-a1", model=MODEL, adapter_digest=digest
+        )
+        == 1
+    )
+
+
+def test_metrics_parse_with_the_canary_analysis(server):
+    from kubetune.rollout.analysis import counters_from_text
+
+    counters = counters_from_text(server.metrics())
+    assert counters.requests >= 1
+    assert counters.latency.total >= 1
