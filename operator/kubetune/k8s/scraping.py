@@ -1,0 +1,124 @@
+"""Fetching canary analysis figures: the revision pods' /metrics, or Prometheus queries.
+
+Only the fetching lives here; the arithmetic (parsing, summing, interval deltas, quantiles) is
+``kubetune.rollout.analysis``, the same code the local runtime runs on its processes' ports.
+
+Built-in provider: every *ready* pod of a revision is scraped at ``http://<podIP>:<port>/metrics``
+where the port is the pod's own container port named ``http`` (read from the pod, not the
+ModelDeployment spec, so a scrape always matches what the pod really listens on). The pods'
+cumulative counters are summed. When a ready pod cannot be scraped the whole revision is
+reported as not scraped: a sum over fewer pods than the baseline would go backwards and be
+discarded anyway, and an explicit error is clearer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import aiohttp
+
+from kubetune.rollout import analysis as an
+
+log = logging.getLogger(__name__)
+
+SCRAPE_TIMEOUT = 2.0
+
+
+def pod_is_ready(pod: Mapping[str, Any]) -> bool:
+    """Running with the Ready condition True and an IP (what an Endpoints controller would list)."""
+    status = pod.get("status") or {}
+    if status.get("phase") != "Running" or not status.get("podIP"):
+        return False
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+
+
+def metrics_url(pod: Mapping[str, Any], port_name: str = "http") -> str | None:
+    """``http://<podIP>:<containerPort named port_name>/metrics``; None without IP or port."""
+    ip = (pod.get("status") or {}).get("podIP")
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for port in container.get("ports") or []:
+            if port.get("name") == port_name and port.get("containerPort"):
+                host = f"[{ip}]" if ip and ":" in ip else ip
+                return f"http://{host}:{port['containerPort']}/metrics" if ip else None
+    return None
+
+
+async def _fetch(session: aiohttp.ClientSession, url: str) -> str:
+    async with session.get(url, timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT)) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"{url}: HTTP {resp.status}")
+        return await resp.text()
+
+
+async def scrape_revision(
+    session: aiohttp.ClientSession, pods: Iterable[Mapping[str, Any]]
+) -> tuple[an.RevisionCounters | None, str | None]:
+    """Sum the counters of a revision's ready pods: ``(counters, None)`` or ``(None, error)``."""
+    urls = [u for u in (metrics_url(p) for p in pods if pod_is_ready(p)) if u]
+    if not urls:
+        return None, "no ready pods to scrape"
+    results = await asyncio.gather(*(_fetch(session, u) for u in urls), return_exceptions=True)
+    counters = []
+    for url, result in zip(urls, results, strict=True):
+        if isinstance(result, BaseException):
+            return None, f"scraping {url} failed: {result}"
+        try:
+            counters.append(an.counters_from_text(result))
+        except ValueError as exc:
+            return None, f"{url}: {exc}"
+    return an.sum_counters(counters), None
+
+
+async def _prom_value(session: aiohttp.ClientSession, address: str, query: str) -> float | None:
+    url = address.rstrip("/") + "/api/v1/query"
+    async with session.get(
+        url, params={"query": query}, timeout=aiohttp.ClientTimeout(total=5)
+    ) as resp:
+        payload = await resp.json(content_type=None)
+    if resp.status != 200 or payload.get("status") != "success":
+        raise RuntimeError(
+            f"Prometheus query failed ({resp.status}): {payload.get('error', payload)!s:.200}"
+        )
+    result = payload["data"]["result"]
+    if payload["data"].get("resultType") == "scalar":
+        value = float(result[1])
+    elif not result:
+        return None
+    else:
+        value = float(result[0]["value"][1])
+    return None if value != value else value  # NaN (0/0) means no data
+
+
+async def query_prometheus(
+    session: aiohttp.ClientSession,
+    provider: Any,
+    namespace: str,
+    revision: str,
+    interval_text: str,
+) -> an.IntervalMetrics:
+    """Interval figures of one revision from Prometheus (``analysis.prometheus`` templates)."""
+    templates = {
+        "requests": provider.requests_query or an.DEFAULT_QUERIES["requests"],
+        "errorRate": provider.error_rate_query or an.DEFAULT_QUERIES["errorRate"],
+        "latencyP95": provider.latency_p95_query or an.DEFAULT_QUERIES["latencyP95"],
+        "ttftP95": provider.ttft_p95_query or an.DEFAULT_QUERIES["ttftP95"],
+    }
+    values = {}
+    for key, template in templates.items():
+        values[key] = await _prom_value(
+            session, provider.address, an.render_query(template, namespace, revision, interval_text)
+        )
+    return an.IntervalMetrics(
+        requests=values["requests"] or 0.0,
+        error_rate=values["errorRate"],
+        p95_latency_seconds=values["latencyP95"],
+        ttft_p95_seconds=values["ttftP95"],
+    )
