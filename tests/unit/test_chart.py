@@ -145,7 +145,8 @@ def test_operator_deployment_is_hardened_and_probed() -> None:
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     args = container["args"]
-    assert container["command"] == ["kopf"] and args[:2] == ["run", "--module=kubetune.handlers"]
+    assert container["command"] == ["kopf"]
+    assert args[:3] == ["run", "--module=kubetune.handlers", "--module=kubetune.startup"]
     liveness = next(a for a in args if a.startswith("--liveness="))
     port = next(p["containerPort"] for p in container["ports"] if p["name"] == "health")
     assert liveness == f"--liveness=http://0.0.0.0:{port}/healthz"

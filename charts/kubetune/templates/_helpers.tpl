@@ -58,10 +58,11 @@ No wildcards; no Secrets (credentials reach pods only as secretKeyRef, which nee
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "delete"]
-# Trainer pods: read-only, for termination messages and scheduling/pull/OOM reasons.
+# Trainer and server pods: read-only, for termination messages, scheduling/pull/OOM reasons
+# and (built-in analysis) the serving pods' IPs to scrape.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 # Torchrun rendezvous (headless) Services; per-revision and stable serving Services.
 - apiGroups: [""]
   resources: ["services"]
@@ -94,6 +95,7 @@ No wildcards; no Secrets (credentials reach pods only as secretKeyRef, which nee
 {{- define "kubetune.args" -}}
 - run
 - --module=kubetune.handlers
+- --module=kubetune.startup
 - --liveness=http://0.0.0.0:{{ .Values.health.port }}/healthz
 {{- if .Values.watchNamespaces }}
 {{- range .Values.watchNamespaces }}
