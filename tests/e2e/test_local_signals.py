@@ -72,16 +72,23 @@ def _start_controller(manifests: Path, state: Path, log: Path) -> subprocess.Pop
     )
 
 
-def _training_and_serving(state: Path) -> bool:
-    """The trainer reported a step and the server answers through the router."""
+def _serving(state: Path) -> bool:
+    """The server answers through the router."""
     try:
-        report = json.loads((state / "run" / "job_long-train" / "report.json").read_text())
         url = json.loads((state / "endpoints.json").read_text())["base"]
         with urllib.request.urlopen(url + "/v1/models", timeout=2) as response:
-            served = response.status == 200
+            return response.status == 200
     except (OSError, ValueError, KeyError):
         return False
-    return served and (report.get("progress") or {}).get("step", 0) >= 1
+
+
+def _training(state: Path) -> bool:
+    """The trainer reported its first step."""
+    try:
+        report = json.loads((state / "run" / "job_long-train" / "report.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (report.get("progress") or {}).get("step", 0) >= 1
 
 
 @pytest.fixture
@@ -91,11 +98,7 @@ def running(tmp_path, demo_assets):
     log = tmp_path / "controller.log"
     proc = _start_controller(manifests, state, log)
     try:
-        wait_for(
-            lambda: _training_and_serving(state) or proc.poll() is not None,
-            180,
-            "training and serving",
-        )
+        wait_for(lambda: _serving(state) or proc.poll() is not None, 120, "the server to answer")
         assert proc.poll() is None, log.read_text()
         yield proc, tmp_path, state, log
     finally:
@@ -106,6 +109,7 @@ def running(tmp_path, demo_assets):
 
 def test_ctrl_c_stops_everything_and_the_trainer_checkpoints_first(running):
     proc, work, state, log = running
+    wait_for(lambda: _training(state), 120, "the trainer's first step")
     names = {e["name"] for e in read_registry(state / "processes.json")}
     assert "job/long-train" in names and any(n.startswith("server/base-") for n in names), names
     assert processes_under(work)

@@ -157,7 +157,9 @@ class Supervisor:
                 preexec_fn=_child_setup,
             )
         except FileNotFoundError as exc:
-            raise RuntimeError(f"process {spec.name!r}: cannot run {spec.argv[0]!r}: {exc}") from exc
+            raise RuntimeError(
+                f"process {spec.name!r}: cannot run {spec.argv[0]!r}: {exc}"
+            ) from exc
         finally:
             if log is not None:
                 log.close()
@@ -182,7 +184,9 @@ class Supervisor:
         managed = self.processes.get(name)
         if managed is None:
             return None
-        await self._stop_many([managed], self.grace_seconds if grace_seconds is None else grace_seconds)
+        await self._stop_many(
+            [managed], self.grace_seconds if grace_seconds is None else grace_seconds
+        )
         return managed.returncode
 
     async def stop_all(self, grace_seconds: float | None = None) -> None:
@@ -263,9 +267,23 @@ def read_registry(registry: Path) -> list[dict[str, Any]]:
     live = []
     for entry in entries:
         pid = int(entry["pid"])
-        if process_start_time(pid) == entry.get("startTicks") and entry.get("startTicks") is not None:
-            live.append(entry)
+        if entry.get("startTicks") is None or process_start_time(pid) != entry["startTicks"]:
+            continue
+        # A leader that exited but was not reaped yet (its parent, the controller, died and
+        # nobody else reaps in a container) is a zombie: gone for our purposes, unless
+        # helpers of its group are still alive.
+        if _is_zombie(pid) and not group_alive(pid):
+            continue
+        live.append(entry)
     return live
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 :].split()[0] == "Z"
 
 
 def kill_registered(registry: Path, grace_seconds: float = 10.0) -> list[str]:
