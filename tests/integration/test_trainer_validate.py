@@ -1,0 +1,121 @@
+"""``python -m kubetune_trainer validate`` as the validate Job runs it (a subprocess).
+
+Covers: a malformed dataset exits 2 with a termination message naming file:line and a report
+listing every bad line (and `train` does not take that failed report for a validation); a good
+dataset yields cleaned train/validation splits (PII masked, duplicates dropped, disjoint), the
+report written with token statistics, and the dataReport summary in the termination message;
+too few examples and a missing file fail with what to fix; the whole flow against S3 (moto).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kubetune_trainer import synthetic
+from kubetune_trainer.data import normalised_key
+from tests.integration.trainer_helpers import make_spec, run, run_here, trainer_env
+
+
+def test_malformed_lines_exit_2_naming_file_and_line(tmp_path, tiny_base_model_uri):
+    path = synthetic.write_task_dataset(tmp_path / "train.jsonl", 40)
+    lines = path.read_text().splitlines()
+    lines[6] = '{"messages": [{"role": "user", "content": "no answer"}]'  # broken JSON
+    lines[11] = '{"prompt": "wrong format", "completion": "x"}'
+    lines[30] = '{"messages": [{"role": "user", "content": "q"}]}'
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    spec = make_spec(
+        tiny_base_model_uri,
+        path.as_uri(),
+        out.as_uri(),
+        dataset={"train": path.as_uri(), "format": "chat"},
+    )
+    code, msg, _ = run("validate", trainer_env(spec, tmp_path))
+    assert code == 2 and msg["outcome"] == "data_error"
+    for line in (7, 12, 31):
+        assert f"{path.as_uri()}:{line}: " in msg["message"]
+    assert "dataset.maxInvalidFraction" in msg["message"]
+    assert msg["dataReport"]["invalid"] == 3 and msg["dataReport"]["totalLines"] == 40
+    report = json.loads((out / "data/report.json").read_text())
+    assert report["outcome"] == "data_error"
+    assert [e["line"] for e in report["files"][0]["errors"]] == [7, 12, 31]
+    assert not (out / "data/train.jsonl").exists()
+
+
+def test_clean_split_with_pii_dedupe_and_report(tmp_path, tiny_base_model_uri, monkeypatch):
+    path = synthetic.write_task_dataset(tmp_path / "train.jsonl", 120)
+    lines = path.read_text().splitlines()
+    pii = {
+        "messages": [
+            {"role": "user", "content": "Mail bob@corp.example or call +44 20 7946 0958"},
+            {"role": "assistant", "content": "From 192.168.1.20, card 4111 1111 1111 1111"},
+        ]
+    }
+    shouted = json.loads(lines[1])
+    for m in shouted["messages"]:
+        m["content"] = "  " + m["content"].upper()
+    lines += [json.dumps(pii), lines[0], json.dumps(shouted), "{oops"]
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    spec = make_spec(
+        tiny_base_model_uri,
+        path.as_uri(),
+        out.as_uri(),
+        dataset={
+            "train": path.as_uri(),
+            "validationSplit": 0.2,
+            "maxSeqLength": 24,
+            "piiMasking": {"kinds": ["email", "phone", "ipAddress", "creditCard"]},
+        },
+    )
+    code, msg = run_here("validate", trainer_env(spec, tmp_path), monkeypatch)
+    assert code == 0
+    s = msg["dataReport"]
+    assert msg["outcome"] == "succeeded" and s["format"] == "chat"
+    assert s["invalid"] == 1 and s["duplicates"] == 2
+    assert s["piiMasked"] == {"email": 1, "phone": 1, "ipAddress": 1, "creditCard": 1}
+    assert s["trainExamples"] + s["validationExamples"] == 121 and s["validationExamples"] >= 10
+    assert s["truncated"] > 0  # the chat template makes most examples longer than 24 tokens
+    train = [json.loads(x) for x in (out / "data/train.jsonl").read_text().splitlines()]
+    val = [json.loads(x) for x in (out / "data/validation.jsonl").read_text().splitlines()]
+    assert not {normalised_key(r) for r in train} & {normalised_key(r) for r in val}
+    text = (out / "data/train.jsonl").read_text() + (out / "data/validation.jsonl").read_text()
+    assert "bob@corp" not in text and "[EMAIL]" in text and "[CREDIT_CARD]" in text
+    report = json.loads((out / "data/report.json").read_text())
+    assert report["tokens"]["lengths"]["max"] > 24 and report["summary"] == s
+    # Re-running gives the same split (content-hash split, no randomness).
+    code, again = run_here("validate", trainer_env(spec, tmp_path), monkeypatch)
+    assert code == 0 and again["dataReport"]["digest"] == s["digest"]
+
+
+def test_too_few_examples_and_missing_file_say_what_to_fix(
+    tmp_path, tiny_base_model_uri, monkeypatch
+):
+    path = synthetic.write_task_dataset(tmp_path / "train.jsonl", 8)
+    spec = make_spec(tiny_base_model_uri, path.as_uri(), (tmp_path / "out").as_uri())
+    code, msg = run_here("validate", trainer_env(spec, tmp_path), monkeypatch)
+    assert code == 2 and "dataset.minExamples" in msg["message"]
+    missing = make_spec(
+        tiny_base_model_uri, (tmp_path / "nope.jsonl").as_uri(), (tmp_path / "out").as_uri()
+    )
+    code, msg = run_here("validate", trainer_env(missing, tmp_path), monkeypatch)
+    assert code == 3 and msg["outcome"] == "storage_error" and "nope.jsonl" in msg["message"]
+
+
+def test_validate_reads_and_writes_s3(tmp_path, tiny_base_model: Path, s3_env, s3_uri, monkeypatch):
+    from kubetune.storage import open_store
+
+    store = open_store(s3_uri)
+    store.upload_dir(tiny_base_model, "base")
+    synthetic.write_task_dataset(tmp_path / "train.jsonl", 60, format="completion")
+    store.upload_file(tmp_path / "train.jsonl", "in/train.jsonl")
+    spec = make_spec(f"{s3_uri}/base", f"{s3_uri}/in/train.jsonl", f"{s3_uri}/out")
+    code, msg = run_here("validate", trainer_env(spec, tmp_path, s3_env), monkeypatch)
+    assert code == 0
+    assert msg["dataReport"]["format"] == "completion"
+    assert msg["dataReport"]["reportUri"] == f"{s3_uri}/out/data/report.json"
+    assert (
+        store.read_json("out/data/report.json")["summary"]["trainExamples"]
+        == msg["dataReport"]["trainExamples"]
+    )
