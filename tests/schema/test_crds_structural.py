@@ -206,3 +206,37 @@ def test_default_and_rule_checker_finds_violations() -> None:
     problems = default_and_rule_problems(schema)
     assert any(p.startswith("n: default 0 is invalid") for p in problems)
     assert any("does not compile" in p for p in problems)
+
+
+def undocumented_fields(schema: dict[str, Any], path: str = "") -> list[str]:
+    """Fields without a description (``kubectl explain`` would show nothing for them)."""
+    missing = []
+    for name, sub in (schema.get("properties") or {}).items():
+        sub_path = f"{path}.{name}" if path else name
+        if (
+            name not in ("apiVersion", "kind", "metadata")
+            and not str(sub.get("description", "")).strip()
+        ):
+            missing.append(sub_path)
+        missing += undocumented_fields(sub, sub_path)
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            missing += undocumented_fields(schema[key], f"{path}[*]")
+    return missing
+
+
+@pytest.mark.parametrize(("name", "crd"), CRDS, ids=[n for n, _ in CRDS])
+def test_kubectl_explain_has_text_for_every_field(name: str, crd: dict[str, Any]) -> None:
+    for version in crd["spec"]["versions"]:
+        schema = version["schema"]["openAPIV3Schema"]
+        assert schema.get("description"), "the kind itself needs a description"
+        assert undocumented_fields(schema) == []
+
+
+@pytest.mark.parametrize(("name", "crd"), CRDS, ids=[n for n, _ in CRDS])
+def test_kubectl_get_shows_phase_and_age_columns(name: str, crd: dict[str, Any]) -> None:
+    (version,) = crd["spec"]["versions"]
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["Phase"] == ".status.phase"
+    assert columns["Age"] == ".metadata.creationTimestamp"
+    assert crd["spec"]["names"]["shortNames"] and "kubetune" in crd["spec"]["names"]["categories"]
