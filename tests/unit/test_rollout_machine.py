@@ -413,12 +413,12 @@ def test_failure_limit_counts_failed_intervals():
     sim.revs[canary] = ready(1, counters(0))
     sim.step()
     sim.tick(10)
-    sim.revs[canary] = ready(1, counters(50, errors=4))  # 8%: fails the interval, not fast
+    sim.revs[canary] = ready(1, counters(50, errors=8))  # 16%: fails the interval
     out = sim.step()
     assert out.status["phase"] == "Progressing" and out.status["analysis"][-1]["phase"] == "Failed"
     assert any(e.reason == Reason.ANALYSIS_FAILED for e in out.of(m.Event))
     sim.tick(10)
-    sim.revs[canary] = ready(1, counters(100, errors=8))
+    sim.revs[canary] = ready(1, counters(100, errors=16))
     out = sim.step()
     assert out.status["phase"] == "RolledBack"
 
@@ -671,3 +671,29 @@ def test_wilson_lower_bound():
     assert m.wilson_lower(20, 25) > 0.5
     assert m.wilson_lower(2, 25) < 0.05
     assert replace(m.RevisionObservation(), ready_replicas=1).ready_replicas == 1
+
+
+# --- the verdict's confidence bound (kubetune.rollout.analysis.evaluate) ---------------------
+
+
+def _verdict(c_req, c_err, s_req=450, s_err=2):
+    from kubetune.api.modeldeployment import AnalysisSpec
+
+    canary = an.IntervalMetrics(c_req, c_err / c_req if c_req else None, 0.05, 0.05)
+    stable = an.IntervalMetrics(s_req, s_err / s_req, 0.05, 0.05)
+    return an.evaluate(an.Measurement("t", canary, stable), AnalysisSpec(min_samples=20))
+
+
+@pytest.mark.parametrize(
+    ("c_req", "c_err", "phase"),
+    [
+        (50, 0, "Successful"),
+        (50, 2, "Successful"),  # 4% on 50 requests: noise, not a regression
+        (50, 3, "Successful"),  # 6% raw, but not above 5% with 95% confidence
+        (50, 15, "Failed"),  # 30%: caught in one interval
+        (500, 40, "Failed"),  # 8% on many requests: certain
+        (10, 10, "Inconclusive"),  # below minSamples: never a verdict
+    ],
+)
+def test_error_rate_is_judged_with_a_confidence_bound(c_req, c_err, phase):
+    assert _verdict(c_req, c_err).phase == phase

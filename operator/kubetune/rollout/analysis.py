@@ -12,6 +12,14 @@ the same interval. Too little canary traffic is *Inconclusive*: never a silent p
 treats "no data" as success on some providers) and never a failure (a quiet night must not roll
 back a good model).
 
+Error rates are judged with a confidence bound, not the raw ratio: an interval fails when the
+canary's error rate is above ``maxErrorRate`` (or above stable's plus ``maxErrorRateIncrease``)
+with 95% confidence (the lower end of the Wilson score interval). At 10% of 50 requests/s an
+interval has ~50 canary requests, and two background errors out of 50 read as "4%, 3.5 points
+worse than stable" -- a raw comparison rolls back about one healthy canary in seven that way
+(bench/canary_detection.py measured it); the bound does not, while a canary that really fails
+(30% errors) is still caught in its first interval.
+
 Everything here is pure and reused by both runtimes: the operator (k8s/scraping.py) and the
 local runtime feed it the text they fetched.
 """
@@ -39,6 +47,9 @@ ERROR = "Error"
 # by at least this many seconds in absolute terms.
 LATENCY_RATIO_FLOOR_SECONDS = 0.05
 
+# One-sided z of the confidence an interval needs to call an error rate too high (95%).
+ERROR_RATE_Z = 1.645
+
 
 # --- Prometheus text exposition ----------------------------------------------------------
 
@@ -52,12 +63,16 @@ class Sample:
     value: float
 
 
-_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<labels>.*)\})?\s+(?P<value>\S+)(\s+\S+)?$")
+_LINE = re.compile(
+    r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<labels>.*)\})?\s+(?P<value>\S+)(\s+\S+)?$"
+)
 _LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
 
 
 def _unescape(value: str) -> str:
-    return value.replace(r"\\", "\x00").replace(r"\"", '"').replace(r"\n", "\n").replace("\x00", "\\")
+    return (
+        value.replace(r"\\", "\x00").replace(r"\"", '"').replace(r"\n", "\n").replace("\x00", "\\")
+    )
 
 
 def _parse_value(text: str) -> float:
@@ -115,9 +130,13 @@ class Histogram:
         if not other.bounds and not other.total:
             return self
         if self.bounds != other.bounds:
-            raise ValueError(f"histogram buckets differ between pods: {self.bounds} vs {other.bounds}")
+            raise ValueError(
+                f"histogram buckets differ between pods: {self.bounds} vs {other.bounds}"
+            )
         return Histogram(
-            self.bounds, tuple(a + b for a, b in zip(self.counts, other.counts, strict=True)), self.total + other.total
+            self.bounds,
+            tuple(a + b for a, b in zip(self.counts, other.counts, strict=True)),
+            self.total + other.total,
         )
 
     def minus(self, before: Histogram) -> Histogram:
@@ -127,7 +146,9 @@ class Histogram:
         if self.bounds != before.bounds:
             raise ValueError("histogram buckets changed between scrapes")
         return Histogram(
-            self.bounds, tuple(a - b for a, b in zip(self.counts, before.counts, strict=True)), self.total - before.total
+            self.bounds,
+            tuple(a - b for a, b in zip(self.counts, before.counts, strict=True)),
+            self.total - before.total,
         )
 
     def quantile(self, q: float) -> float | None:
@@ -145,7 +166,9 @@ class Histogram:
             if count >= rank:
                 if count == prev_count:
                     return bound
-                return prev_bound + (bound - prev_bound) * (rank - prev_count) / (count - prev_count)
+                return prev_bound + (bound - prev_bound) * (rank - prev_count) / (
+                    count - prev_count
+                )
             prev_bound, prev_count = bound, count
         return self.bounds[-1] if self.bounds else None
 
@@ -190,9 +213,15 @@ class RevisionCounters:
             requests=float(data.get("requests", 0)),
             errors=float(data.get("errors", 0)),
             latency=Histogram(
-                tuple(data.get("latencyBounds", ())), tuple(data.get("latencyCounts", ())), float(data.get("latencyTotal", 0))
+                tuple(data.get("latencyBounds", ())),
+                tuple(data.get("latencyCounts", ())),
+                float(data.get("latencyTotal", 0)),
             ),
-            ttft=Histogram(tuple(data.get("ttftBounds", ())), tuple(data.get("ttftCounts", ())), float(data.get("ttftTotal", 0))),
+            ttft=Histogram(
+                tuple(data.get("ttftBounds", ())),
+                tuple(data.get("ttftCounts", ())),
+                float(data.get("ttftTotal", 0)),
+            ),
             pods=int(data.get("pods", 0)),
         )
 
@@ -223,7 +252,9 @@ def counters_from_text(text: str) -> RevisionCounters:
             requests += s.value
             if s.labels.get("code", "").startswith("5"):
                 errors += s.value
-    return RevisionCounters(requests, errors, _histogram(samples, LATENCY), _histogram(samples, TTFT), pods=1)
+    return RevisionCounters(
+        requests, errors, _histogram(samples, LATENCY), _histogram(samples, TTFT), pods=1
+    )
 
 
 def sum_counters(pods: Iterable[RevisionCounters]) -> RevisionCounters:
@@ -267,9 +298,24 @@ def interval(before: RevisionCounters, after: RevisionCounters) -> IntervalMetri
     """
     requests = after.requests - before.requests
     errors = after.errors - before.errors
-    latency = after.latency.minus(before.latency) if after.latency.bounds == before.latency.bounds or not before.latency.bounds else None
-    ttft = after.ttft.minus(before.ttft) if after.ttft.bounds == before.ttft.bounds or not before.ttft.bounds else None
-    if requests < 0 or errors < 0 or latency is None or ttft is None or latency.total < 0 or ttft.total < 0:
+    latency = (
+        after.latency.minus(before.latency)
+        if after.latency.bounds == before.latency.bounds or not before.latency.bounds
+        else None
+    )
+    ttft = (
+        after.ttft.minus(before.ttft)
+        if after.ttft.bounds == before.ttft.bounds or not before.ttft.bounds
+        else None
+    )
+    if (
+        requests < 0
+        or errors < 0
+        or latency is None
+        or ttft is None
+        or latency.total < 0
+        or ttft.total < 0
+    ):
         return None
     return IntervalMetrics(
         requests=requests,
@@ -299,6 +345,21 @@ class Verdict:
     stable: dict[str, float] | None = None
 
 
+def wilson_lower(errors: float, total: float, z: float = ERROR_RATE_Z) -> float:
+    """Lower end of the Wilson score interval of ``errors / total`` (0 without data).
+
+    Unlike the normal approximation it behaves with few requests and rates near 0, which is
+    exactly a canary's situation.
+    """
+    if total <= 0:
+        return 0.0
+    p = min(1.0, max(0.0, errors / total))
+    denom = 1 + z * z / total
+    centre = p + z * z / (2 * total)
+    margin = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
+    return max(0.0, (centre - margin) / denom)
+
+
 def evaluate(measurement: Measurement, spec: AnalysisSpec) -> Verdict:
     """Judge one interval: Successful, Failed or Inconclusive.
 
@@ -320,19 +381,39 @@ def evaluate(measurement: Measurement, spec: AnalysisSpec) -> Verdict:
     thr = spec.thresholds
     failures: list[str] = []
     err = canary.error_rate or 0.0
-    if err > thr.max_error_rate:
-        failures.append(f"error rate {err:.1%} > maxErrorRate {thr.max_error_rate:.1%}")
+    # What the canary's error rate is at least, with 95% confidence (module docstring).
+    err_low = wilson_lower(err * canary.requests, canary.requests)
+    if err > thr.max_error_rate and err_low > thr.max_error_rate:
+        failures.append(
+            f"error rate {err:.1%} > maxErrorRate {thr.max_error_rate:.1%} (at least {err_low:.1%} with 95% confidence)"
+        )
     p95 = canary.p95_latency_seconds
-    if thr.max_p95_latency_seconds is not None and p95 is not None and p95 > thr.max_p95_latency_seconds:
-        failures.append(f"p95 latency {p95:.3f}s > maxP95LatencySeconds {thr.max_p95_latency_seconds}s")
+    if (
+        thr.max_p95_latency_seconds is not None
+        and p95 is not None
+        and p95 > thr.max_p95_latency_seconds
+    ):
+        failures.append(
+            f"p95 latency {p95:.3f}s > maxP95LatencySeconds {thr.max_p95_latency_seconds}s"
+        )
     ttft = canary.ttft_p95_seconds
-    if thr.max_ttft_p95_seconds is not None and ttft is not None and ttft > thr.max_ttft_p95_seconds:
-        failures.append(f"p95 time to first token {ttft:.3f}s > maxTtftP95Seconds {thr.max_ttft_p95_seconds}s")
+    if (
+        thr.max_ttft_p95_seconds is not None
+        and ttft is not None
+        and ttft > thr.max_ttft_p95_seconds
+    ):
+        failures.append(
+            f"p95 time to first token {ttft:.3f}s > maxTtftP95Seconds {thr.max_ttft_p95_seconds}s"
+        )
     if stable is not None and stable.requests >= spec.min_samples:
         stable_err = stable.error_rate or 0.0
-        if thr.max_error_rate_increase is not None and err - stable_err > thr.max_error_rate_increase:
+        if (
+            thr.max_error_rate_increase is not None
+            and err_low - stable_err > thr.max_error_rate_increase
+        ):
             failures.append(
                 f"error rate {err:.1%} exceeds stable's {stable_err:.1%} by more than {thr.max_error_rate_increase:.1%}"
+                f" (at least {err_low:.1%} with 95% confidence)"
             )
         sp95 = stable.p95_latency_seconds
         if (
@@ -342,7 +423,9 @@ def evaluate(measurement: Measurement, spec: AnalysisSpec) -> Verdict:
             and p95 > thr.max_latency_ratio * sp95
             and p95 - sp95 > LATENCY_RATIO_FLOOR_SECONDS
         ):
-            failures.append(f"p95 latency {p95:.3f}s > {thr.max_latency_ratio}x stable's {sp95:.3f}s")
+            failures.append(
+                f"p95 latency {p95:.3f}s > {thr.max_latency_ratio}x stable's {sp95:.3f}s"
+            )
     if failures:
         return Verdict(FAILED, "; ".join(failures), samples, **figures)
     return Verdict(SUCCESSFUL, f"{samples} canary requests within thresholds", samples, **figures)
@@ -358,8 +441,16 @@ DEFAULT_QUERIES = {
         "sum(increase(" + REQUESTS + _SEL_5XX + "[{{interval}}]))"
         " / sum(increase(" + REQUESTS + _SEL + "[{{interval}}]))"
     ),
-    "latencyP95": "histogram_quantile(0.95, sum by (le) (increase(" + LATENCY + "_bucket" + _SEL + "[{{interval}}])))",
-    "ttftP95": "histogram_quantile(0.95, sum by (le) (increase(" + TTFT + "_bucket" + _SEL + "[{{interval}}])))",
+    "latencyP95": "histogram_quantile(0.95, sum by (le) (increase("
+    + LATENCY
+    + "_bucket"
+    + _SEL
+    + "[{{interval}}])))",
+    "ttftP95": "histogram_quantile(0.95, sum by (le) (increase("
+    + TTFT
+    + "_bucket"
+    + _SEL
+    + "[{{interval}}])))",
 }
 
 
@@ -369,7 +460,11 @@ def render_query(template: str, namespace: str, revision: str, interval_text: st
     The default queries select by the ``revision`` label, which the pod template carries as
     ``kubetune.io/revision`` and a standard PodMonitor relabels to ``revision``.
     """
-    return template.replace("{{namespace}}", namespace).replace("{{revision}}", revision).replace("{{interval}}", interval_text)
+    return (
+        template.replace("{{namespace}}", namespace)
+        .replace("{{revision}}", revision)
+        .replace("{{interval}}", interval_text)
+    )
 
 
 def parse_duration(text: str) -> float:

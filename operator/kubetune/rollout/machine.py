@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -215,14 +214,8 @@ def revision_from_status(data: Mapping[str, Any], mdep_name: str) -> Revision:
 
 
 def wilson_lower(errors: float, total: float, z: float = FAST_FAIL_Z) -> float:
-    """Lower bound of the Wilson score interval of an error proportion (0 when no data)."""
-    if total <= 0:
-        return 0.0
-    p = errors / total
-    denom = 1 + z * z / total
-    centre = p + z * z / (2 * total)
-    margin = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
-    return max(0.0, (centre - margin) / denom)
+    """Lower Wilson bound at the fast-failure confidence (see ``analysis.wilson_lower``)."""
+    return an.wilson_lower(errors, total, z)
 
 
 # --- the machine ---------------------------------------------------------------------------
