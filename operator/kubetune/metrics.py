@@ -157,6 +157,55 @@ def record_restart(reason: str) -> None:
     TRAINING_RESTARTS.labels(reason=reason).inc()
 
 
+# Last status seen per object, to turn status changes into rollout/rollback/restart counts.
+_last: dict[tuple[str, str, str], dict[str, object]] = {}
+
+
+def _degraded_reason(status: dict) -> str:
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "Degraded" and cond.get("status") == "True" and cond.get("reason"):
+            return str(cond["reason"])
+    return "Unknown"
+
+
+def observe_status(kind: str, namespace: str, name: str, status: dict | None) -> None:
+    """Update every metric that follows from an object's status (called on each watch event).
+
+    Level-triggered like the reconcilers: the per-phase gauges are set from ``status.phase``;
+    counters move only on a *change* against the last status seen for that object, so replays
+    of the same status (relists, resyncs) count nothing twice. After an operator restart the
+    first status seen is a baseline, not a transition.
+    """
+    status = status or {}
+    set_phase(kind, namespace, name, status.get("phase"))
+    key = (kind, namespace, name)
+    with _lock:
+        before = _last.get(key)
+        _last[key] = {
+            "phase": status.get("phase"),
+            "restarts": int(status.get("restarts") or 0),
+            "stable": (status.get("stable") or {}).get("name"),
+            "rejected": len(status.get("rejectedRevisions") or []),
+        }
+        now = _last[key]
+    if before is None:
+        return
+    if kind == "FineTuneJob" and now["restarts"] > before["restarts"]:  # type: ignore[operator]
+        record_restart(str(status.get("lastFailureReason") or "Unknown"))
+    if kind == "ModelDeployment":
+        if now["rejected"] > before["rejected"]:  # type: ignore[operator]
+            record_rollback(_degraded_reason(status))
+        elif before["stable"] and now["stable"] != before["stable"]:
+            record_rollout("Promoted")
+
+
+def forget_status(kind: str, namespace: str, name: str) -> None:
+    """The object was deleted: drop it from the gauges and the transition memory."""
+    forget(kind, namespace, name)
+    with _lock:
+        _last.pop((kind, namespace, name), None)
+
+
 _server_port: int | None = None
 
 

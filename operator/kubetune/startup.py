@@ -12,6 +12,10 @@ Deployment lives here, driven by environment variables the chart sets:
     The earlier a replica started, the higher its priority: the oldest one works, the others
     stand by, and during a rolling upgrade the old version keeps working until it exits (Kopf
     removes it from the peering on SIGTERM) instead of two versions reconciling at once.
+Also here: the per-phase gauges and the rollout/rollback/restart counters of
+:mod:`kubetune.metrics`, derived from the objects' status as it changes (watch events), so the
+reconcilers need no metrics code beyond ``metrics.reconcile(kind)`` around a reconcile.
+
 ``KUBETUNE_SCANNING=false``
     Namespace-scoped installs (``watchNamespaces``) have Roles only, so the operator may not
     list Namespaces or watch CRDs (both cluster-scoped). Kopf would try, log a warning and fall
@@ -40,3 +44,23 @@ def cluster_runtime(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: o
         settings.peering.priority = -int(time.time() * 1000)
     if os.environ.get("KUBETUNE_SCANNING", "").lower() == "false":
         settings.scanning.disabled = True
+
+
+@kopf.on.event("kubetune.io", "v1alpha1", "finetunejobs")
+def finetunejob_metrics(event: dict, namespace: str, name: str, status: dict, **_: object) -> None:
+    """FineTuneJobs by phase; restarts by reason."""
+    if event.get("type") == "DELETED":
+        metrics.forget_status("FineTuneJob", namespace, name)
+    else:
+        metrics.observe_status("FineTuneJob", namespace, name, dict(status))
+
+
+@kopf.on.event("kubetune.io", "v1alpha1", "modeldeployments")
+def modeldeployment_metrics(
+    event: dict, namespace: str, name: str, status: dict, **_: object
+) -> None:
+    """ModelDeployments by phase; promotions and rollbacks."""
+    if event.get("type") == "DELETED":
+        metrics.forget_status("ModelDeployment", namespace, name)
+    else:
+        metrics.observe_status("ModelDeployment", namespace, name, dict(status))

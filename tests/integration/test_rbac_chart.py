@@ -14,7 +14,8 @@ Covers:
   that run or listed in ``NOT_EXERCISED`` with the reason (so unused grants cannot creep in);
 - namespace-scoped install (``watchNamespaces``): every call stays inside the watched
   namespace and is allowed by that namespace's Role (no cluster-scoped call at all);
-- the peering object and Kopf's liveness endpoint (/healthz) the Deployment's probe uses;
+- the peering object, Kopf's liveness endpoint (/healthz) the Deployment's probe uses, and the
+  operator's /metrics (phase gauges fed by ``kubetune.startup``);
 - docs/security.md documents exactly the rules the chart grants.
 """
 
@@ -35,11 +36,13 @@ import kmock
 import pytest
 import yaml
 
+from kubetune import metrics
 from kubetune.k8s.client import KubeClient, write_kubeconfig
 from tests.plugins.kube import (
     KubetuneEmulator,
     finish_job,
     register_crds,
+    wait_for,
     wait_for_object,
 )
 
@@ -312,6 +315,19 @@ def kopf_peering_objects(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [o for o in objects if o["apiVersion"].startswith("kopf.dev/")]
 
 
+async def scraped_phase_count(kind: str, phase: str, at_least: int = 1) -> float | None:
+    """The operator's /metrics (over HTTP) count of ``kind`` in ``phase``, once it reaches ``at_least``."""
+    port = metrics.serve(0)  # already started by kubetune.startup: returns its port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as rsp:
+        text = rsp.read().decode()
+    name = {"FineTuneJob": "kubetune_finetunejobs", "ModelDeployment": "kubetune_modeldeployments"}[
+        kind
+    ]
+    match = re.search(rf'^{name}{{phase="{phase}"}} ([0-9.]+)$', text, flags=re.M)
+    value = float(match.group(1)) if match else 0.0
+    return value if value >= at_least else None
+
+
 def healthz(port: int) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as rsp:
         return rsp.status
@@ -481,6 +497,14 @@ async def test_cluster_install_allows_every_call_and_grants_nothing_unused(
                     timeout=30,
                 )
                 assert healthz(liveness_port) == 200
+                # The chart's KUBETUNE_METRICS_PORT made kubetune.startup serve the operator's metrics.
+                await wait_for(
+                    lambda: scraped_phase_count("FineTuneJob", "Succeeded"), what="/metrics"
+                )
+                await wait_for(
+                    lambda: scraped_phase_count("ModelDeployment", "Healthy", at_least=2),
+                    what="/metrics",
+                )
             peering = await kube.get("kopf.dev/v1", "ClusterKopfPeering", None, "kubetune")
             assert peering is not None
         finally:

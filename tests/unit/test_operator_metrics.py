@@ -76,3 +76,68 @@ def test_metrics_endpoint_serves_the_registry(monkeypatch: pytest.MonkeyPatch) -
         "kubetune_modeldeployments",
         "kubetune_rollbacks",
     } <= names
+
+
+def test_status_changes_become_counts_once() -> None:
+    ns = "ns-status"
+    restarts = _value("kubetune_finetunejob_restarts_total", reason="Preempted")
+    metrics.observe_status("FineTuneJob", ns, "j", {"phase": "Running", "restarts": 0})
+    metrics.observe_status(
+        "FineTuneJob",
+        ns,
+        "j",
+        {"phase": "Running", "restarts": 1, "lastFailureReason": "Preempted"},
+    )
+    metrics.observe_status(
+        "FineTuneJob",
+        ns,
+        "j",
+        {"phase": "Running", "restarts": 1, "lastFailureReason": "Preempted"},
+    )
+    assert _value("kubetune_finetunejob_restarts_total", reason="Preempted") == restarts + 1
+
+    promoted = _value("kubetune_rollouts_total", result="Promoted")
+    rollbacks = _value("kubetune_rollbacks_total", reason="EvalGateFailed")
+    metrics.observe_status(
+        "ModelDeployment", ns, "m", {"phase": "Healthy", "stable": {"name": "r1"}}
+    )
+    metrics.observe_status(
+        "ModelDeployment",
+        ns,
+        "m",
+        {"phase": "Progressing", "stable": {"name": "r1"}, "canary": {"name": "r2"}},
+    )
+    metrics.observe_status(
+        "ModelDeployment", ns, "m", {"phase": "Healthy", "stable": {"name": "r2"}}
+    )
+    metrics.observe_status(
+        "ModelDeployment", ns, "m", {"phase": "Healthy", "stable": {"name": "r2"}}
+    )  # replay
+    assert _value("kubetune_rollouts_total", result="Promoted") == promoted + 1
+    metrics.observe_status(
+        "ModelDeployment",
+        ns,
+        "m",
+        {
+            "phase": "RolledBack",
+            "stable": {"name": "r2"},
+            "rejectedRevisions": [{"name": "r3", "reason": "x"}],
+            "conditions": [{"type": "Degraded", "status": "True", "reason": "EvalGateFailed"}],
+        },
+    )
+    assert _value("kubetune_rollbacks_total", reason="EvalGateFailed") == rollbacks + 1
+    assert _value("kubetune_modeldeployments", phase="RolledBack") >= 1
+    metrics.forget_status("ModelDeployment", ns, "m")
+    metrics.forget_status("FineTuneJob", ns, "j")
+
+
+def test_first_status_after_a_restart_is_a_baseline() -> None:
+    before = _value("kubetune_finetunejob_restarts_total", reason="OOMKilled")
+    metrics.observe_status(
+        "FineTuneJob",
+        "ns-baseline",
+        "j",
+        {"phase": "Running", "restarts": 3, "lastFailureReason": "OOMKilled"},
+    )
+    assert _value("kubetune_finetunejob_restarts_total", reason="OOMKilled") == before
+    metrics.forget_status("FineTuneJob", "ns-baseline", "j")
