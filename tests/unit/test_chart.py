@@ -270,3 +270,19 @@ def test_values_schema_refuses_bad_values(values: dict[str, Any], fragment: str)
     with pytest.raises(helm.HelmError) as info:
         chart.render(values, name="kubetune", namespace=NAMESPACE)
     assert fragment in str(info.value)
+
+
+def test_packaged_chart_carries_the_crd_contents(tmp_path: Path) -> None:
+    """`helm package` resolves the crds/ symlinks: the published .tgz holds the generated CRDs."""
+    archive = helm.package(CHART, destination=tmp_path)
+    chart = helm.Chart.load_archive(Path(archive).read_bytes())
+    assert (
+        chart.metadata["version"] == yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
+    )
+    shipped = {Path(c["name"]).name: c["data"] for c in chart.crds}
+    for repo_crd in sorted((REPO / "crds").glob("*.yaml")):
+        data = shipped[repo_crd.name]
+        text = data if isinstance(data, str) else bytes(data).decode()
+        assert text == repo_crd.read_text()
+    assert "kopf.dev-peerings.yaml" in shipped
+    assert chart.render({}, name="kubetune", namespace=NAMESPACE)  # the archive renders too
