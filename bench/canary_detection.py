@@ -1,0 +1,590 @@
+"""Canary detection benchmark: how fast a bad canary loses its traffic, and how often a good one does.
+
+Two parts, both comparing kubetune's analysis (``kubetune.rollout.machine.step``: interval
+analysis with minSamples plus the 99%-certain fast failure) with a baseline that checks the
+canary's success rate at fixed intervals and rolls back after ``threshold`` failed checks --
+Flagger's default (interval 1m, threshold 5, request-success-rate >= 99%).
+
+1. **Real traffic on loopback** (``--real-runs``): two small HTTP model servers exposing the
+   kubetune_server metric names (docs/contracts.md) with real Prometheus text, the local
+   weighted router (``kubetune.local.router``) in front of them, an open-loop load of
+   ``--rate`` requests/s through the router, and the state machine driving the router's weights
+   from real scrapes of /metrics, exactly as the local runtime does. The canary sits at 10%,
+   passes one analysis interval, then starts returning 5xx for ``--bad-error-rate`` of its
+   requests. Measured: seconds from going bad to router weight 0, and requests that reached
+   the bad canary. The baseline runs the same way with its fixed-interval check (its interval
+   is ``--baseline-interval``, 10 s by default to keep the run short; the figure is also
+   scaled to Flagger's 1m default).
+
+2. **Many runs in virtual time** (``--sim-runs``): the same ``machine.step`` driven with a
+   simulated clock and synthetic counters (Poisson arrivals at the same rate, binomial errors,
+   log-normal latencies), so hundreds of full rollouts take seconds: a healthy canary (the same
+   0.5% background error rate and latency as stable) through every default step -> false
+   rollback rate; a bad canary -> detection time distribution. The baseline is simulated with
+   Flagger's real defaults (1m, 5 checks, 99%).
+
+Run: ``.venv/bin/python bench/canary_detection.py`` (about 2-3 minutes on 2 cores). Appends a
+section to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from kubetune.api.modeldeployment import ModelDeploymentSpec
+from kubetune.local.router import WeightedRouter
+from kubetune.rollout import analysis as an
+from kubetune.rollout import machine as m
+from kubetune.rollout.revisions import Revision, resolve
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+UTC = datetime.UTC
+
+
+# --- the rollout under test -------------------------------------------------------------------
+
+
+def make_md(adapter: str, steps: list[dict], interval: str = "10s") -> dict[str, Any]:
+    """A ModelDeployment with the default thresholds (maxErrorRate 5%, minSamples 20)."""
+    return {
+        "metadata": {"name": "bench", "namespace": "default", "generation": 1, "annotations": {}},
+        "spec": {
+            "model": {"baseModel": {"uri": "file:///models/base"}, "adapter": {"uri": adapter}},
+            "replicas": 1,
+            "resources": {"gpus": 0},
+            "rollout": {
+                "steps": steps,
+                "analysis": {"interval": interval, "minSamples": 20, "failureLimit": 1},
+                "scaleDownDelaySeconds": 0,
+                "progressDeadlineSeconds": 3600,
+            },
+        },
+    }
+
+
+def revision_of(md: dict) -> Revision:
+    rev = resolve(ModelDeploymentSpec.model_validate(md["spec"]), "bench")
+    assert isinstance(rev, Revision)
+    return rev
+
+
+HOLD_STEPS = [{"setWeight": 10}, {"analysis": {"intervals": 1000}}]
+DEFAULT_STEPS = [
+    {"setWeight": 10},
+    {"analysis": {"intervals": 2}},
+    {"setWeight": 50},
+    {"analysis": {"intervals": 2}},
+]
+
+
+class Counters:
+    """Cumulative kubetune_server counters of one server (what /metrics exposes)."""
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.errors = 0
+        self.buckets = [0] * len(BOUNDS)
+        self.total = 0
+
+    def observe(self, error: bool, latency: float) -> None:
+        if error:
+            self.errors += 1
+        else:
+            self.ok += 1
+        self.total += 1
+        for i, b in enumerate(BOUNDS):
+            if latency <= b:
+                self.buckets[i] += 1
+
+    def revision_counters(self) -> an.RevisionCounters:
+        hist = an.Histogram(BOUNDS, tuple(float(c) for c in self.buckets), float(self.total))
+        return an.RevisionCounters(
+            float(self.ok + self.errors), float(self.errors), hist, hist, pods=1
+        )
+
+    def text(self) -> str:
+        out = [
+            "# TYPE kubetune_server_requests_total counter",
+            f'kubetune_server_requests_total{{model="bench",code="200"}} {self.ok}',
+            f'kubetune_server_requests_total{{model="bench",code="500"}} {self.errors}',
+        ]
+        for name in (
+            "kubetune_server_request_duration_seconds",
+            "kubetune_server_time_to_first_token_seconds",
+        ):
+            out.append(f"# TYPE {name} histogram")
+            for b, c in zip(BOUNDS, self.buckets, strict=True):
+                out.append(f'{name}_bucket{{model="bench",le="{b}"}} {c}')
+            out.append(f'{name}_bucket{{model="bench",le="+Inf"}} {self.total}')
+            out.append(f'{name}_count{{model="bench"}} {self.total}')
+        return "\n".join(out) + "\n"
+
+
+# --- part 1: real HTTP on loopback ---------------------------------------------------------------
+
+
+class FakeModelServer:
+    """A tiny model server: /v1/completions with injectable errors, /metrics, /readyz."""
+
+    def __init__(self, name: str, error_rate: float, seed: int) -> None:
+        self.name = name
+        self.error_rate = error_rate
+        self.rng = random.Random(seed)
+        self.counters = Counters()
+        self.bad_since: float | None = None
+        self.served_while_bad = 0
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def complete(self, _request: web.Request) -> web.Response:
+        latency = self.rng.lognormvariate(math.log(0.02), 0.3)
+        await asyncio.sleep(latency)
+        if self.bad_since is not None:
+            self.served_while_bad += 1
+        error = self.rng.random() < self.error_rate
+        self.counters.observe(error, latency)
+        if error:
+            return web.json_response({"error": {"message": "injected"}}, status=500)
+        return web.json_response({"choices": [{"text": "ok"}]})
+
+    async def start(self) -> FakeModelServer:
+        app = web.Application()
+        app.router.add_post("/v1/completions", self.complete)
+        app.router.add_get("/metrics", lambda _r: web.Response(text=self.counters.text()))
+        app.router.add_get("/readyz", lambda _r: web.Response(text="ok"))
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def stop(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()
+
+
+async def open_loop_load(url: str, rate: float, stop: asyncio.Event) -> int:
+    """Fire ``rate`` requests/s at fixed times (open loop: slow answers do not slow the load)."""
+    sent = 0
+    tasks: set[asyncio.Task] = set()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
+
+        async def one() -> None:
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with session.post(
+                    url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4}
+                ) as r:
+                    await r.read()
+
+        start = time.monotonic()
+        while not stop.is_set():
+            sent += 1
+            task = asyncio.create_task(one())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            delay = start + sent / rate - time.monotonic()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return sent
+
+
+async def scrape(session: aiohttp.ClientSession, server: FakeModelServer) -> an.RevisionCounters:
+    async with session.get(server.url + "/metrics") as resp:
+        return an.counters_from_text(await resp.text())
+
+
+async def real_run(
+    kind: str, rate: float, bad_error_rate: float, baseline_interval: float, seed: int
+) -> dict:
+    """One real-traffic run; ``kind`` is 'ours' or 'baseline'. Returns the measured figures."""
+    stable = await FakeModelServer("stable", 0.005, seed).start()
+    canary = await FakeModelServer("canary", 0.005, seed + 1).start()
+    router = WeightedRouter()
+    await router.start()
+    md_a = make_md("file:///models/a", HOLD_STEPS)
+    md_b = make_md("file:///models/b", HOLD_STEPS)
+    rev_a, rev_b = revision_of(md_a), revision_of(md_b)
+    servers = {rev_a.name: stable, rev_b.name: canary}
+    router.set_backends({rev_a.name: (stable.url, 100), rev_b.name: (canary.url, 0)})
+    stop = asyncio.Event()
+    load = asyncio.create_task(open_loop_load(router.url, rate, stop))
+    result: dict[str, Any] = {"kind": kind}
+    try:
+        async with aiohttp.ClientSession() as session:
+            if kind == "ours":
+                result.update(
+                    await _drive_ours(session, router, servers, md_a, md_b, bad_error_rate)
+                )
+            else:
+                result.update(
+                    await _drive_baseline(
+                        session, router, rev_b.name, canary, bad_error_rate, baseline_interval
+                    )
+                )
+    finally:
+        stop.set()
+        result["sent"] = await load
+        await router.stop()
+        await stable.stop()
+        await canary.stop()
+    return result
+
+
+async def _observe(session, servers: dict[str, FakeModelServer], model: Revision) -> m.Observed:
+    revisions = {}
+    for name, server in servers.items():
+        revisions[name] = m.RevisionObservation(1, 1, True, counters=await scrape(session, server))
+    return m.Observed(model=model, revisions=revisions, mode="local")
+
+
+def _apply(router: WeightedRouter, decided: m.Step) -> float:
+    requeue = 1.0
+    for action in decided.actions:
+        if isinstance(action, m.SetWeights):
+            for name, weight in action.weights.items():
+                if name in router.backends and router.backends[name].weight != weight:
+                    router.set_weight(name, weight)
+        elif isinstance(action, m.Requeue):
+            requeue = action.seconds
+    return requeue
+
+
+async def _drive_ours(session, router, servers, md_a, md_b, bad_error_rate) -> dict:
+    md = dict(md_a)
+    rev_a = revision_of(md_a)
+    decided = m.step(md, await _observe(session, servers, rev_a), datetime.datetime.now(UTC))
+    md["status"] = decided.status
+    md = {**md_b, "status": md["status"]}
+    rev_b = revision_of(md_b)
+    canary = servers[rev_b.name]
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        decided = m.step(md, await _observe(session, servers, rev_b), datetime.datetime.now(UTC))
+        md["status"] = decided.status
+        wait = _apply(router, decided)
+        st = decided.status
+        if canary.bad_since is None:
+            ok = [r for r in st.get("analysis") or [] if r["phase"] == "Successful"]
+            if ok and router.backends[rev_b.name].weight == 10:
+                canary.bad_since = time.monotonic()
+                canary.error_rate = bad_error_rate
+        elif router.backends[rev_b.name].weight == 0:
+            return {
+                "detect_s": time.monotonic() - canary.bad_since,
+                "bad_requests": canary.served_while_bad,
+                "why": st.get("message", ""),
+                "phase": st.get("phase"),
+            }
+        await asyncio.sleep(min(wait, 1.0))
+    return {"detect_s": None, "bad_requests": canary.served_while_bad, "phase": "timeout"}
+
+
+async def _drive_baseline(session, router, canary_name, canary, bad_error_rate, interval) -> dict:
+    """Flagger-like: every interval, success rate over the interval < 99% is a failed check."""
+    router.set_weight(canary_name, 10)
+    before = await scrape(session, canary)
+    failed = 0
+    checks = 0
+    while True:
+        await asyncio.sleep(interval)
+        now = await scrape(session, canary)
+        delta = an.interval(before, now)
+        before = now
+        checks += 1
+        if checks == 1:
+            canary.bad_since = time.monotonic()  # one good check first, like ours
+            canary.error_rate = bad_error_rate
+            continue
+        if delta is not None and delta.requests > 0 and (1 - (delta.error_rate or 0)) < 0.99:
+            failed += 1
+        if failed >= 5:
+            router.set_weight(canary_name, 0)
+            return {
+                "detect_s": time.monotonic() - canary.bad_since,
+                "bad_requests": canary.served_while_bad,
+                "phase": "RolledBack",
+                "why": f"{failed} failed checks",
+            }
+
+
+# --- part 2: virtual time ------------------------------------------------------------------------
+
+
+class SimRevision:
+    """Synthetic traffic of one revision (Poisson arrivals, binomial errors, log-normal latency)."""
+
+    def __init__(self, rng: random.Random, error_rate: float, latency: float = 0.05) -> None:
+        self.rng = rng
+        self.error_rate = error_rate
+        self.latency = latency
+        self.c = Counters()
+
+    def serve(self, rate: float, seconds: float) -> None:
+        n = _poisson(self.rng, rate * seconds)
+        for _ in range(n):
+            self.c.observe(
+                self.rng.random() < self.error_rate,
+                self.rng.lognormvariate(math.log(self.latency), 0.25),
+            )
+
+
+def _poisson(rng: random.Random, lam: float) -> int:
+    if lam <= 0:
+        return 0
+    if lam > 30:
+        return max(0, round(rng.gauss(lam, math.sqrt(lam))))
+    limit, k, p = math.exp(-lam), 0, 1.0
+    while True:
+        p *= rng.random()
+        if p <= limit:
+            return k
+        k += 1
+
+
+def sim_ours(
+    rng: random.Random, rate: float, bad_error_rate: float | None, steps: list[dict]
+) -> dict:
+    """One rollout in virtual time. bad_error_rate None: healthy canary through every step."""
+    md_a, md_b = make_md("file:///models/a", steps), make_md("file:///models/b", steps)
+    rev_a, rev_b = revision_of(md_a), revision_of(md_b)
+    sims = {rev_a.name: SimRevision(rng, 0.005), rev_b.name: SimRevision(rng, 0.005)}
+    now = datetime.datetime(2026, 1, 1, tzinfo=UTC)
+    md = {**md_a}
+    md["status"] = m.step(
+        md, m.Observed(rev_a, {rev_a.name: m.RevisionObservation(1, 1, True)}, "local"), now
+    ).status
+    md = {**md_b, "status": md["status"]}
+    weights = {rev_a.name: 100, rev_b.name: 0}
+    t, bad_at, bad_requests = 0.0, None, 0
+    while t < 3600:
+        obs = m.Observed(
+            rev_b,
+            {
+                n: m.RevisionObservation(1, 1, True, counters=s.c.revision_counters())
+                for n, s in sims.items()
+            },
+            "local",
+        )
+        decided = m.step(md, obs, now + datetime.timedelta(seconds=t))
+        md["status"] = decided.status
+        wait = 1.0
+        for a in decided.actions:
+            if isinstance(a, m.SetWeights):
+                weights = dict(a.weights)
+            elif isinstance(a, m.Requeue):
+                wait = a.seconds
+        st = decided.status
+        if st.get("phase") in ("RolledBack", "Healthy") and "canary" not in st:
+            return {
+                "rolled_back": st["phase"] == "RolledBack",
+                "detect_s": (t - bad_at) if bad_at is not None else None,
+                "bad_requests": bad_requests,
+                "virtual_s": t,
+            }
+        if (
+            bad_error_rate is not None
+            and bad_at is None
+            and weights.get(rev_b.name) == 10
+            and any(r["phase"] == "Successful" for r in st.get("analysis") or [])
+        ):
+            bad_at = t
+            sims[rev_b.name].error_rate = bad_error_rate
+        wait = max(0.1, min(wait, 5.0))
+        for name, sim in sims.items():
+            before = sim.c.total
+            sim.serve(rate * weights.get(name, 0) / 100, wait)
+            if name == rev_b.name and bad_at is not None:
+                bad_requests += sim.c.total - before
+        t += wait
+    return {"rolled_back": False, "detect_s": None, "bad_requests": bad_requests, "virtual_s": t}
+
+
+def sim_baseline(
+    rng: random.Random,
+    rate: float,
+    bad_error_rate: float | None,
+    interval: float = 60.0,
+    threshold: int = 5,
+    iterations: int = 10,
+    step_weight: int = 10,
+) -> dict:
+    """Flagger's default analysis in virtual time: checks every interval, rollback at threshold."""
+    canary = SimRevision(rng, 0.005)
+    failed, t, bad_at, bad_requests = 0, 0.0, None, 0
+    weight = step_weight
+    for check in range(iterations if bad_error_rate is None else 10_000):
+        if bad_error_rate is not None and check == 1 and bad_at is None:
+            bad_at = t
+            canary.error_rate = bad_error_rate
+        before = canary.c.revision_counters()
+        canary.serve(rate * weight / 100, interval)
+        after = canary.c.revision_counters()
+        if bad_at is not None:
+            bad_requests += int(after.requests - before.requests)
+        t += interval
+        delta = an.interval(before, after)
+        if delta and delta.requests > 0 and (1 - (delta.error_rate or 0)) < 0.99:
+            failed += 1
+        if failed >= threshold:
+            return {
+                "rolled_back": True,
+                "detect_s": (t - bad_at) if bad_at is not None else None,
+                "bad_requests": bad_requests,
+            }
+        if bad_error_rate is None and check == iterations // 2:
+            weight = 50
+    return {"rolled_back": False, "detect_s": None, "bad_requests": bad_requests}
+
+
+# --- reporting -----------------------------------------------------------------------------------
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    return f"median {statistics.median(values):.1f} (min {min(values):.1f}, max {max(values):.1f})"
+
+
+async def main_async(args: argparse.Namespace) -> str:
+    lines: list[str] = []
+    say = lines.append
+
+    ours_real = [
+        await real_run("ours", args.rate, args.bad_error_rate, args.baseline_interval, 10 + i)
+        for i in range(args.real_runs)
+    ]
+    base_real = [
+        await real_run("baseline", args.rate, args.bad_error_rate, args.baseline_interval, 100 + i)
+        for i in range(args.baseline_runs)
+    ]
+
+    rng = random.Random(args.seed)
+    t0 = time.perf_counter()
+    ours_healthy = [sim_ours(rng, args.rate, None, DEFAULT_STEPS) for _ in range(args.sim_runs)]
+    ours_bad = [
+        sim_ours(rng, args.rate, args.bad_error_rate, HOLD_STEPS) for _ in range(args.sim_runs // 4)
+    ]
+    base_healthy = [sim_baseline(rng, args.rate, None) for _ in range(args.sim_runs)]
+    base_bad = [
+        sim_baseline(rng, args.rate, args.bad_error_rate) for _ in range(args.sim_runs // 4)
+    ]
+    sim_s = time.perf_counter() - t0
+
+    o_det = [r["detect_s"] for r in ours_real if r["detect_s"] is not None]
+    b_det = [r["detect_s"] for r in base_real if r["detect_s"] is not None]
+    o_bad = [float(r["bad_requests"]) for r in ours_real if r["detect_s"] is not None]
+    b_bad = [float(r["bad_requests"]) for r in base_real if r["detect_s"] is not None]
+    scale = 60.0 / args.baseline_interval
+    say(
+        f"rate {args.rate:g} req/s through the local weighted router, canary at 10%, "
+        f"bad = {args.bad_error_rate:.0%} 5xx; ours: interval 10s, minSamples 20, failureLimit 1"
+    )
+    say("")
+    say(
+        "| real traffic on loopback | runs | seconds bad -> weight 0 | requests to the bad canary |"
+    )
+    say("|---|---|---|---|")
+    say(
+        f"| kubetune (machine.step, fast failure) | {len(ours_real)} | {_fmt(o_det)} | {_fmt(o_bad)} |"
+    )
+    say(
+        f"| baseline: success-rate check every {args.baseline_interval:g}s, threshold 5 | {len(base_real)} | "
+        f"{_fmt(b_det)} | {_fmt(b_bad)} |"
+    )
+    if b_det:
+        say(
+            f"| baseline scaled to Flagger's default interval 1m | - | ~{statistics.median(b_det) * scale:.0f} | "
+            f"~{statistics.median(b_bad) * scale:.0f} |"
+        )
+    say("")
+    o_fr = sum(r["rolled_back"] for r in ours_healthy)
+    b_fr = sum(r["rolled_back"] for r in base_healthy)
+    od = [r["detect_s"] for r in ours_bad if r["detect_s"] is not None]
+    bd = [r["detect_s"] for r in base_bad if r["detect_s"] is not None]
+    say(
+        f"| virtual time ({sim_s:.1f}s wall) | healthy runs | false rollbacks | bad runs | seconds bad -> weight 0 |"
+        " requests to the bad canary |"
+    )
+    say("|---|---|---|---|---|---|")
+    say(
+        f"| kubetune, default steps (10%, 2 intervals, 50%, 2 intervals) | {len(ours_healthy)} | {o_fr} "
+        f"({o_fr / max(1, len(ours_healthy)):.1%}) | {len(ours_bad)} | {_fmt(od)} | "
+        f"{_fmt([float(r['bad_requests']) for r in ours_bad])} |"
+    )
+    say(
+        f"| baseline: Flagger default (1m, threshold 5, >= 99% success), 10 checks | {len(base_healthy)} | {b_fr} "
+        f"({b_fr / max(1, len(base_healthy)):.1%}) | {len(base_bad)} | {_fmt(bd)} | "
+        f"{_fmt([float(r['bad_requests']) for r in base_bad])} |"
+    )
+    say("")
+    if o_det and b_det:
+        say(
+            f"ratio (real traffic, median time to weight 0): baseline / kubetune = "
+            f"{statistics.median(b_det) / statistics.median(o_det):.1f}x at a {args.baseline_interval:g}s baseline "
+            f"interval, ~{statistics.median(b_det) * scale / statistics.median(o_det):.0f}x against Flagger's 1m default"
+        )
+    if od and bd:
+        say(
+            f"ratio (virtual time, median): Flagger default / kubetune = {statistics.median(bd) / statistics.median(od):.0f}x"
+        )
+    target = bool(o_det) and max(o_det) < 30 and o_fr == 0
+    say(f"target (< 30 s to weight 0, no false rollbacks): {'met' if target else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=50.0, help="requests/s through the router")
+    parser.add_argument(
+        "--bad-error-rate", type=float, default=0.3, help="share of 5xx once the canary goes bad"
+    )
+    parser.add_argument("--real-runs", type=int, default=3)
+    parser.add_argument("--baseline-runs", type=int, default=1)
+    parser.add_argument(
+        "--baseline-interval", type=float, default=10.0, help="seconds (Flagger default: 60)"
+    )
+    parser.add_argument("--sim-runs", type=int, default=400)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--no-record", action="store_true", help="do not append to bench/RESULTS.md"
+    )
+    args = parser.parse_args()
+    started = time.time()
+    report = asyncio.run(main_async(args))
+    print(report)
+    if not args.no_record:
+        cmd = "python bench/canary_detection.py " + " ".join(sys.argv[1:])
+        header = (
+            f"\n## canary_detection ({datetime.datetime.now(UTC):%Y-%m-%d %H:%M} UTC)\n\n"
+            f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+            f"took {time.time() - started:.0f}s; command: `{cmd.strip()}`\n\n"
+        )
+        with RESULTS.open("a") as fh:
+            if RESULTS.stat().st_size == 0:
+                fh.write("# Benchmark results\n")
+            fh.write(header + report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
