@@ -25,6 +25,66 @@ def configure(settings: kopf.OperatorSettings, **_: object) -> None:
 # ---------------------------------------------------------------------------------------------
 # FineTuneJob
 # ---------------------------------------------------------------------------------------------
+# Level-triggered: every event about a FineTuneJob, its Jobs or their pods only *triggers* a
+# reconcile of that FineTuneJob in a coalescing per-key queue (kubetune.k8s.queue); the
+# reconcile recomputes everything from scratch (kubetune.k8s.finetunejobs -> finetune.plan).
+# Only on.event handlers: Kopf keeps no progress annotations and adds no finalizer to
+# FineTuneJobs (children are garbage-collected through ownerReferences; a Kopf timer would add
+# a finalizer). The periodic resync is the queue's delayed re-run (FineTuneJobReconciler).
+
+FTJ_RESOURCE = {"group": "kubetune.io", "version": "v1alpha1", "plural": "finetunejobs"}
+FTJ_CHILD_LABELS = {"kubetune.io/kind": "FineTuneJob"}
+
+
+@kopf.on.startup()
+async def finetunejob_startup(memo: kopf.Memo, **_: object) -> None:
+    """Create the FineTuneJob reconciler and its work queue in the operator's event loop."""
+    from kubetune.k8s.client import get_client
+    from kubetune.k8s.finetunejobs import FineTuneJobReconciler
+    from kubetune.k8s.queue import WorkQueue
+
+    reconciler = FineTuneJobReconciler(await get_client())
+
+    async def work(key: object) -> float | None:
+        namespace, name = key  # type: ignore[misc]
+        return await reconciler.reconcile(namespace, name)
+
+    memo.finetunejobs = WorkQueue(work)
+
+
+@kopf.on.cleanup()
+async def finetunejob_cleanup(memo: kopf.Memo, **_: object) -> None:
+    """Stop pending FineTuneJob work."""
+    queue = getattr(memo, "finetunejobs", None)
+    if queue is not None:
+        await queue.close()
+
+
+@kopf.on.event(**FTJ_RESOURCE)
+async def finetunejob_event(
+    event: dict, namespace: str, name: str, memo: kopf.Memo, **_: object
+) -> None:
+    """Any FineTuneJob event (incl. the initial listing on start): reconcile it."""
+    if event.get("type") == "DELETED":
+        memo.finetunejobs.forget((namespace, name))
+        return
+    memo.finetunejobs.trigger((namespace, name))
+
+
+@kopf.on.event(group="batch", version="v1", plural="jobs", labels=FTJ_CHILD_LABELS)
+async def finetunejob_job_event(labels: dict, namespace: str, memo: kopf.Memo, **_: object) -> None:
+    """A validate/train Job changed: reconcile its FineTuneJob."""
+    owner = labels.get("kubetune.io/owner")
+    if owner:
+        memo.finetunejobs.trigger((namespace, owner))
+
+
+@kopf.on.event(version="v1", plural="pods", labels=FTJ_CHILD_LABELS)
+async def finetunejob_pod_event(labels: dict, namespace: str, memo: kopf.Memo, **_: object) -> None:
+    """A trainer pod changed (waiting, unschedulable, terminated): reconcile its FineTuneJob."""
+    owner = labels.get("kubetune.io/owner")
+    if owner:
+        memo.finetunejobs.trigger((namespace, owner))
 
 
 # ---------------------------------------------------------------------------------------------

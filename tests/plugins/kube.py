@@ -269,6 +269,11 @@ def kube_api(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[KubeAp
     api = KubeApi().start(str(tmp_path / "kubeconfig.yaml"))
     monkeypatch.setenv("KUBECONFIG", api.kubeconfig)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    # NB: the kubernetes package (Kopf's login through it included) reads $KUBECONFIG once, at
+    # import time; without this every test after the first would log in to a deleted file.
+    from kubernetes.config import kube_config
+
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", api.kubeconfig)
     try:
         yield api
     finally:

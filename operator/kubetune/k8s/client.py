@@ -204,6 +204,9 @@ class KubeClient:
         from kubernetes.client import Configuration
 
         cfg = Configuration()
+        # NB: the kubernetes package reads $KUBECONFIG once, at import time; read it now so a
+        # changed environment (tests, embedding) is honoured.
+        path = path or os.environ.get("KUBECONFIG") or None
         kconfig.load_kube_config(config_file=path, context=context, client_configuration=cfg)
         token = None
         auth = (cfg.api_key or {}).get("authorization")
@@ -243,7 +246,9 @@ class KubeClient:
         if self._session is None or self._session.closed:
             # NB: keep connections alive and allow many in parallel: the operator reconciles
             # many objects concurrently, each with several calls.
-            connector = aiohttp.TCPConnector(limit=64, ssl=self._ssl if self._ssl is not None else None)
+            connector = aiohttp.TCPConnector(
+                limit=64, ssl=self._ssl if self._ssl is not None else None
+            )
             self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
         return self._session
 
@@ -280,15 +285,23 @@ class KubeClient:
                 payload = {"message": text}
             if resp.status < 300 or resp.status in set(allow):
                 return resp.status, payload
-            reason = (payload or {}).get("reason", resp.reason or "") if isinstance(payload, dict) else ""
+            reason = (
+                (payload or {}).get("reason", resp.reason or "")
+                if isinstance(payload, dict)
+                else ""
+            )
             message = (payload or {}).get("message", text) if isinstance(payload, dict) else text
             raise ApiError(resp.status, str(reason), str(message)[:500], method, path)
 
     # --- verbs ------------------------------------------------------------------------------
 
-    async def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict | None:
+    async def get(
+        self, api_version: str, kind: str, namespace: str | None, name: str
+    ) -> dict | None:
         """The object, or None when it does not exist."""
-        status, obj = await self.request("GET", resource_path(api_version, kind, namespace, name), allow=(404,))
+        status, obj = await self.request(
+            "GET", resource_path(api_version, kind, namespace, name), allow=(404,)
+        )
         return None if status == 404 else obj
 
     async def list(
@@ -299,7 +312,9 @@ class KubeClient:
         labels: Mapping[str, str] | None = None,
     ) -> list[dict]:
         """Objects of a kind in a namespace (or all), filtered by equality label requirements."""
-        params = {"labelSelector": ",".join(f"{k}={v}" for k, v in labels.items())} if labels else None
+        params = (
+            {"labelSelector": ",".join(f"{k}={v}" for k, v in labels.items())} if labels else None
+        )
         status, payload = await self.request(
             "GET", resource_path(api_version, kind, namespace), params=params, allow=(404,)
         )
@@ -318,7 +333,13 @@ class KubeClient:
         existing = await self.get(obj["apiVersion"], obj["kind"], ns, name)
         if existing is None:
             # Deleted between our POST and GET (e.g. being garbage-collected): let Kopf retry.
-            raise ApiError(409, "Conflict", f"{obj['kind']} {ns}/{name} exists but cannot be read", "POST", path)
+            raise ApiError(
+                409,
+                "Conflict",
+                f"{obj['kind']} {ns}/{name} exists but cannot be read",
+                "POST",
+                path,
+            )
         return existing, False
 
     async def apply(
@@ -328,7 +349,11 @@ class KubeClient:
         current, created = await self.create(obj)
         if created:
             return current, "created"
-        keys = list(compare) if compare is not None else [k for k in ("spec", "rules", "subjects", "roleRef", "data") if k in obj]
+        keys = (
+            list(compare)
+            if compare is not None
+            else [k for k in ("spec", "rules", "subjects", "roleRef", "data") if k in obj]
+        )
         desired: dict[str, Any] = {k: obj[k] for k in keys if k in obj}
         present: dict[str, Any] = {k: current.get(k) for k in keys if k in obj}
         want_labels = (obj.get("metadata") or {}).get("labels") or {}
@@ -344,7 +369,9 @@ class KubeClient:
         if not patch:
             return current, "unchanged"
         meta = obj["metadata"]
-        patched = await self.patch(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"], patch)
+        patched = await self.patch(
+            obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"], patch
+        )
         return patched or current, "patched"
 
     async def patch(
@@ -379,7 +406,9 @@ class KubeClient:
         diff = merge_patch(old or {}, new)
         if not diff:
             return None
-        return await self.patch(api_version, kind, namespace, name, {"status": diff}, subresource="status")
+        return await self.patch(
+            api_version, kind, namespace, name, {"status": diff}, subresource="status"
+        )
 
     async def delete(
         self,
@@ -408,7 +437,10 @@ class KubeClient:
         event = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"name": f"{meta.get('name', 'object')}.{uuid.uuid4().hex[:16]}", "namespace": ns},
+            "metadata": {
+                "name": f"{meta.get('name', 'object')}.{uuid.uuid4().hex[:16]}",
+                "namespace": ns,
+            },
             "involvedObject": {
                 "apiVersion": obj.get("apiVersion"),
                 "kind": obj.get("kind"),
@@ -448,7 +480,9 @@ def _drop_deletions(patch: dict[str, Any]) -> dict[str, Any]:
 
 
 # One client per event loop: aiohttp sessions are bound to the loop that created them.
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, KubeClient] = weakref.WeakKeyDictionary()
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, KubeClient] = (
+    weakref.WeakKeyDictionary()
+)
 _factory_override: list[Any] = []
 
 
@@ -485,7 +519,12 @@ def write_kubeconfig(server: str, path: str | None = None, namespace: str = "def
         "kind": "Config",
         "clusters": [{"name": "kmock", "cluster": {"server": server}}],
         "users": [{"name": "kmock", "user": {"token": "kmock"}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock", "namespace": namespace}}],
+        "contexts": [
+            {
+                "name": "kmock",
+                "context": {"cluster": "kmock", "user": "kmock", "namespace": namespace},
+            }
+        ],
         "current-context": "kmock",
     }
     with open(path, "w") as fh:
