@@ -697,3 +697,21 @@ def _verdict(c_req, c_err, s_req=450, s_err=2):
 )
 def test_error_rate_is_judged_with_a_confidence_bound(c_req, c_err, phase):
     assert _verdict(c_req, c_err).phase == phase
+
+
+def test_invalid_spec_names_the_field_and_touches_nothing():
+    sim = Sim(make_md())
+    stable = healthy_stable(sim)
+    bad = make_md()
+    bad["spec"]["rollout"]["steps"] = [{"setWeight": 150}]
+    sim.set_spec(bad)
+    out = m.step(
+        sim.md, m.Observed(model=ModelProblem(m.INVALID_SPEC, "x", terminal=True)), sim.now
+    )
+    assert (
+        out.status["phase"] == "Degraded"
+        and "spec.rollout.steps.0.setWeight" in out.status["message"]
+    )
+    assert [type(a) for a in out.actions] == [m.Event] and out.status["stable"]["name"] == stable
+    ready_c = next(c for c in out.status["conditions"] if c["type"] == "Ready")
+    assert ready_c["status"] == "True"

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
+from pydantic import ValidationError
 
 from kubetune.api.common import API_VERSION, LABEL_KIND, LABEL_OWNER, LABEL_REVISION
 from kubetune.api.conditions import Reason
@@ -139,7 +140,14 @@ async def observe(client: KubeClient, md: Mapping[str, Any]) -> machine.Observed
     """Everything ``machine.step`` needs, read from the cluster (see the module docstring)."""
     meta = md["metadata"]
     ns, name = meta["namespace"], meta["name"]
-    spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
+    try:
+        spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
+    except ValidationError as exc:
+        # machine.step reports it (status Degraded, the field named); nothing to observe.
+        problem = revisions.ModelProblem(
+            machine.INVALID_SPEC, machine.invalid_spec_message(exc), terminal=True
+        )
+        return machine.Observed(model=problem)
     ftj = None
     if spec.model.fine_tune_job_ref is not None:
         ftj = await client.get(API_VERSION, "FineTuneJob", ns, spec.model.fine_tune_job_ref.name)

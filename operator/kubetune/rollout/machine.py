@@ -38,6 +38,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from kubetune.api import conditions as cond
 from kubetune.api.common import ANNOTATION_ABORT, ANNOTATION_PAUSE, ANNOTATION_PROMOTE
 from kubetune.api.conditions import Reason
@@ -944,4 +946,40 @@ def step(md: Mapping[str, Any], observed: Observed, now: datetime.datetime) -> S
     ``md`` is the whole object (``metadata`` with name, generation and annotations; ``spec``;
     ``status`` as the previous step wrote it). ``now`` must be timezone-aware.
     """
+    try:
+        ModelDeploymentSpec.model_validate(md.get("spec") or {})
+    except ValidationError as exc:
+        return _invalid_spec(md, exc, now)
     return _Run(md, observed, now).run()
+
+
+INVALID_SPEC = "InvalidSpec"
+
+
+def invalid_spec_message(exc: ValidationError) -> str:
+    """``spec.<field path>: <problem>`` for the first few errors, the way kubectl names fields."""
+    return "invalid spec: " + "; ".join(
+        "spec." + ".".join(str(p) for p in err["loc"]) + ": " + err["msg"]
+        for err in exc.errors()[:5]
+    )
+
+
+def _invalid_spec(md: Mapping[str, Any], exc: ValidationError, now: datetime.datetime) -> Step:
+    # A real API server rejects such a spec through the CRD schema; this is the defence for
+    # servers without validation (kmock, an outdated CRD) and the local runtime. Nothing is
+    # touched: whatever serves keeps serving until the spec is fixed.
+    meta = md.get("metadata") or {}
+    gen = meta.get("generation")
+    ts = format_time(now)
+    message = invalid_spec_message(exc)
+    status = copy.deepcopy(dict(md.get("status") or {}))
+    conds = status.get("conditions") or []
+    conds = cond.set_condition(conds, cond.PROGRESSING, False, INVALID_SPEC, message, ts, gen)
+    conds = cond.set_condition(conds, cond.DEGRADED, True, INVALID_SPEC, message, ts, gen)
+    if not status.get("stable"):
+        conds = cond.set_condition(conds, cond.READY, False, INVALID_SPEC, message, ts, gen)
+    status.update(phase="Degraded", message=message, observedGeneration=gen, conditions=conds)
+    events: list[Action] = []
+    if (md.get("status") or {}).get("message") != message:
+        events.append(Event(WARNING, INVALID_SPEC, message))
+    return Step(status, events)
