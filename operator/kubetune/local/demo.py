@@ -358,8 +358,13 @@ class Story:
     """Drives one demo run against a LocalRuntime (in this process)."""
 
     def __init__(
-        self, work: Path, settings: DemoSettings, printer: ProgressPrinter | None = None
+        self,
+        work: Path,
+        settings: DemoSettings,
+        printer: ProgressPrinter | None = None,
+        keep_serving: bool = False,
     ) -> None:
+        self.keep_serving = keep_serving
         self.work = work
         self.settings = settings
         self.printer = printer or ProgressPrinter()

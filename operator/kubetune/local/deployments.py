@@ -155,6 +155,14 @@ class DeploymentDriver:
             return False
         if status.get("canary") or status.get("retiring"):
             return False
+        # Every server process either ready or given up on (crash-looping). Otherwise a
+        # controller restart, which has to start the servers again, would read the first
+        # "0/1 ready" (Degraded) as the final word.
+        state = self.states.get(obj["metadata"]["name"])
+        for local in state.revisions.values() if state else []:
+            for replica in local.replicas:
+                if not replica.ready and replica.restarts < CRASHLOOP_RESTARTS:
+                    return False
         return True
 
     async def forget(self, name: str) -> None:
