@@ -90,3 +90,82 @@ async def finetunejob_pod_event(labels: dict, namespace: str, memo: kopf.Memo, *
 # ---------------------------------------------------------------------------------------------
 # ModelDeployment
 # ---------------------------------------------------------------------------------------------
+# Same pattern as FineTuneJob: events only trigger a level-triggered reconcile of the
+# ModelDeployment in a coalescing per-key queue; kubetune.k8s.deployments.reconcile observes,
+# asks the pure state machine (kubetune.rollout.machine.step), acts and writes status once. The
+# machine's Requeue is the queue's delayed re-run (it always asks for one, 30 s when steady), so
+# no Kopf timer is needed -- and none is used, because a timer makes Kopf put a finalizer on
+# every ModelDeployment. Everything the machine remembers is in status (restarts continue).
+
+MDEP_RESOURCE = {"group": "kubetune.io", "version": "v1alpha1", "plural": "modeldeployments"}
+MDEP_CHILD_LABELS = {"kubetune.io/kind": "ModelDeployment"}
+
+
+@kopf.on.startup()
+async def modeldeployment_startup(memo: kopf.Memo, **_: object) -> None:
+    """Create the ModelDeployment work queue in the operator's event loop."""
+    from kubetune.k8s.client import get_client
+    from kubetune.k8s.deployments import reconcile
+    from kubetune.k8s.queue import WorkQueue
+
+    client = await get_client()
+
+    async def work(key: object) -> float | None:
+        namespace, name = key  # type: ignore[misc]
+        return await reconcile(client, namespace, name)
+
+    memo.modeldeployments = WorkQueue(work)
+
+
+@kopf.on.cleanup()
+async def modeldeployment_cleanup(memo: kopf.Memo, **_: object) -> None:
+    """Stop pending ModelDeployment work and close the metric scrapers' sessions."""
+    from kubetune.k8s.deployments import close_sessions
+
+    queue = getattr(memo, "modeldeployments", None)
+    if queue is not None:
+        await queue.close()
+    await close_sessions()
+
+
+@kopf.index(**MDEP_RESOURCE)
+async def modeldeployment_by_finetunejob(
+    spec: dict, namespace: str, name: str, **_: object
+) -> dict | None:
+    """(namespace, FineTuneJob) -> ModelDeployments serving its artifact."""
+    ref = ((spec.get("model") or {}).get("fineTuneJobRef") or {}).get("name")
+    return {(namespace, ref): name} if ref else None
+
+
+@kopf.on.event(**MDEP_RESOURCE)
+async def modeldeployment_event(
+    event: dict, namespace: str, name: str, memo: kopf.Memo, **_: object
+) -> None:
+    """Any ModelDeployment event (spec, annotations, the initial listing): reconcile it."""
+    if event.get("type") == "DELETED":
+        memo.modeldeployments.forget((namespace, name))
+        return
+    memo.modeldeployments.trigger((namespace, name))
+
+
+@kopf.on.event(group="apps", version="v1", plural="deployments", labels=MDEP_CHILD_LABELS)
+async def modeldeployment_deployment_event(
+    labels: dict, namespace: str, memo: kopf.Memo, **_: object
+) -> None:
+    """A revision's Deployment changed (readiness, deadline): reconcile its ModelDeployment."""
+    owner = labels.get("kubetune.io/owner")
+    if owner:
+        memo.modeldeployments.trigger((namespace, owner))
+
+
+@kopf.on.event(**FTJ_RESOURCE)
+async def modeldeployment_finetunejob_event(
+    namespace: str,
+    name: str,
+    memo: kopf.Memo,
+    modeldeployment_by_finetunejob: kopf.Index,
+    **_: object,
+) -> None:
+    """A FineTuneJob changed (e.g. Succeeded with an artifact): reconcile the ModelDeployments using it."""
+    for mdep in modeldeployment_by_finetunejob.get((namespace, name), []):
+        memo.modeldeployments.trigger((namespace, mdep))
