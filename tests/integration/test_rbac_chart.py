@@ -98,7 +98,7 @@ NOT_EXERCISED: dict[tuple[str, str, str], str] = {
         "patch",
         "kubetune.io",
         "modeldeployments",
-    ): "Kopf's finalizer for the resync timers; clearing one-shot kubetune.io/promote and /abort annotations",
+    ): "removes the one-shot kubetune.io/promote and /abort annotations after acting on them",
     ("patch", "apps", "deployments"): "replicas change when the canary weight changes",
     ("delete", "apps", "deployments"): "a retired revision is removed after its drain delay",
     (

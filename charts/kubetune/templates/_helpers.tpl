@@ -40,9 +40,14 @@ the operator makes is allowed by these rules and that no rule is unused or undoc
 No wildcards; no Secrets (credentials reach pods only as secretKeyRef, which needs no read).
 */}}
 {{- define "kubetune.namespacedRules" -}}
-# The two custom resources: Kopf lists/watches them and patches its bookkeeping annotations.
+# The two custom resources: Kopf lists/watches them, the reconcilers read them afresh.
 - apiGroups: ["kubetune.io"]
-  resources: ["finetunejobs", "modeldeployments"]
+  resources: ["finetunejobs"]
+  verbs: ["get", "list", "watch"]
+# patch: the rollout removes the one-shot kubetune.io/promote and kubetune.io/abort annotations
+# once it has acted on them.
+- apiGroups: ["kubetune.io"]
+  resources: ["modeldeployments"]
   verbs: ["get", "list", "watch", "patch"]
 # The one status write of a reconcile. get: the per-job trainer Role grants get+patch on one
 # FineTuneJob's status, and RBAC only lets us grant what we hold ourselves.
