@@ -56,10 +56,10 @@ def kubelet_exit_code(returncode: int | None) -> int | None:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _terminated_reason(exit_code: int) -> str:
+def _terminated_reason(exit_code: int, killed_by_us: bool) -> str:
     if exit_code == 0:
         return "Completed"
-    if exit_code == 128 + signal.SIGKILL:
+    if exit_code == 128 + signal.SIGKILL and not killed_by_us:
         # Locally a SIGKILL we did not send is almost always the kernel's OOM killer.
         return "OOMKilled"
     return "Error"
@@ -236,7 +236,7 @@ class JobDriver:
                 job.completion_time = _now()
             terminated = {
                 "exitCode": exit_code,
-                "reason": _terminated_reason(exit_code),
+                "reason": _terminated_reason(exit_code, managed.stopping),
                 "startedAt": job.start_time,
                 "finishedAt": job.completion_time,
             }
