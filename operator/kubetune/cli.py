@@ -28,7 +28,12 @@ def cmd_crds(args: argparse.Namespace) -> int:
             path.write_text(text)
             print(f"wrote {path}")
     if drift:
-        print("CRDs drifted from operator/kubetune/api; run `make crds` and commit:", *drift, sep="\n  ", file=sys.stderr)
+        print(
+            "CRDs drifted from operator/kubetune/api; run `make crds` and commit:",
+            *drift,
+            sep="\n  ",
+            file=sys.stderr,
+        )
         return 1
     if args.check:
         print("crds/ matches the API models")
@@ -54,12 +59,39 @@ def cmd_docs(args: argparse.Namespace) -> int:
     text = render_api_reference()
     if args.check:
         if not path.exists() or path.read_text() != text:
-            print(f"{path} drifted from operator/kubetune/api; run `kubetune docs` and commit", file=sys.stderr)
+            print(
+                f"{path} drifted from operator/kubetune/api; run `kubetune docs` and commit",
+                file=sys.stderr,
+            )
             return 1
         print(f"{path} matches the API models")
         return 0
     path.write_text(text)
     print(f"wrote {path}")
+    return 0
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    """Run the operator (``kopf run -m kubetune.handlers``) against the current kubeconfig or in-cluster."""
+    from kopf.cli import main as kopf_main
+
+    argv = ["run", "-m", "kubetune.handlers"]
+    argv += ["--peering", args.peering] if args.peering else ["--standalone"]
+    if args.namespace:
+        for ns in args.namespace:
+            argv += ["--namespace", ns]
+    else:
+        argv.append("--all-namespaces")
+    if args.liveness:
+        argv += ["--liveness", args.liveness]
+    if args.verbose:
+        argv.append("--verbose")
+    if args.debug:
+        argv.append("--debug")
+    try:
+        kopf_main.main(args=argv, prog_name="kubetune operator", standalone_mode=False)
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 
@@ -71,13 +103,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <repo>/crds)")
     p.add_argument("--check", action="store_true", help="fail when crds/ differs from the models")
     p.set_defaults(func=cmd_crds)
-    p = sub.add_parser("validate", help="validate manifests against the CRDs (schema + CEL), offline")
-    p.add_argument("-f", "--filename", action="append", required=True, help="file or folder (repeatable)")
+    p = sub.add_parser(
+        "validate", help="validate manifests against the CRDs (schema + CEL), offline"
+    )
+    p.add_argument(
+        "-f", "--filename", action="append", required=True, help="file or folder (repeatable)"
+    )
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("docs", help="generate docs/api-reference.md from the API models")
     p.add_argument("--out", help="output file (default: <repo>/docs/api-reference.md)")
-    p.add_argument("--check", action="store_true", help="fail when the file differs from the models")
+    p.add_argument(
+        "--check", action="store_true", help="fail when the file differs from the models"
+    )
     p.set_defaults(func=cmd_docs)
+    p = sub.add_parser(
+        "operator", help="run the Kubernetes operator (FineTuneJob, ModelDeployment)"
+    )
+    p.add_argument(
+        "-n", "--namespace", action="append", help="watch this namespace (repeatable; default: all)"
+    )
+    p.add_argument(
+        "--peering", help="Kopf peering object for several replicas (default: standalone)"
+    )
+    p.add_argument("--liveness", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    p.add_argument("--debug", action="store_true", help="log everything, incl. API calls")
+    p.set_defaults(func=cmd_operator)
     # `kubetune local ...` and `kubetune demo` belong to the local runtime (kubetune.local).
     from kubetune.local.commands import add_parsers as add_local_parsers
 
