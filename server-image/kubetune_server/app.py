@@ -90,6 +90,7 @@ class ServerState:
                 ),
                 on_batch=self.metrics.batch_size.observe,
                 on_queue=self.metrics.queue_depth.set,
+                step_delay_ms=s.fault_token_latency_ms,
             )
             # Warm-up through the real generation path (not counted as a batch in /metrics):
             # allocates, compiles kernels, and proves the weights produce tokens at all.
@@ -702,6 +703,13 @@ def main() -> int:
                 log.info("signal %s: not ready any more; finishing requests in flight", sig)
             state.draining = True
             super().handle_exit(sig, frame)
+            # NB: uvicorn re-raises the captured signal after its graceful shutdown, so the
+            # process would die "by SIGTERM" (exit -15) even though it drained cleanly. A
+            # drained SIGTERM is a normal end: exit 0 (SIGINT keeps uvicorn's behaviour).
+            import signal
+
+            if sig == signal.SIGTERM and sig in getattr(self, "_captured_signals", []):
+                self._captured_signals.remove(sig)
 
     config = uvicorn.Config(
         app,

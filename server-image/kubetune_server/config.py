@@ -43,6 +43,8 @@ class Settings:
     port: int = DEFAULT_PORT
     fault_error_rate: float = 0.0
     fault_latency_ms: float = 0.0
+    #: Extra delay per generated token (a slow accelerator): holds the batch slot longer.
+    fault_token_latency_ms: float = 0.0
     termination_log: str | None = None
 
     @property
@@ -145,6 +147,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         port=port,
         fault_error_rate=_float(env, "KUBETUNE_FAULT_ERROR_RATE", 0.0, 1.0),
         fault_latency_ms=_float(env, "KUBETUNE_FAULT_LATENCY_MS", 0.0, 600_000.0),
+        fault_token_latency_ms=_float(env, "KUBETUNE_FAULT_TOKEN_LATENCY_MS", 0.0, 60_000.0),
         termination_log=env.get("KUBETUNE_TERMINATION_LOG", "").strip() or None,
     )
 

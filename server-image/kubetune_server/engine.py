@@ -97,12 +97,15 @@ class Engine:
         max_batch_tokens: int = 32768,
         on_batch: Callable[[int], None] | None = None,
         on_queue: Callable[[int], None] | None = None,
+        step_delay_ms: float = 0.0,
     ):
         self.loaded = loaded
         self.max_batch_size = max_batch_size
         self.batch_wait = batch_wait_ms / 1000.0
         self.max_queue = max_queue
         self.max_batch_tokens = max_batch_tokens
+        # Fault injection (KUBETUNE_FAULT_TOKEN_LATENCY_MS): a pause after every decode step.
+        self.step_delay = step_delay_ms / 1000.0
         self._on_batch = on_batch or (lambda n: None)
         self._on_queue = on_queue or (lambda n: None)
         self._pending: deque[Sequence] = deque()
@@ -250,6 +253,8 @@ class Engine:
                         keep.append(j)
                 if not keep:
                     return
+                if self.step_delay:
+                    time.sleep(self.step_delay)
                 if len(keep) < len(rows):
                     index = torch.tensor(keep, device=device)
                     cache.batch_select_indices(index)

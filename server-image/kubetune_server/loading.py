@@ -110,7 +110,7 @@ class Loaded:
     device: str
     #: served model name -> peft adapter name (None = the bare base model).
     names: dict[str, str | None] = field(default_factory=dict)
-    #: digest of the default adapter (or of the base without one), for kubetune_server_info.
+    #: manifest digest of the default adapter (KUBETUNE_ADAPTER_DIGEST wins), for kubetune_server_info.
     digest: str = ""
     max_position_embeddings: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -129,11 +129,19 @@ def _dtype(name: str, device: str):
 
 def load(settings: Settings) -> Loaded:
     """Fetch and load the base model, its tokenizer and every adapter of ``settings``."""
+    # Fetch (and verify) everything before importing torch: a wrong URI or a corrupt artifact
+    # is reported in a second, not after the multi-second framework import.
+    base = fetch(settings.model_uri, settings.cache_dir)
+    adapters: dict[str, str] = {}
+    if settings.adapter_uri:
+        adapters[settings.model_name] = settings.adapter_uri
+    adapters.update(settings.adapters)
+    fetched = {name: fetch(uri, settings.cache_dir) for name, uri in adapters.items()}
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = fetch(settings.model_uri, settings.cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(base.path)
         model = AutoModelForCausalLM.from_pretrained(
@@ -146,23 +154,19 @@ def load(settings: Settings) -> Loaded:
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
 
     names: dict[str, str | None] = {}
-    digest = settings.adapter_digest or base.digest or ""
-    adapters: dict[str, str] = {}
-    if settings.adapter_uri:
-        adapters[settings.model_name] = settings.adapter_uri
-    adapters.update(settings.adapters)
+    digest = settings.adapter_digest
     if adapters:
         from peft import PeftModel
 
         for i, (name, uri) in enumerate(adapters.items()):
-            fetched = fetch(uri, settings.cache_dir)
+            path = fetched[name].path
             if name == settings.model_name and not settings.adapter_digest:
-                digest = fetched.digest or ""
+                digest = fetched[name].digest or ""
             try:
                 if i == 0:
-                    model = PeftModel.from_pretrained(model, fetched.path, adapter_name=name)
+                    model = PeftModel.from_pretrained(model, path, adapter_name=name)
                 else:
-                    model.load_adapter(fetched.path, adapter_name=name)
+                    model.load_adapter(path, adapter_name=name)
             except Exception as exc:
                 raise LoadError(f"{uri}: cannot load the adapter: {exc}") from exc
             names[name] = name

@@ -121,7 +121,7 @@ def histogram_buckets(text: str, name: str) -> dict[float, float]:
 
 
 def train_adapter(
-    base: Path, out: Path, steps: int = 160, seed: int = 0, variant: str = "a"
+    base: Path, out: Path, steps: int = 160, seed: int = 0, variant: str = "a", lr: float = 3e-3
 ) -> Path:
     """Train a LoRA adapter on the code-word task and save it (adapter files + manifest)."""
     import torch
@@ -132,6 +132,10 @@ def train_adapter(
 
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
+    # NB: one thread: the test machine is shared with the servers under test, and torch's
+    # default (all cores) oversubscribes it and runs ~10x slower than single-threaded.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
@@ -145,7 +149,7 @@ def train_adapter(
                 user + [{"role": "assistant", "content": ex["answer"]}], return_dict=True
             )["input_ids"]
             data.append((full, [-100] * len(pre) + full[len(pre) :]))
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         for step in range(steps):
             batch = [data[(step * 16 + i) % len(data)] for i in range(16)]
             width = max(len(ids) for ids, _ in batch)
@@ -157,6 +161,30 @@ def train_adapter(
             loss.backward()
             opt.step()
             opt.zero_grad()
+    torch.set_num_threads(threads)
+    model.save_pretrained(out)
+    write_manifest(out, {"kind": "adapter"})
+    return out
+
+
+def random_adapter(base: Path, out: Path, seed: int = 0) -> Path:
+    """An untrained LoRA adapter with random (non-zero) weights, saved with a manifest.
+
+    ``init_lora_weights=False`` initialises both LoRA matrices randomly, so the adapter does
+    change the model's output (peft's default makes a fresh adapter an exact no-op).
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.storage.manifests import write_manifest
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(base),
+            LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+        )
     model.save_pretrained(out)
     write_manifest(out, {"kind": "adapter"})
     return out
