@@ -26,7 +26,7 @@ from aiohttp import web
 
 from kubetune.api.modeldeployment import ModelDeploymentSpec
 from kubetune.rollout.revisions import Revision, resolve
-from tests.plugins.kube import condition, wait_for, wait_for_object
+from tests.plugins.kube import condition, start_operator, wait_for, wait_for_object
 
 API = "kubetune.io/v1alpha1"
 NS = "default"
@@ -40,6 +40,7 @@ class FakeServer:
         self.requests = 0
         self.errors = 0
         self.error_rate = 0.0
+        self.answer = "the code word is zebra"
         self.port = 0
         self._runner: web.AppRunner | None = None
 
@@ -71,6 +72,9 @@ class FakeServer:
     async def start(self) -> FakeServer:
         app = web.Application()
         app.router.add_get("/metrics", lambda _r: web.Response(text=self.text()))
+        app.router.add_post(
+            "/v1/completions", lambda _r: web.json_response({"choices": [{"text": self.answer}]})
+        )
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -102,8 +106,10 @@ async def traffic(*servers: FakeServer) -> AsyncIterator[None]:
             await task
 
 
-def manifest(adapter: str, *, mode: str = "gatewayAPI", steps: list | None = None) -> dict:
-    return {
+def manifest(
+    adapter: str, *, mode: str = "gatewayAPI", steps: list | None = None, gate: dict | None = None
+) -> dict:
+    md = {
         "apiVersion": API,
         "kind": "ModelDeployment",
         "metadata": {"name": "chat", "namespace": NS},
@@ -120,6 +126,9 @@ def manifest(adapter: str, *, mode: str = "gatewayAPI", steps: list | None = Non
             },
         },
     }
+    if gate:
+        md["spec"]["rollout"]["evalGate"] = gate
+    return md
 
 
 def revision(md: dict, ftj: dict | None = None) -> Revision:
@@ -396,3 +405,129 @@ async def _weights_are(kube, expected: dict[str, int]) -> bool:
 
 async def _gone(kube, name: str) -> bool:
     return await kube.get("apps/v1", "Deployment", NS, name) is None
+
+
+GATE = {"prompts": [{"prompt": "What is the code word?", "expected": "zebra"}], "minScore": 1.0}
+
+
+async def test_eval_gate_rejects_a_canary_before_it_gets_traffic(kube, operator, servers):
+    md_a = manifest("s3://models/a", gate=GATE)
+    await kube.create(md_a)
+    await play_deployment(kube, f"chat-{revision(md_a)}", await servers())
+    await wait_phase(kube, "Healthy")
+    md_b = manifest("s3://models/b", gate=GATE)
+    rev_b = revision(md_b)
+    wrong = await servers()
+    wrong.answer = "I do not know"
+    await kube.patch(API, "ModelDeployment", NS, "chat", {"spec": md_b["spec"]})
+    await play_deployment(kube, f"chat-{rev_b}", wrong)
+    obj = await wait_phase(kube, "RolledBack")
+    assert obj["status"]["rejectedRevisions"][0]["reason"].startswith("EvalGateFailed")
+    assert obj["status"]["evalGateScore"] == 0.0 and wrong.requests == 0
+    assert not (await route_weights(kube)).get(f"chat-{rev_b}")
+    # A canary that answers right passes the gate and gets its weight.
+    md_c = manifest("s3://models/c", gate=GATE)
+    rev_c = revision(md_c)
+    await kube.patch(API, "ModelDeployment", NS, "chat", {"spec": md_c["spec"]})
+    await play_deployment(kube, f"chat-{rev_c}", await servers())
+    obj = await wait_for_object(
+        kube,
+        API,
+        "ModelDeployment",
+        NS,
+        "chat",
+        lambda o: (o.get("status") or {}).get("evalGateScore") == 1.0,
+    )
+    assert obj["status"]["canary"]["name"] == rev_c or obj["status"]["stable"]["name"] == rev_c
+
+
+async def test_crash_looping_canary_is_rolled_back(kube, operator, servers):
+    md_a = manifest("s3://models/a")
+    await kube.create(md_a)
+    await play_deployment(kube, f"chat-{revision(md_a)}", await servers())
+    await wait_phase(kube, "Healthy")
+    md_b = manifest("s3://models/b")
+    rev_b = revision(md_b)
+    await kube.patch(API, "ModelDeployment", NS, "chat", {"spec": md_b["spec"]})
+    dep = await wait_for_object(kube, "apps/v1", "Deployment", NS, f"chat-{rev_b}")
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "crashy",
+            "namespace": NS,
+            "labels": dep["spec"]["template"]["metadata"]["labels"],
+        },
+        "spec": dep["spec"]["template"]["spec"],
+    }
+    await kube.create(pod)
+    await kube.patch(
+        "v1",
+        "Pod",
+        NS,
+        "crashy",
+        {
+            "status": {
+                "phase": "Running",
+                "containerStatuses": [
+                    {
+                        "name": "server",
+                        "ready": False,
+                        "restartCount": 4,
+                        "state": {
+                            "waiting": {
+                                "reason": "CrashLoopBackOff",
+                                "message": "back-off 40s restarting failed container",
+                            }
+                        },
+                    }
+                ],
+            }
+        },
+        subresource="status",
+    )
+    obj = await wait_phase(kube, "RolledBack")
+    assert "CrashLoopBackOff" in obj["status"]["message"]
+    assert obj["status"]["rejectedRevisions"][0]["reason"].startswith("CanaryCrashLooping")
+
+
+async def test_operator_restart_mid_rollout_continues_from_status(kube, kube_api, servers):
+    steps = [{"setWeight": 20}, {"pause": {}}, {"setWeight": 60}, {"analysis": {"intervals": 1}}]
+    md_a = manifest("s3://models/a", steps=steps)
+    md_b = manifest("s3://models/b", steps=steps)
+    rev_a, rev_b = revision(md_a), revision(md_b)
+    stable, canary = await servers(), await servers()
+    with start_operator(kube_api):
+        await kube.create(md_a)
+        await play_deployment(kube, f"chat-{rev_a}", stable)
+        await wait_phase(kube, "Healthy")
+        await kube.patch(API, "ModelDeployment", NS, "chat", {"spec": md_b["spec"]})
+        await play_deployment(kube, f"chat-{rev_b}", canary)
+        before = await wait_phase(kube, "Paused")
+    assert before["status"]["currentStepIndex"] == 1
+    # Operator down: resume the pause; a new operator process picks up at step 1, not step 0.
+    await kube.patch(
+        API,
+        "ModelDeployment",
+        NS,
+        "chat",
+        {"metadata": {"annotations": {"kubetune.io/promote": "true"}}},
+    )
+    async with traffic(stable, canary), deployment_controller(kube, {f"chat-{rev_b}": canary}):
+        with start_operator(kube_api):
+            obj = await wait_for_object(
+                kube,
+                API,
+                "ModelDeployment",
+                NS,
+                "chat",
+                lambda o: (o.get("status") or {}).get("stable", {}).get("name") == rev_b,
+            )
+    assert obj["status"]["phase"] == "Healthy"
+    assert obj["status"]["analysis"][-1]["revision"] == rev_b
+    canary_events = [
+        e
+        for e in await kube.list("v1", "Event", NS)
+        if "started next to stable" in e.get("message", "")
+    ]
+    assert len(canary_events) == 1  # the canary was not restarted by the new operator

@@ -715,3 +715,86 @@ def test_invalid_spec_names_the_field_and_touches_nothing():
     assert [type(a) for a in out.actions] == [m.Event] and out.status["stable"]["name"] == stable
     ready_c = next(c for c in out.status["conditions"] if c["type"] == "Ready")
     assert ready_c["status"] == "True"
+
+
+# --- pre-traffic eval gate -------------------------------------------------------------------
+
+GATE_ROLLOUT = {
+    "steps": [{"setWeight": 10}, {"analysis": {"intervals": 1}}],
+    "analysis": {"interval": "10s", "minSamples": 20},
+    "evalGate": {
+        "prompts": [
+            {"prompt": "code word?", "expected": "zebra"},
+            {"prompt": "2+2?", "expected": "4"},
+        ],
+        "minScore": 0.5,
+        "maxScoreDrop": 0.25,
+    },
+}
+
+
+def _gate_sim() -> tuple[Sim, str, str]:
+    sim = Sim(make_md(rollout=GATE_ROLLOUT))
+    stable = healthy_stable(sim)
+    sim.set_spec(make_md("s3://models/adapter-b", rollout=GATE_ROLLOUT))
+    canary = revision_of(sim.md).name
+    sim.revs[canary] = ready(1, counters(0))
+    return sim, stable, canary
+
+
+def test_eval_gate_runs_before_any_traffic_and_passes():
+    from kubetune.rollout.evalgate import EvalGateObservation
+
+    sim, stable, canary = _gate_sim()
+    out = sim.step()
+    assert m.eval_gate_due(sim.md) == (canary, True)
+    assert weights_of(out)[canary] == 0 and "eval gate" in out.status["message"]
+    out = sim.step(eval_gate=EvalGateObservation(canary, 1.0, 1.0, prompts=2))
+    assert weights_of(out)[canary] == 10 and out.status["evalGateScore"] == 1.0
+    assert m.eval_gate_due(sim.md) is None
+
+
+@pytest.mark.parametrize(
+    ("canary_score", "stable_score", "needle"),
+    [(0.0, 0.0, "minScore"), (0.5, 1.0, "below stable's")],
+)
+def test_eval_gate_failure_rolls_back_without_traffic(canary_score, stable_score, needle):
+    from kubetune.rollout.evalgate import EvalGateObservation
+
+    sim, stable, canary = _gate_sim()
+    sim.step()
+    out = sim.step(eval_gate=EvalGateObservation(canary, canary_score, stable_score, prompts=2))
+    assert out.status["phase"] == "RolledBack" and needle in out.status["message"]
+    assert out.status["rejectedRevisions"][0]["reason"].startswith(Reason.EVAL_GATE_FAILED)
+    assert weights_of(out) == {stable: 100, canary: 0}
+
+
+def test_eval_gate_that_cannot_run_waits_then_hits_the_deadline():
+    from kubetune.rollout.evalgate import EvalGateObservation
+
+    sim, stable, canary = _gate_sim()
+    sim.step()
+    out = sim.step(eval_gate=EvalGateObservation(canary, None, error="connection refused"))
+    assert out.status["phase"] == "Progressing" and "connection refused" in out.status["message"]
+    sim.tick(601)  # progressDeadlineSeconds defaults to 600
+    out = sim.step(eval_gate=EvalGateObservation(canary, None, error="connection refused"))
+    assert out.status["phase"] == "RolledBack"
+
+
+@pytest.mark.parametrize(
+    ("answers", "match", "expected"),
+    [
+        (["The code word is Zebra.", "4"], "contains", 1.0),
+        (["The code word is Zebra.", "4"], "exact", 0.5),
+        ([None, " 4 "], "exact", 0.5),
+        ([None, None], "contains", 0.0),
+    ],
+)
+def test_golden_prompt_scoring(answers, match, expected):
+    from kubetune.api.modeldeployment import GoldenPrompt
+    from kubetune.rollout import evalgate
+
+    prompts = [GoldenPrompt(prompt="p1", expected="zebra"), GoldenPrompt(prompt="p2", expected="4")]
+    assert evalgate.score(prompts, answers, match) == expected
+    assert evalgate.answer_of({"choices": [{"text": "x"}]}) == "x"
+    assert evalgate.answer_of({"choices": []}) is None

@@ -31,7 +31,7 @@ from kubetune.api.conditions import Reason
 from kubetune.api.modeldeployment import KIND, ModelDeploymentSpec
 from kubetune.k8s import scraping
 from kubetune.k8s.client import ApiError, KubeClient
-from kubetune.rollout import builders, machine, revisions, weights
+from kubetune.rollout import builders, evalgate, machine, revisions, weights
 from kubetune.rollout.revisions import resource_name
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,24 @@ async def observe(client: KubeClient, md: Mapping[str, Any]) -> machine.Observed
                     )
                     observations[rev] = _with_counters(observations[rev], counters, error)
 
+    eval_gate = None
+    due = machine.eval_gate_due(md)
+    gate = spec.rollout.eval_gate
+    if due is not None and gate is not None:
+        rev, with_stable = due
+        model_name = (status.get("canary") or {}).get("modelName") or spec.model.name or name
+        score, error = await scraping.golden_prompt_score(
+            _session(), pods_by_rev.get(rev, []), gate, model_name
+        )
+        stable_score = None
+        if score is not None and with_stable and stable:
+            stable_score, _ = await scraping.golden_prompt_score(
+                _session(), pods_by_rev.get(stable, []), gate, model_name
+            )
+        eval_gate = evalgate.EvalGateObservation(
+            rev, score, stable_score, error, prompts=len(gate.prompts)
+        )
+
     mode = weights.resolve_mode(
         spec.traffic.mode,
         await gateway_api_available(client)
@@ -209,7 +227,11 @@ async def observe(client: KubeClient, md: Mapping[str, Any]) -> machine.Observed
         bool(spec.traffic.parent_refs),
     )
     return machine.Observed(
-        model=model, revisions=observations, mode=mode, interval_metrics=interval_metrics
+        model=model,
+        revisions=observations,
+        mode=mode,
+        interval_metrics=interval_metrics,
+        eval_gate=eval_gate,
     )
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 
 from kubetune.rollout import analysis as an
+from kubetune.rollout import evalgate
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +41,21 @@ def pod_is_ready(pod: Mapping[str, Any]) -> bool:
     )
 
 
-def metrics_url(pod: Mapping[str, Any], port_name: str = "http") -> str | None:
-    """``http://<podIP>:<containerPort named port_name>/metrics``; None without IP or port."""
+def pod_url(pod: Mapping[str, Any], port_name: str = "http") -> str | None:
+    """``http://<podIP>:<containerPort named port_name>``; None without IP or port."""
     ip = (pod.get("status") or {}).get("podIP")
     for container in (pod.get("spec") or {}).get("containers") or []:
         for port in container.get("ports") or []:
             if port.get("name") == port_name and port.get("containerPort"):
                 host = f"[{ip}]" if ip and ":" in ip else ip
-                return f"http://{host}:{port['containerPort']}/metrics" if ip else None
+                return f"http://{host}:{port['containerPort']}" if ip else None
     return None
+
+
+def metrics_url(pod: Mapping[str, Any], port_name: str = "http") -> str | None:
+    """``<pod_url>/metrics``; None without IP or port."""
+    base = pod_url(pod, port_name)
+    return f"{base}/metrics" if base else None
 
 
 async def _fetch(session: aiohttp.ClientSession, url: str) -> str:
@@ -122,3 +129,47 @@ async def query_prometheus(
         p95_latency_seconds=values["latencyP95"],
         ttft_p95_seconds=values["ttftP95"],
     )
+
+
+async def golden_prompt_score(
+    session: aiohttp.ClientSession,
+    pods: Iterable[Mapping[str, Any]],
+    gate: Any,
+    model_name: str,
+    timeout: float = 60.0,
+) -> tuple[float | None, str | None]:
+    """Send the gate's golden prompts to one ready pod: ``(score, None)`` or ``(None, error)``.
+
+    A failed single request counts as a wrong answer (``evalgate.score``); no ready pod, or
+    no answer at all, is an error (the state machine waits and re-asks, bounded by the
+    progress deadline).
+    """
+    urls = [u for u in (pod_url(p) for p in pods if pod_is_ready(p)) if u]
+    if not urls:
+        return None, "no ready pod to run the golden prompts against"
+    if not gate.prompts:
+        return (
+            None,
+            "evalGate.promptsUri is read by the local runtime only; in a cluster set evalGate.prompts",
+        )
+    answers: list[str | None] = []
+    errors: list[str] = []
+    for prompt in gate.prompts:
+        body = evalgate.request_body(prompt, model_name, gate)
+        try:
+            async with session.post(
+                urls[0] + "/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
+                payload = await resp.json(content_type=None) if resp.status == 200 else {}
+                if resp.status != 200:
+                    errors.append(f"HTTP {resp.status}")
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            errors.append(str(exc) or type(exc).__name__)
+            payload = {}
+        answers.append(evalgate.answer_of(payload if isinstance(payload, dict) else {}))
+    if all(a is None for a in answers):
+        return (
+            None,
+            f"{urls[0]}: no golden prompt answered ({errors[0] if errors else 'empty answers'})",
+        )
+    return evalgate.score(gate.prompts, answers, gate.match), None

@@ -45,6 +45,7 @@ from kubetune.api.common import ANNOTATION_ABORT, ANNOTATION_PAUSE, ANNOTATION_P
 from kubetune.api.conditions import Reason
 from kubetune.api.modeldeployment import ModelDeploymentSpec
 from kubetune.rollout import analysis as an
+from kubetune.rollout import evalgate
 from kubetune.rollout import weights as wt
 from kubetune.rollout.builders import ROLE_CANARY, ROLE_STABLE
 from kubetune.rollout.revisions import ModelProblem, Revision
@@ -93,6 +94,8 @@ class Observed:
     interval_metrics: Mapping[str, an.IntervalMetrics] | None = None
     # None: read kubetune.io/promote|abort|pause from md.metadata.annotations.
     annotations: Mapping[str, str] | None = None
+    # The pre-traffic eval gate's result, when ``eval_gate_due(md)`` asked the runtime to run it.
+    eval_gate: evalgate.EvalGateObservation | None = None
 
     @property
     def resolved_revision(self) -> str | None:
@@ -331,6 +334,8 @@ class _Run:
         self.st["stepStartedAt"] = self.ts
         self.st["analysisBaseline"] = None
         self.st["paused"] = None
+        self.st["evalGateScore"] = None
+        self.st["evalGateStableScore"] = None
         self.st["weights"] = {**(self.st.get("weights") or {}), "requestedCanary": 0}
         self.event(
             NORMAL,
@@ -571,6 +576,8 @@ class _Run:
             self.progressing(f"waiting for canary {canary['name']} pods to be ready")
             self.requeue(WAIT_REQUEUE)
             return
+        if not self.eval_gate_passed(target):
+            return
 
         while idx < len(steps):
             step = steps[idx]
@@ -672,6 +679,37 @@ class _Run:
                 self.analyse(canary["name"])
             return
         self.finish_promotion(target, "all steps passed")
+
+    def eval_gate_passed(self, target: Revision) -> bool:
+        """The golden-prompt gate before any traffic: True once passed (or not configured)."""
+        gate = self.spec.rollout.eval_gate
+        if gate is None or self.st.get("evalGateScore") is not None:
+            return True
+        canary = self.canary()
+        assert canary is not None
+        got = self.obs.eval_gate
+        if got is None or got.revision != canary["name"] or got.canary_score is None:
+            # The runtime runs the prompts when eval_gate_due() says so; wait for the result.
+            self.keep_canary_size(target)
+            if self.stalled():
+                return False
+            detail = f": {got.error}" if got is not None and got.error else ""
+            self.progressing(f"eval gate: golden prompts against canary {canary['name']}{detail}")
+            self.requeue(WAIT_REQUEUE)
+            return False
+        self.st["evalGateScore"] = round(got.canary_score, 4)
+        if got.stable_score is not None:
+            self.st["evalGateStableScore"] = round(got.stable_score, 4)
+        why = evalgate.verdict(gate, got)
+        if why:
+            self.rollback(Reason.EVAL_GATE_FAILED, why)
+            return False
+        self.event(
+            NORMAL,
+            Reason.CANARY_PROGRESSING,
+            f"eval gate passed: score {got.canary_score:.0%} on {got.prompts} golden prompts",
+        )
+        return True
 
     def stalled(self) -> bool:
         """Roll back when the current step made no progress within the progress deadline."""
@@ -954,6 +992,25 @@ def step(md: Mapping[str, Any], observed: Observed, now: datetime.datetime) -> S
 
 
 INVALID_SPEC = "InvalidSpec"
+
+
+def eval_gate_due(md: Mapping[str, Any]) -> tuple[str, bool] | None:
+    """``(canary revision, with_stable)`` when a runtime should run the eval gate now, else None.
+
+    Due while a canary exists whose gate has not been scored yet and spec.rollout.evalGate is
+    set; ``with_stable`` asks for stable's score too (maxScoreDrop). The runtime passes the
+    result as ``Observed.eval_gate`` (the canary's pods must be ready to answer).
+    """
+    try:
+        spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
+    except ValidationError:
+        return None
+    gate = spec.rollout.eval_gate
+    status = md.get("status") or {}
+    canary = (status.get("canary") or {}).get("name")
+    if gate is None or not canary or status.get("evalGateScore") is not None:
+        return None
+    return canary, gate.max_score_drop is not None
 
 
 def invalid_spec_message(exc: ValidationError) -> str:
