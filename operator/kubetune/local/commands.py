@@ -219,6 +219,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not objects:
         print("no objects; apply some with `kubetune local apply -f examples/local/`")
         return 0
+    if args.output in ("table", "wide"):
+        # The columns of `kubectl get ftj,mdep` (the CRDs' printer columns), kind by kind.
+        from kubetune.local.tables import table
+
+        for kind in kinds:
+            of_kind = [o for o in objects if o["kind"] == kind]
+            if of_kind:
+                print()
+                print(table(kind, of_kind, wide=args.output == "wide"))
+        print()
     for obj in objects:
         print(job_line(obj) if obj["kind"] == "FineTuneJob" else deployment_line(obj))
     for name, url in _endpoints(store).items():
@@ -301,7 +311,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = local_sub.add_parser("status", help="show the local objects and their status")
     p.add_argument("kind", nargs="?", choices=sorted(KIND_ALIASES), help="only this kind")
     p.add_argument("name", nargs="?", help="only this object")
-    p.add_argument("-o", "--output", choices=["table", "yaml", "json"], default="table")
+    p.add_argument(
+        "-o", "--output", choices=["table", "wide", "progress", "yaml", "json"], default="table"
+    )
     p.add_argument("--dir", help="state folder (default: $KUBETUNE_LOCAL_DIR or ./.kubetune)")
     p.set_defaults(func=cmd_status)
 
