@@ -130,6 +130,9 @@ def test_status_shows_objects_in_the_clusters_shape(story):
     _, work = story
     state = str(work / "state")
     table = kubetune("local", "status", "--dir", state).stdout
+    # `kubectl get ftj` / `kubectl get mdep` columns, then the progress lines.
+    assert "NAME           PHASE       PROGRESS   EVAL LOSS   AGE" in table
+    assert "NAME        PHASE        STABLE       CANARY   WEIGHT   AGE" in table
     assert "ftj/assistant-v2" in table and "Succeeded" in table
     assert f"mdep/{MDEP}" in table and "RolledBack" in table
     obj = json.loads(kubetune("local", "status", "mdep", MDEP, "-o", "json", "--dir", state).stdout)
