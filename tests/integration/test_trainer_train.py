@@ -338,3 +338,42 @@ def test_qlora_without_a_gpu_is_a_config_error(tmp_path, tiny_base_model_uri, mo
     code, msg = run_here("train", trainer_env(spec, tmp_path), monkeypatch)
     assert code == 2 and msg["outcome"] == "config_error"
     assert "qlora needs a CUDA GPU" in msg["message"] and "method.type lora" in msg["message"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_one_model(tmp_path, tiny_base_model_uri):
+    import shutil
+    import subprocess
+    import sys
+
+    train = synthetic.write_task_dataset(tmp_path / "train.jsonl", 80)
+    out = tmp_path / "out"
+    spec = make_spec(
+        tiny_base_model_uri,
+        train.as_uri(),
+        out.as_uri(),
+        method={"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.1}},
+        hyperparameters={"maxSteps": 6, "batchSize": 4, "gradientAccumulationSteps": 2},
+        evaluation={"everySteps": 3},
+        checkpoint={"everySteps": 3},
+    )
+    env = trainer_env(spec, tmp_path)
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node=2", "-m", "kubetune_trainer", "train"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    msg = json.loads(Path(env["KUBETUNE_TERMINATION_LOG"]).read_text())
+    assert msg["outcome"] == "succeeded" and msg["step"] == 6  # rank 0 speaks for the pod
+    lineage = json.loads((out / "model/lineage.json").read_text())
+    assert lineage["worldSize"] == 2
+    # Both ranks hold the same weights after every step: their evaluations agree exactly.
+    evals = [line for line in proc.stderr.splitlines() if "step 6 eval" in line]
+    assert len(evals) == 2 and evals[0].split("eval: ")[1] == evals[1].split("eval: ")[1]
+    rng = __import__("torch").load(out / "checkpoints/step-3/rng.pt", weights_only=False)
+    assert rng["worldSize"] == 2 and len(rng["ranks"]) == 2
+    verify_dir(out / "checkpoints/step-3")

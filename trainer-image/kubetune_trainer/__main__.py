@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                 data_report=outcome.data_report,
                 artifact=outcome.artifact,
             )
-        write_termination(termination_log, text)
+        # Processes of one pod share its termination log: the first local process speaks for it.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            write_termination(termination_log, text)
         print(text, flush=True)
         return EXIT_OK
     except BaseException as exc:  # noqa: BLE001 (every ending is classified and reported)

@@ -105,6 +105,7 @@ def publish(trainer: Trainer) -> dict[str, Any]:
         "resumedFromStep": trainer.resumed_from,
         "tokensSeen": trainer.state.tokens_seen,
         "precision": trainer.precision,
+        "worldSize": settings.dist.world_size,
         "image": settings.image,
         "packages": package_versions(),
         "startTime": trainer.started_at,

@@ -32,7 +32,7 @@ from kubetune.api.finetunejob import LoraSpec
 from kubetune_trainer.batching import BatchPlan, collate, make_rows
 from kubetune_trainer.checkpoints import CheckpointManager, now_iso, read_state
 from kubetune_trainer.encoding import IGNORE, encode_record, prompt_ids
-from kubetune_trainer.errors import ConfigError, Preempted
+from kubetune_trainer.errors import ConfigError, DataError, Preempted
 from kubetune_trainer.reporting import MAX_CHECKPOINTS_REPORTED, make_reporter
 from kubetune_trainer.settings import Settings
 from kubetune_trainer.sources import fetch_model, output_store
@@ -264,12 +264,19 @@ class Trainer:
         self.spec = settings.spec
         self.context = context if context is not None else {}
         self.sigterm = SigtermFlag()
-        self.reporter = make_reporter(settings.report, settings.namespace, settings.job_name)
+        main = settings.dist.is_main
+        self.reporter = make_reporter(
+            settings.report if main else "none", settings.namespace, settings.job_name
+        )
         self.store = output_store(self.spec.output.uri, self.spec.storage)
         self.work_dir = Path(settings.work_dir)
+        if settings.dist.enabled:
+            # Processes of one pod share the emptyDir: each stages in its own folder.
+            self.work_dir = self.work_dir / f"rank-{settings.dist.rank}"
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.state = TrainState()
         self.resumed_from: int | None = None
+        self.last_saved_step: int | None = None
         self.started_at = now_iso()
         self.step_times: list[float] = []
         self.checkpoint_stall: list[float] = []
@@ -291,7 +298,11 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.settings.dist.enabled and not self.settings.dist.is_main:
+            barrier()  # rank 0 validates (when needed) and writes data/ first
         self.data = load_validated(self.settings, tokenizer=self.tokenizer)
+        if self.settings.dist.enabled and self.settings.dist.is_main:
+            barrier()
         self.context["dataReport"] = self.data.summary
         max_len = spec.dataset.max_seq_length
         encoded = [
@@ -308,13 +319,27 @@ class Trainer:
             False,
             hp.seed,
         )
-        self.plan = BatchPlan(len(self.rows), hp.batch_size, hp.seed)
+        world = self.settings.dist.world_size
+        if len(self.rows) < hp.batch_size * world:
+            raise DataError(
+                f"{len(self.rows)} training rows cannot fill one batch of {hp.batch_size} on each of "
+                f"{world} processes: add data or lower hyperparameters.batchSize"
+            )
+        # One global micro-batch of batchSize rows per process; rank r trains on slice r.
+        self.plan = BatchPlan(len(self.rows), hp.batch_size * world, hp.seed)
         self.accum = hp.gradient_accumulation_steps
         steps_per_epoch = math.ceil(self.plan.batches_per_epoch / self.accum)
         self.total_steps = hp.max_steps or max(1, math.ceil(hp.epochs * steps_per_epoch))
 
         seed_everything(hp.seed)
         self.model = load_model(self.settings, self.base_dir, self.device, load_dtype)
+        self.ddp = None
+        if self.settings.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self.optimizer = make_optimizer(self.model, spec, self.device)
         self.scheduler = make_scheduler(self.optimizer, spec, self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
@@ -369,7 +394,19 @@ class Trainer:
             self.scaler.load_state_dict(sched["scaler"])
         state = read_state(folder)
         self.state = TrainState(**state["train"])
-        set_rng_state(torch.load(folder / "rng.pt", weights_only=False))
+        rng = torch.load(folder / "rng.pt", weights_only=False)
+        d = self.settings.dist
+        if rng.get("worldSize") == d.world_size:
+            set_rng_state(rng["ranks"][d.rank])
+        else:
+            log.warning(
+                "checkpoint step-%d was written by %s processes, this run has %d: weights, optimizer "
+                "and data position resume exactly, the dropout RNG is re-seeded",
+                ckpt.step,
+                rng.get("worldSize"),
+                d.world_size,
+            )
+            seed_everything(self.spec.hyperparameters.seed + ckpt.step)
         self.resumed_from = ckpt.step
         self.resume_seconds = time.perf_counter() - started
         log.info("resumed from checkpoint step-%d (%.2fs)", ckpt.step, self.resume_seconds)
@@ -398,7 +435,7 @@ class Trainer:
         every_eval = spec.evaluation.every_steps
         every_ckpt = spec.checkpoint.every_steps
         while self.state.step < self.total_steps and not self.state.stopped_early:
-            if self.sigterm.raised:
+            if self.sigterm_everywhere():
                 self.preempt()
             t0 = time.perf_counter()
             loss, tokens = self.train_step(self.state.step)
@@ -424,7 +461,7 @@ class Trainer:
                 t1 = time.perf_counter()
                 self.save_checkpoint()
                 self.checkpoint_stall.append(time.perf_counter() - t1)
-            if self.sigterm.raised:
+            if self.sigterm_everywhere():
                 self.preempt()
 
     def train_step(self, step: int) -> tuple[float, int]:
@@ -435,17 +472,25 @@ class Trainer:
         model.train()
         batches = [
             collate(
-                [self.rows[i] for i in self.plan.indices(step * self.accum + m)],
+                [self.rows[i] for i in self.my_slice(self.plan.indices(step * self.accum + m))],
                 self.tokenizer.pad_token_id,
             )
             for m in range(self.accum)
         ]
         # HF shifts labels by one: position t predicts labels[t+1].
         targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-        targets_t = torch.tensor(max(targets, 1), device=self.device)
+        targets_t = torch.tensor(targets, device=self.device)
+        if self.ddp is not None:
+            import torch.distributed as dist
+
+            # Normalise by the GLOBAL target count; DDP averages gradients over ranks, so the
+            # loss is scaled back up by the world size.
+            dist.all_reduce(targets_t)
+        targets_t = targets_t.clamp(min=1)
+        scale = self.settings.dist.world_size
         total_loss = 0.0
         tokens = 0
-        for batch in batches:
+        for m, batch in enumerate(batches):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             tokens += int(batch["attention_mask"].sum())
             ctx = (
@@ -453,14 +498,20 @@ class Trainer:
                 if self.amp is not None
                 else contextlib.nullcontext()
             )
-            with ctx:
-                out = model(**batch, num_items_in_batch=targets_t, use_cache=False)
-            loss = out.loss
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-            else:
-                loss.backward()
-            total_loss += float(loss.detach())
+            # Gradients are all-reduced only on the last micro-batch of the step.
+            sync = (
+                self.ddp.no_sync()
+                if self.ddp is not None and m < len(batches) - 1
+                else contextlib.nullcontext()
+            )
+            with ctx, sync:
+                out = (self.ddp or model)(**batch, num_items_in_batch=targets_t, use_cache=False)
+                loss = out.loss * scale
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            total_loss += float(loss.detach()) / scale
         hp = self.spec.hyperparameters
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -475,7 +526,35 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ddp is not None:
+            import torch.distributed as dist
+
+            stats = torch.tensor([total_loss, float(tokens)], device=self.device)
+            dist.all_reduce(stats)
+            total_loss, tokens = float(stats[0]), int(stats[1])
         return total_loss, tokens
+
+    def my_slice(self, indices: list[int]) -> list[int]:
+        """This process' share of a global micro-batch."""
+        d = self.settings.dist
+        if not d.enabled:
+            return indices
+        per = self.spec.hyperparameters.batch_size
+        mine = indices[d.rank * per : (d.rank + 1) * per]
+        # The last micro-batch of an epoch can be short: a rank left without rows re-uses the
+        # first row of the batch (its gradient counts like any other row's).
+        return mine or indices[:1]
+
+    def sigterm_everywhere(self) -> bool:
+        """Whether any process got SIGTERM (all ranks must checkpoint at the same step)."""
+        if self.ddp is None:
+            return self.sigterm.raised
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if self.sigterm.raised else 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     # -- evaluation --
 
@@ -613,7 +692,16 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
         }
-        rng = rng_state()
+        rng = {"worldSize": self.settings.dist.world_size, "ranks": [rng_state()]}
+        if self.ddp is not None:
+            import torch.distributed as dist
+
+            # Every rank's RNG (dropout masks differ per rank); only rank 0 writes.
+            ranks: list[Any] = [None] * self.settings.dist.world_size
+            dist.all_gather_object(ranks, rng["ranks"][0])
+            rng["ranks"] = ranks
+            if not self.settings.dist.is_main:
+                return
         train_state = {
             "train": self.state.dump(),
             "dataPosition": {
@@ -639,6 +727,7 @@ class Trainer:
         if not (self.state.evals and self.state.evals[-1]["step"] == step):
             metrics.pop("evalLoss", None)
         self.checkpoints.save(step, write, {"metrics": metrics}, wait=wait)
+        self.last_saved_step = step
 
     def _on_checkpoint(self, record: dict[str, Any]) -> None:
         records = self.checkpoints.records[-MAX_CHECKPOINTS_REPORTED:]
@@ -647,7 +736,7 @@ class Trainer:
     def preempt(self) -> None:
         """SIGTERM: checkpoint the current step (unless it is the resumed one) and exit 143."""
         step = self.state.step
-        if step > 0 and step != self.resumed_from:
+        if step > 0 and step not in (self.resumed_from, self.last_saved_step):
             self.save_checkpoint(wait=True)
         else:
             self.checkpoints.wait()
@@ -685,6 +774,14 @@ class Trainer:
         from kubetune_trainer.artifact import publish
 
         self.checkpoints.wait()
+        if not self.settings.dist.is_main:
+            return Outcome(
+                f"rank {self.settings.dist.rank} done",
+                self.state.step,
+                dict(self.state.metrics),
+                None,
+                None,
+            )
         artifact = publish(self)
         metrics = dict(self.state.metrics)
         self.reporter.report(
@@ -708,9 +805,25 @@ class Trainer:
 
 def run_train(settings: Settings, context: dict[str, Any] | None = None) -> Outcome:
     """Entry point of ``python -m kubetune_trainer train``."""
-    if settings.dist.enabled:
-        raise ConfigError(
-            "multi-process training (WORLD_SIZE > 1) is not supported by this trainer build yet: "
-            "set nodes: 1 and resources.gpus: 1"
-        )
-    return Trainer(settings, context).run()
+    if not settings.dist.enabled:
+        return Trainer(settings, context).run()
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available() and settings.spec.resources.gpus > 0
+    if cuda:
+        torch.cuda.set_device(settings.dist.local_rank)
+    # torchrun sets MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE (from the operator's NNODES, ...).
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    try:
+        return Trainer(settings, context).run()
+    finally:
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """All processes meet here (no-op without torch.distributed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
