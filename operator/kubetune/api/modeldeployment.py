@@ -320,7 +320,13 @@ class GoldenPrompt(Model):
 
 
 class EvalGate(Model):
-    """Golden prompts run against the canary before it gets any traffic."""
+    """Golden prompts run against the canary before it gets any traffic.
+
+    The canary stays at weight 0 until one of its pods has answered every prompt (temperature
+    0); a score below minScore (or more than maxScoreDrop below stable's) rolls it back. With
+    traffic.mode replicas there is no router to hold traffic back: the canary's first pod is
+    already behind the shared Service while the gate runs, so use gatewayAPI for a strict gate.
+    """
 
     model_config = Model.model_config | {
         "json_schema_extra": validations(
@@ -373,7 +379,12 @@ class RolloutSpec(Model):
         default_factory=AnalysisSpec, description="Metric analysis during the canary."
     )
     eval_gate: EvalGate | None = Field(
-        default=None, description="Optional golden-prompt gate before any traffic."
+        default=None,
+        description=(
+            "Optional golden-prompt gate: the canary stays at weight 0 until it passes. With "
+            "traffic.mode replicas its first pod already sits behind the shared Service meanwhile; "
+            "use gatewayAPI for a strict pre-traffic gate."
+        ),
     )
     progress_deadline_seconds: int = Field(
         default=600,
