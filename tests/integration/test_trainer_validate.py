@@ -119,3 +119,21 @@ def test_validate_reads_and_writes_s3(tmp_path, tiny_base_model: Path, s3_env, s
         store.read_json("out/data/report.json")["summary"]["trainExamples"]
         == msg["dataReport"]["trainExamples"]
     )
+
+
+def test_chat_data_on_a_base_model_without_chat_template_is_a_config_error(
+    tmp_path, tiny_base_model, monkeypatch
+):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base_model, base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(cfg))
+    path = synthetic.write_task_dataset(tmp_path / "train.jsonl", 30)
+    spec = make_spec(base.as_uri(), path.as_uri(), (tmp_path / "out").as_uri())
+    code, msg = run_here("validate", trainer_env(spec, tmp_path), monkeypatch)
+    assert code == 2 and msg["outcome"] == "config_error"
+    assert "needs a chat template" in msg["message"] and "completion" in msg["message"]

@@ -24,7 +24,7 @@ from typing import Any
 
 from kubetune_trainer import data
 from kubetune_trainer.encoding import encode_record
-from kubetune_trainer.errors import DataError
+from kubetune_trainer.errors import ConfigError, DataError
 from kubetune_trainer.settings import Settings
 from kubetune_trainer.sources import fetch_model, output_store, read_object
 
@@ -164,6 +164,12 @@ def run_validate(settings: Settings, *, tokenizer: Any = None) -> Validated:
         )
 
     tokenizer = tokenizer or load_tokenizer(settings)
+    if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"dataset format chat needs a chat template, and the tokenizer of {spec.base_model.uri} has "
+            "none: use a base model with a chat template (e.g. an instruct model) or write the "
+            "dataset as completion ({prompt, completion}) or text records"
+        )
     lengths: list[int] = []
     truncated = 0
     for record in train + validation:
