@@ -104,6 +104,7 @@ MDEP_CHILD_LABELS = {"kubetune.io/kind": "ModelDeployment"}
 @kopf.on.startup()
 async def modeldeployment_startup(memo: kopf.Memo, **_: object) -> None:
     """Create the ModelDeployment work queue in the operator's event loop."""
+    from kubetune import metrics
     from kubetune.k8s.client import get_client
     from kubetune.k8s.deployments import reconcile
     from kubetune.k8s.queue import WorkQueue
@@ -112,7 +113,8 @@ async def modeldeployment_startup(memo: kopf.Memo, **_: object) -> None:
 
     async def work(key: object) -> float | None:
         namespace, name = key  # type: ignore[misc]
-        return await reconcile(client, namespace, name)
+        with metrics.reconcile("ModelDeployment"):
+            return await reconcile(client, namespace, name)
 
     memo.modeldeployments = WorkQueue(work)
 
