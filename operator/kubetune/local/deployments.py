@@ -97,6 +97,8 @@ class MdepState:
     revisions: dict[str, LocalRevision] = field(default_factory=dict)
     # revision -> weight (percent) the state machine asked for, applied to ready replicas.
     weights: dict[str, int] = field(default_factory=dict)
+    # revision -> its eval gate result (the golden prompts run once per canary revision).
+    gate_results: dict[str, Any] = field(default_factory=dict)
 
 
 class DeploymentDriver:
@@ -432,7 +434,80 @@ class DeploymentDriver:
                 counters=counters,
                 scrape_error=scrape_error,
             )
-        return Observed(model=resolved, revisions=revisions, mode=LOCAL)
+        return Observed(
+            model=resolved,
+            revisions=revisions,
+            mode=LOCAL,
+            eval_gate=await self._eval_gate(obj, state),
+        )
+
+    async def _eval_gate(self, obj: dict[str, Any], state: MdepState) -> Any:
+        """Run the golden prompts when the state machine asks for them (``eval_gate_due``)."""
+        from kubetune.api.modeldeployment import GoldenPrompt, ModelDeploymentSpec
+        from kubetune.rollout import evalgate
+        from kubetune.rollout.machine import eval_gate_due
+
+        due = eval_gate_due(obj)
+        if due is None:
+            return None
+        canary, with_stable = due
+        cached = state.gate_results.get(canary)
+        if cached is not None:
+            return cached
+        spec = ModelDeploymentSpec.model_validate(obj["spec"])
+        gate = spec.rollout.eval_gate
+        assert gate is not None
+        status = obj.get("status") or {}
+        model_name = (
+            (status.get("canary") or {}).get("modelName")
+            or spec.model.name
+            or obj["metadata"]["name"]
+        )
+        try:
+            prompts = list(gate.prompts) or [
+                GoldenPrompt.model_validate(p) for p in _read_jsonl(gate.prompts_uri, spec)
+            ]
+        except Exception as exc:  # noqa: BLE001 - any unreadable prompt file is the gate's error
+            return evalgate.EvalGateObservation(canary, None, error=f"evalGate.promptsUri: {exc}")
+
+        async def score_of(revision: str | None) -> tuple[float | None, str | None]:
+            local = state.revisions.get(revision or "")
+            ready = local.ready_replicas if local else []
+            if not ready:
+                return (
+                    None,
+                    f"no ready pod of revision {revision} to run the golden prompts against",
+                )
+            url = ready[0].url + "/v1/completions"
+
+            async def ask(prompt: GoldenPrompt) -> str | None:
+                body = evalgate.request_body(prompt, model_name, gate)
+                try:
+                    async with self._client().post(
+                        url, json=body, timeout=aiohttp.ClientTimeout(total=60)
+                    ) as response:
+                        return (
+                            evalgate.answer_of(await response.json())
+                            if response.status == 200
+                            else None
+                        )
+                except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+                    return None
+
+            answers = await asyncio.gather(*(ask(p) for p in prompts))
+            return evalgate.score(prompts, answers, gate.match), None
+
+        canary_score, error = await score_of(canary)
+        if canary_score is None:
+            return evalgate.EvalGateObservation(canary, None, error=error)
+        stable_score = None
+        if with_stable:
+            stable_score, _ = await score_of((status.get("stable") or {}).get("name"))
+        result = evalgate.EvalGateObservation(
+            canary, canary_score, stable_score, prompts=len(prompts)
+        )
+        state.gate_results[canary] = result
+        return result
 
     async def _act(self, obj: dict[str, Any], state: MdepState, action: Any) -> None:
         from kubetune.rollout.machine import revision_from_status
@@ -488,6 +563,17 @@ def _last_line(log: Any) -> str:
     except OSError:
         return ""
     return f": {lines[-1][-300:]}" if lines else ""
+
+
+def _read_jsonl(uri: str | None, spec: Any) -> list[dict[str, Any]]:
+    """The ``{prompt, expected}`` records of a JSONL file (file:// or s3:// with spec.storage)."""
+    from kubetune.storage import open_store
+
+    if not uri:
+        raise ValueError("evalGate has neither prompts nor promptsUri")
+    parent, _, key = uri.rstrip("/").rpartition("/")
+    text = open_store(parent, spec.storage).read_text(key)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _read_json(path: Any) -> dict[str, Any]:
