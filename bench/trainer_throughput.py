@@ -258,6 +258,61 @@ def mfu(tps: float, trainer, seq: int) -> dict[str, float]:
     }
 
 
+def append_results(r: dict, seconds: float) -> None:
+    """Append a section to bench/RESULTS.md."""
+    m = r["meta"]
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [
+        f"\n## trainer_throughput ({when})\n",
+        f"machine: {m['device']}, torch {m['torch']}; model {m['model']} (random init), LoRA r16 all-linear, "
+        f"batch {m['batch']}, maxSeqLength {m['seq']}, {m['steps']} steps; took {seconds:.0f}s; "
+        f"command: `python {m['command']}`\n",
+        "| section | ours | baseline (transformers.Trainer + peft, DataCollatorForSeq2Seq) | ratio |",
+        "|---|---|---|---|",
+    ]
+    if "uniform" in r:
+        u = r["uniform"]
+        lines.append(
+            f"| tokens/s, code-word task (uniform lengths, no packing) | {u['ours_tps']:,.0f} | {u['baseline_tps']:,.0f} | {u['ratio']:.2f}x |"
+        )
+    if "varlen" in r:
+        v = r["varlen"]
+        lines.append(
+            f"| tokens/s, variable-length text, ours packed | {v['ours_packed_tps']:,.0f} | {v['baseline_tps']:,.0f} | {v['ratio_packed']:.2f}x |"
+        )
+        lines.append(
+            f"| tokens/s, variable-length text, ours padded | {v['ours_padded_tps']:,.0f} | {v['baseline_tps']:,.0f} | {v['ratio_padded']:.2f}x |"
+        )
+        if "mfu_6N" in v:
+            lines.append(
+                f"| MFU (6N + attention, {v['params'] / 1e6:.0f}M params), packed | {v['mfu_6N']:.1%} | | |"
+            )
+            lines.append(
+                f"| LoRA hardware FLOPs utilisation (4N + attention) | {v['hfu_4N']:.1%} | | |"
+            )
+    if "checkpoint" in r:
+        c = r["checkpoint"]
+        lines.append(
+            f"| step time with a checkpoint every {c['every']} steps vs none | {c['step_s_ckpt'] * 1000:.1f} ms | "
+            f"{c['step_s_plain'] * 1000:.1f} ms (no checkpoints) | {c['ratio']:.3f}x |"
+        )
+        lines.append(
+            f"| per checkpoint ({c['ckpt_mb']:.2f} MB): loop stall / background upload | {c['stall_s_per_ckpt'] * 1000:.0f} ms | "
+            f"{c['upload_s_per_ckpt_background'] * 1000:.0f} ms (hidden) | |"
+        )
+    if "resume" in r:
+        x = r["resume"]
+        lines.append(
+            f"| start-up, resumed from step {x['resumed_from']} (find + verify + restore) vs fresh | {x['setup_resumed_s']:.2f} s | "
+            f"{x['setup_fresh_s']:.2f} s | {x['setup_resumed_s'] / x['setup_fresh_s']:.2f}x |"
+        )
+        lines.append(
+            f"| of which restoring weights/optimizer/RNG | {x['restore_s'] * 1000:.0f} ms | | |"
+        )
+    with (REPO / "bench/RESULTS.md").open("a") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="small", choices=["tiny", "small", "qwen0.5b"])
@@ -280,6 +335,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     from kubetune_trainer import synthetic
 
+    started = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="kt-bench-"))
     base = build_model(a.model, tmp / "base")
     results: dict[str, dict] = {}
@@ -402,6 +458,8 @@ def main() -> None:
     print(json.dumps(results, indent=2, default=float))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2, default=float))
+    if a.append:
+        append_results(results, time.time() - started)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -9,11 +9,12 @@
     trainer_state.json      step, data position (micro-batch index), eval history, early stopping
     manifest.json           sha256 of every file above + step + metrics -- written LAST
 
-A checkpoint is first written to a local staging folder (synchronously: the weights must be
-captured at this step), its manifest computed there, and then uploaded by one background thread
-(``Store.upload_dir`` puts ``manifest.json`` last) while training goes on. At most one upload is
-in flight: the next save waits for the previous one, so a slow store slows training rather than
-piling up copies on local disk. An upload failure is raised at the next save or at the end.
+The training loop only takes a snapshot (CPU copies of the trainable weights, optimizer and
+scheduler state, RNG); one background thread serialises it to a local staging folder, computes
+the manifest there and uploads the folder (``Store.upload_dir`` puts ``manifest.json`` last)
+while training goes on. At most one checkpoint is in flight: the next save waits for the
+previous one, so a slow store slows training rather than piling up copies in memory or on local
+disk. A failure is raised at the next save or at the end.
 
 Resume takes the newest checkpoint whose manifest verifies (every file's size and sha256); one
 without a manifest (a crash mid-upload) or with a mismatching file is skipped with a warning.
@@ -154,19 +155,25 @@ class CheckpointManager:
         *,
         wait: bool = False,
     ) -> None:
-        """Write a checkpoint locally with ``write_files(folder)``, then upload it in the background."""
-        self.wait()  # one upload at a time (and surface the previous one's failure now)
+        """Serialise (``write_files(folder)``), hash and upload a checkpoint in the background.
+
+        ``write_files`` must only touch a snapshot of the training state (CPU copies taken by
+        the caller), since training goes on while it runs.
+        """
+        self.wait()  # one checkpoint in flight (and surface the previous one's failure now)
+        self._pending = self._pool.submit(self._write_and_upload, step, write_files, extra)
+        if wait:
+            self.wait()
+
+    def _write_and_upload(
+        self, step: int, write_files: Callable[[Path], None], extra: dict[str, Any]
+    ) -> None:
+        started = time.perf_counter()
         folder = self.staging / f"step-{step}"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         write_files(folder)
         manifest = write_manifest(folder, {"kind": "checkpoint", "step": step, **extra})
-        self._pending = self._pool.submit(self._upload, step, folder, manifest)
-        if wait:
-            self.wait()
-
-    def _upload(self, step: int, folder: Path, manifest: dict[str, Any]) -> None:
-        started = time.perf_counter()
         prefix = step_prefix(step)
         # A folder of the same step can only be a leftover of a crashed upload (or an older
         # run's): clear it, manifest first, so that no stale file is mixed in.

@@ -18,6 +18,7 @@ accumulation equals one big batch), then clipping, AdamW and the scheduler. Arou
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -239,6 +240,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
         numpy.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def to_cpu(obj: Any) -> Any:
+    """A deep copy of a (nested) state dict with every tensor cloned to the CPU."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def seed_everything(seed: int) -> None:
@@ -687,10 +701,12 @@ class Trainer:
             n: p.detach().to("cpu").contiguous().clone()
             for n, p in trainable_state(self.model).items()
         }
-        optimizer = self.optimizer.state_dict()
+        # A snapshot on the CPU: serialising, hashing and uploading happen in the background
+        # while the next steps run (and update the live tensors in place).
+        optimizer = to_cpu(self.optimizer.state_dict())
         sched = {
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "scheduler": copy.deepcopy(self.scheduler.state_dict()),
+            "scaler": copy.deepcopy(self.scaler.state_dict()) if self.scaler else None,
         }
         rng = {"worldSize": self.settings.dist.world_size, "ranks": [rng_state()]}
         if self.ddp is not None:
@@ -703,7 +719,7 @@ class Trainer:
             if not self.settings.dist.is_main:
                 return
         train_state = {
-            "train": self.state.dump(),
+            "train": json.loads(json.dumps(self.state.dump())),
             "dataPosition": {
                 "microBatch": step * self.accum,
                 "epoch": self.plan.epoch_of(step * self.accum),
