@@ -723,7 +723,12 @@ def run_demo(args: argparse.Namespace) -> int:
         summary = asyncio.run(story.run())
     except (TimeoutError, RuntimeError) as exc:
         print(f"\ndemo failed: {exc}", file=sys.stderr)
+        print(f"logs of every process: {story.store.root / 'run'}/*/log.txt", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C before the controller started (while building the model): nothing runs yet.
+        print("\ninterrupted")
+        return 130
     total = time.monotonic() - started
     print(render_summary(summary, total))
     (work / "summary.json").write_text(json.dumps(summary.__dict__, indent=2, default=str))
