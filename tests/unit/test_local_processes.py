@@ -63,7 +63,12 @@ async def test_stop_reaches_helpers_in_the_group(tmp_path):
     sup = Supervisor(registry=tmp_path / "processes.json", grace_seconds=5)
     pidfile = tmp_path / "helper.pid"
     proc = await sup.start(
-        ProcessSpec("parent", [sys.executable, "-c", PARENT_WITH_HELPER, str(pidfile)], dict(os.environ), log_path=tmp_path / "log")
+        ProcessSpec(
+            "parent",
+            [sys.executable, "-c", PARENT_WITH_HELPER, str(pidfile)],
+            dict(os.environ),
+            log_path=tmp_path / "log",
+        )
     )
     assert _wait_for(pidfile.exists)
     helper = int(pidfile.read_text())
@@ -79,7 +84,14 @@ async def test_stop_reaches_helpers_in_the_group(tmp_path):
 
 async def test_sigterm_ignored_means_sigkill_after_grace(tmp_path):
     sup = Supervisor(grace_seconds=0.5)
-    proc = await sup.start(ProcessSpec("stubborn", [sys.executable, "-c", IGNORES_SIGTERM], dict(os.environ), log_path=tmp_path / "log"))
+    proc = await sup.start(
+        ProcessSpec(
+            "stubborn",
+            [sys.executable, "-c", IGNORES_SIGTERM],
+            dict(os.environ),
+            log_path=tmp_path / "log",
+        )
+    )
     assert _wait_for(lambda: b"ignoring" in (tmp_path / "log").read_bytes())
     code = await sup.stop("stubborn")
     assert code == -9
@@ -89,7 +101,11 @@ async def test_sigterm_ignored_means_sigkill_after_grace(tmp_path):
 async def test_finished_leader_leaves_no_helper(tmp_path):
     sup = Supervisor()
     script = "import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); print(p.pid)"
-    await sup.start(ProcessSpec("short", [sys.executable, "-c", script], dict(os.environ), log_path=tmp_path / "log"))
+    await sup.start(
+        ProcessSpec(
+            "short", [sys.executable, "-c", script], dict(os.environ), log_path=tmp_path / "log"
+        )
+    )
     assert await sup.wait("short") == 0
     helper = int((tmp_path / "log").read_text().split()[0])
     assert _wait_for(lambda: not _alive(helper))
@@ -98,7 +114,11 @@ async def test_finished_leader_leaves_no_helper(tmp_path):
 async def test_registry_lets_another_process_clean_up(tmp_path):
     registry = tmp_path / "processes.json"
     sup = Supervisor(registry=registry)
-    proc = await sup.start(ProcessSpec("server", [sys.executable, "-c", "import time; time.sleep(600)"], dict(os.environ)))
+    proc = await sup.start(
+        ProcessSpec(
+            "server", [sys.executable, "-c", "import time; time.sleep(600)"], dict(os.environ)
+        )
+    )
     # As `kubetune local delete` would, without the supervisor's help.
     assert kill_registered(registry, grace_seconds=5) == ["server"]
     assert await sup.wait("server") is not None
@@ -108,7 +128,9 @@ async def test_registry_lets_another_process_clean_up(tmp_path):
 def test_registry_ignores_recycled_pids(tmp_path):
     registry = tmp_path / "processes.json"
     me = os.getpid()
-    registry.write_text(f'[{{"name": "old", "pid": {me}, "startTicks": {process_start_time(me) + 1}}}]')
+    registry.write_text(
+        f'[{{"name": "old", "pid": {me}, "startTicks": {process_start_time(me) + 1}}}]'
+    )
     assert read_registry(registry) == []
     assert kill_registered(registry, grace_seconds=0.1) == []  # and we are still here
 
@@ -122,6 +144,10 @@ async def test_missing_executable_is_a_clear_error(tmp_path):
 async def test_log_captures_both_streams(tmp_path):
     sup = Supervisor()
     script = "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"
-    await sup.start(ProcessSpec("p", [sys.executable, "-c", script], dict(os.environ), log_path=tmp_path / "log"))
+    await sup.start(
+        ProcessSpec(
+            "p", [sys.executable, "-c", script], dict(os.environ), log_path=tmp_path / "log"
+        )
+    )
     assert await sup.wait("p") == 3
     assert sorted((tmp_path / "log").read_text().split()) == ["err", "out"]

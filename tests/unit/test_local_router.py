@@ -30,7 +30,12 @@ async def _backend(name: str, status: int = 200):
             return resp
         body = await request.read()
         return web.json_response(
-            {"backend": name, "method": request.method, "path": request.path_qs, "body": body.decode()},
+            {
+                "backend": name,
+                "method": request.method,
+                "path": request.path_qs,
+                "body": body.decode(),
+            },
             status=status,
         )
 

@@ -71,14 +71,18 @@ def pod_metadata_of(manifest: dict[str, Any]) -> dict[str, Any]:
     """The pod template's metadata (labels, annotations), falling back to the object's."""
     if manifest.get("kind") == "Pod":
         return manifest.get("metadata", {})
-    return (manifest.get("spec", {}).get("template", {}) or {}).get("metadata") or manifest.get("metadata", {})
+    return (manifest.get("spec", {}).get("template", {}) or {}).get("metadata") or manifest.get(
+        "metadata", {}
+    )
 
 
 def main_container(manifest: dict[str, Any], name: str | None = None) -> dict[str, Any]:
     """The named container, or the only/first one."""
     containers = pod_spec_of(manifest).get("containers") or []
     if not containers:
-        raise ContainerError(f"{manifest.get('kind')} {manifest.get('metadata', {}).get('name')!r} has no containers")
+        raise ContainerError(
+            f"{manifest.get('kind')} {manifest.get('metadata', {}).get('name')!r} has no containers"
+        )
     if name is None:
         return containers[0]
     for container in containers:
@@ -104,7 +108,9 @@ def local_argv(container: dict[str, Any]) -> list[str]:
 
 def _cpu_threads(container: dict[str, Any]) -> int | None:
     resources = container.get("resources") or {}
-    quantity = (resources.get("limits") or {}).get("cpu") or (resources.get("requests") or {}).get("cpu")
+    quantity = (resources.get("limits") or {}).get("cpu") or (resources.get("requests") or {}).get(
+        "cpu"
+    )
     if quantity is None:
         return None
     text = str(quantity)
@@ -151,7 +157,9 @@ def resolve_env(
             ref = source["configMapKeyRef"]
             value = os.environ.get(ref["key"])
             if value is None and not ref.get("optional"):
-                raise ContainerError(f"{where}: env {name} needs ConfigMap {ref.get('name')!r} key {ref['key']!r}; export {ref['key']}")
+                raise ContainerError(
+                    f"{where}: env {name} needs ConfigMap {ref.get('name')!r} key {ref['key']!r}; export {ref['key']}"
+                )
             if value is not None:
                 env[name] = value
         # resourceFieldRef and anything else: a container default is fine locally.

@@ -61,7 +61,9 @@ def validate_manifest(doc: dict[str, Any], where: str) -> dict[str, Any]:
         model.model_validate(doc)
     except ValidationError as exc:
         name = (doc.get("metadata") or {}).get("name", "?")
-        raise ManifestError(f"{where}: {kind} {name!r} is invalid:\n{_format_errors(exc)}") from None
+        raise ManifestError(
+            f"{where}: {kind} {name!r} is invalid:\n{_format_errors(exc)}"
+        ) from None
     return doc
 
 

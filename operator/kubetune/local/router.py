@@ -110,7 +110,12 @@ class WeightedRouter:
     def stats(self) -> dict[str, dict[str, object]]:
         """Requests per backend by status code (502 = the backend could not be reached)."""
         return {
-            n: {"url": b.url, "weight": b.weight, "requests": dict(b.requests), "total": sum(b.requests.values())}
+            n: {
+                "url": b.url,
+                "weight": b.weight,
+                "requests": dict(b.requests),
+                "total": sum(b.requests.values()),
+            }
             for n, b in self.backends.items()
         }
 
@@ -156,7 +161,8 @@ class WeightedRouter:
         backend = self.choose()
         if backend is None:
             return web.json_response(
-                {"error": {"message": "no backend has traffic weight > 0", "type": "unavailable"}}, status=503
+                {"error": {"message": "no backend has traffic weight > 0", "type": "unavailable"}},
+                status=503,
             )
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
@@ -165,7 +171,10 @@ class WeightedRouter:
         response: web.StreamResponse | None = None
         try:
             async with self._session.request(
-                request.method, backend.url + request.rel_url.raw_path_qs, headers=headers, data=body or None
+                request.method,
+                backend.url + request.rel_url.raw_path_qs,
+                headers=headers,
+                data=body or None,
             ) as upstream:
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
                 for key, value in upstream.headers.items():
@@ -184,7 +193,12 @@ class WeightedRouter:
                 # Headers already went out: all we can do is cut the body short.
                 return response
             return web.json_response(
-                {"error": {"message": f"backend {backend.name} failed: {exc}", "type": "bad_gateway"}},
+                {
+                    "error": {
+                        "message": f"backend {backend.name} failed: {exc}",
+                        "type": "bad_gateway",
+                    }
+                },
                 status=502,
                 headers={"X-Kubetune-Backend": backend.name},
             )

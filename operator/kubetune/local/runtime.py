@@ -61,7 +61,9 @@ def controller_pid(store: Store) -> int | None:
 class LocalRuntime:
     """Store + supervisor + drivers, and the loop that ties them together."""
 
-    def __init__(self, store: Store, tick_seconds: float = 0.5, grace_seconds: float = 20.0) -> None:
+    def __init__(
+        self, store: Store, tick_seconds: float = 0.5, grace_seconds: float = 20.0
+    ) -> None:
         self.store = store
         self.tick_seconds = tick_seconds
         self.supervisor = Supervisor(registry=store.registry, grace_seconds=grace_seconds)
@@ -87,10 +89,14 @@ class LocalRuntime:
             )
         leftovers = kill_registered(self.store.registry, grace_seconds=5)
         if leftovers:
-            print(f"stopped {len(leftovers)} process(es) left by a previous controller: {', '.join(leftovers)}")
+            print(
+                f"stopped {len(leftovers)} process(es) left by a previous controller: {', '.join(leftovers)}"
+            )
         self.store.root.mkdir(parents=True, exist_ok=True)
         me = os.getpid()
-        self.store.controller_pid_file.write_text(json.dumps({"pid": me, "startTicks": process_start_time(me)}))
+        self.store.controller_pid_file.write_text(
+            json.dumps({"pid": me, "startTicks": process_start_time(me)})
+        )
         self._started = True
 
     async def stop(self) -> None:
@@ -182,7 +188,10 @@ def install_signal_handlers(runtime: LocalRuntime) -> Callable[[], None]:
     def handler(signame: str) -> None:
         count["n"] += 1
         if count["n"] == 1:
-            print(f"\n{signame}: stopping every local process (trainers checkpoint first)...", flush=True)
+            print(
+                f"\n{signame}: stopping every local process (trainers checkpoint first)...",
+                flush=True,
+            )
         runtime.request_stop()
 
     for sig in (signal.SIGINT, signal.SIGTERM):

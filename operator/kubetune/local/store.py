@@ -66,7 +66,9 @@ class Store:
     def object_path(self, kind: str, name: str) -> Path:
         """File of one object."""
         if kind not in PLURALS:
-            raise ValueError(f"the local runtime does not handle kind {kind!r} (handles {sorted(PLURALS)})")
+            raise ValueError(
+                f"the local runtime does not handle kind {kind!r} (handles {sorted(PLURALS)})"
+            )
         return self.root / "objects" / PLURALS[kind] / f"{name}.json"
 
     def run_dir(self, process: str) -> Path:
