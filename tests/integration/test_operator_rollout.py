@@ -531,3 +531,13 @@ async def test_operator_restart_mid_rollout_continues_from_status(kube, kube_api
         if "started next to stable" in e.get("message", "")
     ]
     assert len(canary_events) == 1  # the canary was not restarted by the new operator
+
+
+async def test_auto_mode_discovers_the_gateway_api(kube, operator, servers):
+    md = manifest("s3://models/a", mode="auto")
+    rev = revision(md)
+    await kube.create(md)
+    await play_deployment(kube, f"chat-{rev}", await servers())
+    obj = await wait_phase(kube, "Healthy")
+    assert obj["status"]["weights"]["mode"] == "gatewayAPI"
+    assert await route_weights(kube) == {f"chat-{rev}": 100}
