@@ -11,7 +11,11 @@ a new revision walked through setWeight/analysis steps with the HTTPRoute's weig
 the old stable deleted; a bad revision rolled back (weight 0 in the HTTPRoute, Deployment
 deleted, status.rejectedRevisions, RolledBack phase, Degraded condition, a Warning Event) and not
 retried; the abort annotation (removed once acted on); a FineTuneJob that has not succeeded
-(Pending, nothing deployed) and deploying its artifact once it has (replicas mode, no HTTPRoute).
+(Pending, nothing deployed) and deploying its artifact once it has (replicas mode, no HTTPRoute);
+the eval gate rejecting a canary that answers the golden prompts wrong before it gets any
+traffic, and passing one that answers right; a crash-looping canary rolled back; an operator
+restart mid-rollout continuing from status (same canary, same step); traffic.mode auto finding
+the Gateway API through discovery.
 """
 
 from __future__ import annotations
