@@ -782,7 +782,9 @@ class Trainer:
         if eta is not None:
             out["etaSeconds"] = eta
         if tokens_per_second:
-            out["tokensPerSecond"] = round(tokens_per_second * self.settings.dist.world_size, 1)
+            out["tokensPerSecond"] = round(
+                tokens_per_second, 1
+            )  # global: train_step sums over ranks
         return out
 
     def finish(self) -> Outcome:

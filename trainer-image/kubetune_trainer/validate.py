@@ -172,14 +172,13 @@ def run_validate(settings: Settings, *, tokenizer: Any = None) -> Validated:
         )
     lengths: list[int] = []
     truncated = 0
-    for record in train + validation:
+    no_target = 0  # training examples whose labels were all cut off by truncation
+    for i, record in enumerate(train + validation):
         enc = encode_record(tokenizer, record, fmt, ds.max_seq_length)
         lengths.append(enc.full_length)
         truncated += enc.truncated
-    no_target = 0  # examples whose labels were all cut off by truncation
-    for record in train:
-        enc = encode_record(tokenizer, record, fmt, ds.max_seq_length)
-        no_target += all(label == -100 for label in enc.labels)
+        if i < len(train):
+            no_target += all(label == -100 for label in enc.labels)
     if no_target == len(train):
         raise DataError(
             f"dataset.maxSeqLength {ds.max_seq_length} cuts off every training target (the answers "
