@@ -1,0 +1,61 @@
+"""The local Deployment controller's router programming (kubetune.local.deployments).
+
+Covers: each revision keeps its share of traffic whatever its number of ready replicas (one
+backend per ready replica, as an EndpointSlice lists ready pods only); a revision without ready
+replicas gets no backend, so the router never sends it a request; the weights reported back
+are the ones the router really applies.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from kubetune.local.deployments import DeploymentDriver, LocalRevision, MdepState, Replica
+from kubetune.local.processes import Supervisor
+from kubetune.local.router import WeightedRouter
+from kubetune.local.store import Store
+
+
+def _state(ready: dict[str, list[bool]]) -> MdepState:
+    state = MdepState(router=WeightedRouter())
+    port = 20000
+    for rev, flags in ready.items():
+        local = LocalRevision(name=rev, manifest={}, desired=len(flags))
+        for i, flag in enumerate(flags):
+            port += 1
+            local.replicas.append(
+                Replica(index=i, process_name=f"server/x-{rev}-{i}", port=port, ready=flag)
+            )
+        state.revisions[rev] = local
+    return state
+
+
+def test_each_revision_keeps_its_share_whatever_its_replica_count(tmp_path):
+    driver = DeploymentDriver(Store(tmp_path), Supervisor())
+    state = _state({"stable": [True, True, True], "canary": [True]})
+    state.weights = {"stable": 80, "canary": 20}
+    driver._apply_router(state)
+    assert len(state.router.backends) == 4
+    picks = Counter(state.router.choose().name.split("/")[0] for _ in range(300))
+    assert picks == {"stable": 240, "canary": 60}
+    assert driver.applied_weights(state) == {"stable": 80, "canary": 20}
+
+
+def test_revision_without_ready_replicas_gets_no_backend(tmp_path):
+    driver = DeploymentDriver(Store(tmp_path), Supervisor())
+    state = _state({"stable": [True], "canary": [False]})
+    state.weights = {"stable": 50, "canary": 50}
+    driver._apply_router(state)
+    assert set(state.router.backends) == {"stable/0"}
+    assert {state.router.choose().name for _ in range(10)} == {"stable/0"}
+    assert driver.applied_weights(state) == {"stable": 100, "canary": 0}
+
+
+def test_weight_zero_takes_a_revision_out_of_rotation(tmp_path):
+    driver = DeploymentDriver(Store(tmp_path), Supervisor())
+    state = _state({"stable": [True], "canary": [True]})
+    state.weights = {"stable": 50, "canary": 50}
+    driver._apply_router(state)
+    state.weights = {"stable": 100, "canary": 0}
+    driver._apply_router(state)
+    assert {state.router.choose().name for _ in range(10)} == {"stable/0"}
