@@ -540,6 +540,9 @@ class Story:
             )
             self.apply("assistant.yaml", modeldeployment("assistant-v2", s, fault=True))
             await self.wait("broken canary -> rolled back", self._rolled_back)
+            # Requests already in flight when the weight went to 0 may still land; count from
+            # a moment later (a request takes well under a second here).
+            await self.runtime.run(timeout=1.0, on_tick=self._tick)
             at_rollback = {rev: sum(c.values()) for rev, c in self.traffic.stats.codes.items()}
             # Let the rolled-back revision drain and go (scaleDownDelaySeconds).
             await self.runtime.run(until=self.runtime.settled, timeout=30, on_tick=self._tick)
