@@ -40,6 +40,7 @@ from kubetune import metrics
 from kubetune.k8s.client import KubeClient, write_kubeconfig
 from tests.plugins.kube import (
     KubetuneEmulator,
+    fail_job,
     finish_job,
     register_crds,
     wait_for,
@@ -71,18 +72,7 @@ NOT_EXERCISED: dict[tuple[str, str, str], str] = {
         "kubetune.io",
         "finetunejobs/status",
     ): "held so the per-job trainer Role may grant it (RBAC escalation check)",
-    (
-        "get",
-        "kubetune.io",
-        "modeldeployments/status",
-    ): "symmetry with finetunejobs/status; kubectl get --subresource=status by the operator's SA",
-    (
-        "delete",
-        "batch",
-        "jobs",
-    ): "a failed attempt's Job is replaced; suspend deletes the train Job",
     ("patch", "", "services"): "a changed traffic.port / revision Service is updated in place",
-    ("delete", "", "services"): "a retired revision's Service is removed",
     (
         "patch",
         "",
@@ -94,36 +84,13 @@ NOT_EXERCISED: dict[tuple[str, str, str], str] = {
         "rbac.authorization.k8s.io",
         "rolebindings",
     ): "the trainer RoleBinding is re-applied if it drifted",
-    (
-        "patch",
-        "kubetune.io",
-        "modeldeployments",
-    ): "removes the one-shot kubetune.io/promote and /abort annotations after acting on them",
     ("patch", "apps", "deployments"): "replicas change when the canary weight changes",
-    ("delete", "apps", "deployments"): "a retired revision is removed after its drain delay",
     (
         "get",
         "policy",
         "poddisruptionbudgets",
     ): "a create that meets 409 reads the existing PDB (operator restart mid-create)",
     ("patch", "policy", "poddisruptionbudgets"): "a revision's PDB follows replicas",
-    ("delete", "policy", "poddisruptionbudgets"): "a retired revision's PDB is removed",
-    ("patch", "gateway.networking.k8s.io", "httproutes"): "weights change at every canary step",
-    (
-        "get",
-        "gateway.networking.k8s.io",
-        "httproutes",
-    ): "read-and-compare before patching the weights",
-    (
-        "list",
-        "apiextensions.k8s.io",
-        "customresourcedefinitions",
-    ): "Kopf's runtime CRD scanning (skipped when kmock serves discovery only)",
-    (
-        "watch",
-        "apiextensions.k8s.io",
-        "customresourcedefinitions",
-    ): "Kopf's runtime CRD scanning (skipped when kmock serves discovery only)",
 }
 
 
@@ -358,6 +325,7 @@ def finetunejob(name: str, namespace: str) -> dict[str, Any]:
             "output": {"uri": f"s3://out/{name}"},
             "storage": {"serviceAccountName": "s3-identity"},
             "resources": {"gpus": 1},
+            "retry": {"maxRestarts": 2, "backoffSeconds": 0},
         },
     }
 
@@ -375,55 +343,98 @@ def phase(value: str):
     return lambda obj: (obj.get("status") or {}).get("phase") == value
 
 
-async def train_to_success(kube: KubeClient, namespace: str, name: str) -> None:
-    """Play the Job controller through one FineTuneJob's validate and train Jobs."""
+async def train_to_success(
+    kube: KubeClient, namespace: str, name: str, preempt_first: bool = False
+) -> None:
+    """Play the Job controller through one FineTuneJob's validate and train Jobs.
+
+    With ``preempt_first`` the first train attempt is preempted (exit 143 after its SIGTERM
+    checkpoint), so the operator deletes that Job and creates the next attempt.
+    """
     await wait_for_object(kube, "batch/v1", "Job", namespace, f"{name}-validate", timeout=30)
     await finish_job(kube, namespace, f"{name}-validate", message=DATA_OK)
-    await wait_for_object(kube, "batch/v1", "Job", namespace, f"{name}-train", timeout=30)
-    await finish_job(
-        kube,
-        namespace,
-        f"{name}-train",
-        message={"outcome": "succeeded", "message": "done", "step": 10, "artifact": ARTIFACT},
-    )
+    train = await wait_for_object(kube, "batch/v1", "Job", namespace, f"{name}-train", timeout=30)
+    if preempt_first:
+        preempted = {
+            "outcome": "preempted",
+            "message": "preempted; checkpoint step-5 saved",
+            "step": 5,
+        }
+        await fail_job(kube, namespace, f"{name}-train", exit_code=143, message=preempted)
+        first_uid = train["metadata"]["uid"]
+        await wait_for_object(
+            kube,
+            "batch/v1",
+            "Job",
+            namespace,
+            f"{name}-train",
+            lambda j: j["metadata"]["uid"] != first_uid,
+            timeout=30,
+        )
+    done = {"outcome": "succeeded", "message": "done", "step": 10, "artifact": ARTIFACT}
+    await finish_job(kube, namespace, f"{name}-train", message=done)
     await wait_for_object(kube, API, "FineTuneJob", namespace, name, phase("Succeeded"), timeout=30)
 
 
-async def first_revision_ready(kube: KubeClient, namespace: str, name: str) -> dict[str, Any]:
-    """Play the Deployment controller for the first revision of a ModelDeployment."""
+@contextlib.asynccontextmanager
+async def deployment_controller(kube: KubeClient, namespace: str):
+    """Play the Deployment controller in the background: every kubetune Deployment becomes ready."""
 
-    async def revision() -> dict[str, Any] | None:
-        for dep in await kube.list("apps/v1", "Deployment", namespace):
-            if dep["metadata"].get("labels", {}).get("kubetune.io/owner") == name:
-                return dep
-        return None
+    async def loop() -> None:
+        while True:
+            for dep in await kube.list("apps/v1", "Deployment", namespace):
+                labels = dep["metadata"].get("labels") or {}
+                replicas = dep["spec"].get("replicas", 1)
+                status = dep.get("status") or {}
+                generation = dep["metadata"].get("generation", 1)
+                if labels.get("kubetune.io/kind") != "ModelDeployment":
+                    continue
+                if (
+                    status.get("readyReplicas") == replicas
+                    and status.get("observedGeneration") == generation
+                ):
+                    continue
+                ready = {
+                    "replicas": replicas,
+                    "readyReplicas": replicas,
+                    "availableReplicas": replicas,
+                }
+                ready |= {"updatedReplicas": replicas, "observedGeneration": generation}
+                await kube.patch(
+                    "apps/v1",
+                    "Deployment",
+                    namespace,
+                    dep["metadata"]["name"],
+                    {"status": ready},
+                    subresource="status",
+                )
+            await asyncio.sleep(0.1)
 
-    deadline = asyncio.get_running_loop().time() + 30
-    dep = await revision()
-    while dep is None:
-        assert asyncio.get_running_loop().time() < deadline, (
-            f"no Deployment for ModelDeployment {name}"
-        )
-        await asyncio.sleep(0.1)
-        dep = await revision()
-    replicas = dep["spec"].get("replicas", 1)
-    await kube.patch(
-        "apps/v1",
-        "Deployment",
-        namespace,
-        dep["metadata"]["name"],
-        {
-            "status": {
-                "replicas": replicas,
-                "readyReplicas": replicas,
-                "availableReplicas": replicas,
-                "updatedReplicas": replicas,
-                "observedGeneration": dep["metadata"].get("generation", 1),
-            }
-        },
-        subresource="status",
+    task = asyncio.create_task(loop())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def mdep_where(
+    kube: KubeClient, namespace: str, name: str, predicate, what: str
+) -> dict[str, Any]:
+    return await wait_for_object(
+        kube, API, "ModelDeployment", namespace, name, predicate, timeout=30
     )
-    return dep
+
+
+def stable_is_not(revision: str | None):
+    def check(obj: dict[str, Any]) -> bool:
+        status = obj.get("status") or {}
+        return status.get("phase") == "Healthy" and (status.get("stable") or {}).get(
+            "name"
+        ) not in (None, revision)
+
+    return check
 
 
 def observed(api: TwoPortApi) -> list[tuple[str, str, str, str | None]]:
@@ -459,50 +470,78 @@ async def test_cluster_install_allows_every_call_and_grants_nothing_unused(
             )
             with chart_operator(api, objects, monkeypatch) as liveness_port:
                 await kube.create(finetunejob("rbac-train", "team-a"))
-                await train_to_success(kube, "team-a", "rbac-train")
-                await kube.create(
-                    modeldeployment(
+                await train_to_success(kube, "team-a", "rbac-train", preempt_first=True)
+                async with deployment_controller(kube, "team-a"):
+                    # Replicas mode serving the FineTuneJob's artifact, and Gateway API mode.
+                    serve = modeldeployment(
                         "rbac-serve",
                         "team-a",
                         model={"fineTuneJobRef": {"name": "rbac-train"}},
                         traffic={"mode": "replicas"},
                     )
-                )
-                await first_revision_ready(kube, "team-a", "rbac-serve")
-                await wait_for_object(
-                    kube,
-                    API,
-                    "ModelDeployment",
-                    "team-a",
-                    "rbac-serve",
-                    phase("Healthy"),
-                    timeout=30,
-                )
-                await kube.create(
-                    modeldeployment(
+                    route = modeldeployment(
                         "rbac-route",
                         "team-a",
                         model={"baseModel": {"uri": "s3://models/base"}},
                         traffic={"mode": "gatewayAPI", "parentRefs": [{"name": "gw"}]},
+                        rollout={
+                            "steps": [{"setWeight": 50}, {"pause": {}}],
+                            "scaleDownDelaySeconds": 0,
+                        },
                     )
-                )
-                await first_revision_ready(kube, "team-a", "rbac-route")
-                await wait_for_object(
-                    kube,
-                    API,
-                    "ModelDeployment",
-                    "team-a",
-                    "rbac-route",
-                    phase("Healthy"),
-                    timeout=30,
-                )
+                    await kube.create(serve)
+                    await kube.create(route)
+                    await asyncio.gather(
+                        mdep_where(
+                            kube, "team-a", "rbac-serve", stable_is_not(None), "first revision"
+                        ),
+                        mdep_where(
+                            kube, "team-a", "rbac-route", stable_is_not(None), "first revision"
+                        ),
+                    )
+                    # A canary at 50% (HTTPRoute weights), then aborted by annotation: weights back,
+                    # the canary's objects deleted, the one-shot annotation removed.
+                    await kube.patch(
+                        API,
+                        "ModelDeployment",
+                        "team-a",
+                        "rbac-route",
+                        {"spec": {"server": {"maxBatchSize": 2}}},
+                    )
+                    await mdep_where(
+                        kube,
+                        "team-a",
+                        "rbac-route",
+                        lambda o: (
+                            ((o.get("status") or {}).get("weights") or {}).get("canary") == 50
+                        ),
+                        "canary at 50%",
+                    )
+                    await kube.patch(
+                        API,
+                        "ModelDeployment",
+                        "team-a",
+                        "rbac-route",
+                        {"metadata": {"annotations": {"kubetune.io/abort": "true"}}},
+                    )
+                    await mdep_where(
+                        kube,
+                        "team-a",
+                        "rbac-route",
+                        lambda o: (
+                            "kubetune.io/abort" not in (o["metadata"].get("annotations") or {})
+                            and not (o.get("status") or {}).get("retiring")
+                            and len((o.get("status") or {}).get("rejectedRevisions") or []) == 1
+                        ),
+                        "abort acted on",
+                    )
                 assert healthz(liveness_port) == 200
                 # The chart's KUBETUNE_METRICS_PORT made kubetune.startup serve the operator's metrics.
                 await wait_for(
                     lambda: scraped_phase_count("FineTuneJob", "Succeeded"), what="/metrics"
                 )
                 await wait_for(
-                    lambda: scraped_phase_count("ModelDeployment", "Healthy", at_least=2),
+                    lambda: scraped_phase_count("ModelDeployment", "Healthy"),
                     what="/metrics",
                 )
             peering = await kube.get("kopf.dev/v1", "ClusterKopfPeering", None, "kubetune")

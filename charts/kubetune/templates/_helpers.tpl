@@ -49,11 +49,14 @@ No wildcards; no Secrets (credentials reach pods only as secretKeyRef, which nee
 - apiGroups: ["kubetune.io"]
   resources: ["modeldeployments"]
   verbs: ["get", "list", "watch", "patch"]
-# The one status write of a reconcile. get: the per-job trainer Role grants get+patch on one
-# FineTuneJob's status, and RBAC only lets us grant what we hold ourselves.
+# The one status write of a reconcile. get on finetunejobs/status: the per-job trainer Role
+# grants get+patch on one FineTuneJob's status, and RBAC only lets us grant what we hold.
 - apiGroups: ["kubetune.io"]
-  resources: ["finetunejobs/status", "modeldeployments/status"]
+  resources: ["finetunejobs/status"]
   verbs: ["get", "patch"]
+- apiGroups: ["kubetune.io"]
+  resources: ["modeldeployments/status"]
+  verbs: ["patch"]
 # ownerReferences with blockOwnerDeletion need this where OwnerReferencesPermissionEnforcement
 # is on (OpenShift and hardened clusters).
 - apiGroups: ["kubetune.io"]
