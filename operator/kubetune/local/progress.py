@@ -76,6 +76,9 @@ def deployment_line(obj: dict[str, Any]) -> str:
         if status.get("currentStepIndex") is not None:
             parts.append(f"step {status['currentStepIndex']}")
     analysis = status.get("analysis") or []
+    if canary:
+        # Only the current canary's intervals: an older canary's verdict says nothing about it.
+        analysis = [a for a in analysis if a.get("revision") in (None, canary)]
     if analysis:
         last = analysis[-1]
         parts.append(f"analysis {last.get('phase')} ({last.get('samples', 0)} samples)")
