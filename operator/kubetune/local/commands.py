@@ -237,6 +237,37 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- annotate --------------------------------------------------------------------------------
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    """``kubectl annotate`` for local objects: ``key=value`` sets, ``key-`` removes.
+
+    This is how a human drives a rollout locally, exactly as in a cluster:
+    ``kubetune.io/promote=true`` (skip a pause or analysis step), ``kubetune.io/abort=true``,
+    ``kubetune.io/pause=true``.
+    """
+    store = _store(args)
+    kind = KIND_ALIASES[args.kind.lower()]
+    changes: dict[str, str | None] = {}
+    for item in args.annotations:
+        if item.endswith("-") and "=" not in item:
+            changes[item[:-1]] = None
+        elif "=" in item:
+            key, value = item.split("=", 1)
+            changes[key] = value
+        else:
+            print(f"error: {item!r}: use key=value to set or key- to remove", file=sys.stderr)
+            return 2
+    try:
+        store.patch_annotations(kind, args.name, changes)
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 1
+    print(f"{kind.lower()}.kubetune.io/{args.name} annotated")
+    return 0
+
+
 # --- delete ----------------------------------------------------------------------------------
 
 
@@ -316,6 +347,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dir", help="state folder (default: $KUBETUNE_LOCAL_DIR or ./.kubetune)")
     p.set_defaults(func=cmd_status)
+
+    p = local_sub.add_parser(
+        "annotate",
+        help="set (key=value) or remove (key-) annotations, e.g. kubetune.io/promote=true",
+    )
+    p.add_argument("kind", choices=sorted(KIND_ALIASES))
+    p.add_argument("name")
+    p.add_argument("annotations", nargs="+", metavar="KEY=VALUE|KEY-")
+    p.add_argument("--dir", help="state folder (default: $KUBETUNE_LOCAL_DIR or ./.kubetune)")
+    p.set_defaults(func=cmd_annotate)
 
     p = local_sub.add_parser("delete", help="delete local objects and stop their processes")
     p.add_argument("kind", nargs="?", choices=sorted(KIND_ALIASES))
