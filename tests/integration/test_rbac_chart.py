@@ -72,6 +72,11 @@ NOT_EXERCISED: dict[tuple[str, str, str], str] = {
         "kubetune.io",
         "finetunejobs/status",
     ): "held so the per-job trainer Role may grant it (RBAC escalation check)",
+    (
+        "delete",
+        "kubetune.io",
+        "finetunejobs",
+    ): "ttlSecondsAfterFinished (exercised by the namespaced scenario below)",
     ("patch", "", "services"): "a changed traffic.port / revision Service is updated in place",
     (
         "patch",
@@ -344,12 +349,17 @@ def phase(value: str):
 
 
 async def train_to_success(
-    kube: KubeClient, namespace: str, name: str, preempt_first: bool = False
+    kube: KubeClient,
+    namespace: str,
+    name: str,
+    preempt_first: bool = False,
+    then_deleted: bool = False,
 ) -> None:
     """Play the Job controller through one FineTuneJob's validate and train Jobs.
 
     With ``preempt_first`` the first train attempt is preempted (exit 143 after its SIGTERM
-    checkpoint), so the operator deletes that Job and creates the next attempt.
+    checkpoint), so the operator deletes that Job and creates the next attempt. With
+    ``then_deleted`` the job has ``ttlSecondsAfterFinished: 0``: the operator deletes it.
     """
     await wait_for_object(kube, "batch/v1", "Job", namespace, f"{name}-validate", timeout=30)
     await finish_job(kube, namespace, f"{name}-validate", message=DATA_OK)
@@ -373,7 +383,16 @@ async def train_to_success(
         )
     done = {"outcome": "succeeded", "message": "done", "step": 10, "artifact": ARTIFACT}
     await finish_job(kube, namespace, f"{name}-train", message=done)
-    await wait_for_object(kube, API, "FineTuneJob", namespace, name, phase("Succeeded"), timeout=30)
+    if then_deleted:
+
+        async def gone() -> bool:
+            return await kube.get(API, "FineTuneJob", namespace, name) is None
+
+        await wait_for(gone, timeout=30, what=f"FineTuneJob {name} deleted after its TTL")
+    else:
+        await wait_for_object(
+            kube, API, "FineTuneJob", namespace, name, phase("Succeeded"), timeout=30
+        )
 
 
 @contextlib.asynccontextmanager
@@ -583,8 +602,10 @@ async def test_namespaced_install_stays_in_its_namespace(
                 finetunejob("elsewhere", "team-c")
             )  # not watched: must stay untouched
             with chart_operator(api, objects, monkeypatch):
-                await kube.create(finetunejob("rbac-ns", "team-b"))
-                await train_to_success(kube, "team-b", "rbac-ns")
+                short_lived = finetunejob("rbac-ns", "team-b")
+                short_lived["spec"]["ttlSecondsAfterFinished"] = 0
+                await kube.create(short_lived)
+                await train_to_success(kube, "team-b", "rbac-ns", then_deleted=True)
             untouched = await kube.get(API, "FineTuneJob", "team-c", "elsewhere")
             assert untouched is not None and not untouched.get("status")
         finally:
@@ -598,6 +619,7 @@ async def test_namespaced_install_stays_in_its_namespace(
     )
     denied = sorted({(v, g, r) for v, g, r, _ in calls if not allows(role["rules"], v, g, r)})
     assert denied == [], f"the chart's Role does not allow: {denied}"
+    assert ("delete", "kubetune.io", "finetunejobs", "team-b") in calls  # the TTL path ran
 
 
 def test_security_doc_lists_exactly_the_granted_rules() -> None:

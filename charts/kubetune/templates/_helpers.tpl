@@ -41,9 +41,10 @@ No wildcards; no Secrets (credentials reach pods only as secretKeyRef, which nee
 */}}
 {{- define "kubetune.namespacedRules" -}}
 # The two custom resources: Kopf lists/watches them, the reconcilers read them afresh.
+# delete: a finished FineTuneJob with spec.ttlSecondsAfterFinished removes itself.
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "list", "watch", "delete"]
 # patch: the rollout removes the one-shot kubetune.io/promote and kubetune.io/abort annotations
 # once it has acted on them.
 - apiGroups: ["kubetune.io"]
