@@ -9,6 +9,7 @@ changed, so logs stay short.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from typing import Any, TextIO
 
@@ -105,8 +106,13 @@ class ProgressPrinter:
         if self.tty:
             if self._drawn:
                 self.out.write(f"\x1b[{self._drawn}F")
+            # A line that wraps would break the cursor arithmetic: cut it at the terminal width.
+            width = max(20, shutil.get_terminal_size().columns - 1)
             for line in lines.values():
-                self.out.write("\x1b[2K" + line + "\n")
+                self.out.write("\x1b[2K" + line[:width] + "\n")
+            if self._drawn > len(lines):
+                # An object went away: clear the lines it leaves below.
+                self.out.write("\x1b[J")
             self._drawn = len(lines)
             self.out.flush()
             return
