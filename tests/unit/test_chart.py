@@ -286,3 +286,22 @@ def test_packaged_chart_carries_the_crd_contents(tmp_path: Path) -> None:
         assert text == repo_crd.read_text()
     assert "kopf.dev-peerings.yaml" in shipped
     assert chart.render({}, name="kubetune", namespace=NAMESPACE)  # the archive renders too
+
+
+def test_operator_image_runs_what_the_chart_runs() -> None:
+    """operator-image/Dockerfile: same entrypoint and modules as the chart, same non-root UID."""
+    dockerfile = (REPO / "operator-image" / "Dockerfile").read_text()
+    entrypoint = json.loads(
+        next(line for line in dockerfile.splitlines() if line.startswith("ENTRYPOINT"))[
+            len("ENTRYPOINT") :
+        ]
+    )
+    cmd = json.loads(
+        next(line for line in dockerfile.splitlines() if line.startswith("CMD"))[len("CMD") :]
+    )
+    pod = _operator(RENDERED["defaults"])["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert entrypoint == container["command"]
+    assert cmd[:3] == container["args"][:3]
+    user = next(line for line in dockerfile.splitlines() if line.startswith("USER")).split()[1]
+    assert user == f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
