@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import contextvars
 import datetime
 import itertools
 import json
@@ -65,7 +66,9 @@ REQUEST_LOG: list[tuple[str, str]] = []
 REQUEST_VERBS: dict[tuple[str, str], set[str]] = {}
 _LOG_LOCK = threading.Lock()
 
-_RV = itertools.count(2)  # resourceVersion '1' is what hand-made objects start with
+_RV = itertools.count(2)
+# The request being served by the current task (see KubetuneEmulator.__iter__).
+_CURRENT_REQUEST: contextvars.ContextVar[Any] = contextvars.ContextVar("kubetune_kmock_request", default=None)  # resourceVersion '1' is what hand-made objects start with
 
 FULL_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 
@@ -126,10 +129,39 @@ class KubetuneEmulator(kmock.KubernetesEmulator):
             key = (request.resource, request.namespace, request.name)
             if key in self.objects and not self.objects[key].deleted:
                 deleted_uid = self.objects[key].raw.get("metadata", {}).get("uid")
-        response = await super()._handle(request)
+        token = _CURRENT_REQUEST.set(request)
+        try:
+            response = await super()._handle(request)
+        finally:
+            _CURRENT_REQUEST.reset(token)
+            self._trim_history()
         if deleted_uid:
             await self._collect_garbage({deleted_uid})
         return response
+
+    # Speed: kmock keeps every request ever served and matches each new one against each of its
+    # reactions by walking that whole history and evaluating the reaction's filters on every
+    # entry until it meets the new request (quadratic in the number of requests, and in the
+    # number of concurrent ones). The emulator's built-in reactions never look back, so while a
+    # request is being matched the history it sees is that one request (a context variable: each
+    # request is served in its own task), and the stored history is kept short.
+    HISTORY_KEPT = 8
+
+    def __iter__(self):  # type: ignore[override]
+        current = _CURRENT_REQUEST.get()
+        if current is not None:
+            yield current
+            return
+        yield from super().__iter__()
+
+    def _trim_history(self) -> None:
+        keep = self.HISTORY_KEPT
+        if len(self._requests) > 2 * keep:
+            del self._requests[:-keep]
+        for payload in self._payloads:
+            seen = getattr(payload, "_requests", None)
+            if isinstance(seen, list) and len(seen) > 2 * keep:
+                del seen[:-keep]
 
     async def _collect_garbage(self, uids: set[str]) -> None:
         """Delete (transitively) every object owned by one of ``uids`` (background propagation)."""
