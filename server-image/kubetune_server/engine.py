@@ -4,9 +4,10 @@ Requests (one :class:`Sequence` per choice) wait in a FIFO queue of at most ``ma
 entries; :meth:`Engine.submit` refuses more with :class:`QueueFull` (the API answers 429). The
 worker takes the oldest sequence and every later one for the same adapter, up to
 ``maxBatchSize`` and a token budget, waiting at most ``batchWaitMs`` after the oldest one
-arrived for the batch to fill (dynamic batching, as TGI's ``max_waiting_tokens``). A batch runs
-as one left-padded forward pass over all prompts (prefill), then one forward pass per new token
-for all rows together, reusing a KV cache. Every row keeps its own sampling settings
+arrived for the batch to fill (dynamic batching, as TGI's ``max_waiting_tokens``); sequences
+that arrive while a batch runs join it between two decode steps (continuous batching, see
+:meth:`Engine.generate`). A batch runs as one left-padded forward pass over all prompts
+(prefill), then one forward pass per new token for all rows together, reusing a KV cache. Every row keeps its own sampling settings
 (temperature, top_p, its own seeded ``torch.Generator``: a seed gives the same text whatever
 the batch around it), stop strings and ``max_tokens``; a row that finishes or whose client went
 away is cut out of the batch and its KV cache, so the rest does not drag it along.
@@ -112,6 +113,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._active: list[Sequence] = []
         self.running = 0
 
     # --- queue --------------------------------------------------------------------------
@@ -174,8 +176,9 @@ class Engine:
             self._on_queue(len(self._pending))
             return batch
 
-    def _select(self, adapter: str | None) -> list[Sequence]:
-        """The oldest sequences for ``adapter`` within maxBatchSize and the token budget."""
+    def _select(self, adapter: str | None, limit: int | None = None) -> list[Sequence]:
+        """The oldest sequences for ``adapter`` within ``limit`` (maxBatchSize) and the token budget."""
+        limit = limit or self.max_batch_size
         batch: list[Sequence] = []
         budget = 0
         for seq in self._pending:
@@ -186,7 +189,7 @@ class Engine:
                 break
             batch.append(seq)
             budget += cost
-            if len(batch) >= self.max_batch_size:
+            if len(batch) >= limit:
                 break
         return batch
 
@@ -200,78 +203,140 @@ class Engine:
                 self.generate(batch)
             except Exception as exc:  # never kill the worker: fail this batch, serve the next
                 log.exception("batch of %d failed", len(batch))
-                for seq in batch:
+                for seq in self._active or batch:
                     if seq.finish_reason is None:
                         seq.finish_reason = "error"
                         seq.emit(Chunk(error=f"generation failed: {exc}"))
             finally:
                 self.running = 0
+                self._active = []
 
     # --- generation ---------------------------------------------------------------------
 
     def generate(self, batch: list[Sequence]) -> None:
-        """Generate every sequence of ``batch`` to its end in shared forward passes."""
-        import torch
-        from transformers import DynamicCache
+        """Generate every sequence of ``batch`` to its end in shared forward passes.
 
-        loaded = self.loaded
-        model, device = loaded.model, loaded.device
+        Continuous batching: between two decode steps, sequences for the same adapter that
+        arrived meanwhile join the running batch (up to maxBatchSize rows): they are prefilled
+        on their own, their KV cache is left-padded to the batch's length and stacked onto it,
+        so a request arriving mid-batch starts within one step instead of waiting for the
+        whole batch to finish.
+        """
+        import torch
+
         self._on_batch(len(batch))
-        with torch.inference_mode(), self._adapter(batch[0].adapter):
-            width = max(len(s.prompt_ids) for s in batch)
-            ids = torch.full((len(batch), width), loaded.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, seq in enumerate(batch):
-                # Left padding: every row's last prompt token sits in the last column, so the
-                # next token of every row is predicted from the same position of the output.
-                ids[row, width - len(seq.prompt_ids) :] = torch.tensor(seq.prompt_ids)
-                mask[row, width - len(seq.prompt_ids) :] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # NB: a list of its own, published so that a failure also reaches the joiners.
+        batch = self._active = list(batch)
+        device = self.loaded.device
+        adapter = batch[0].adapter
+        with torch.inference_mode(), self._adapter(adapter):
             gens = [self._generator(seq, device) for seq in batch]
-            cache = DynamicCache(config=model.config)
-            out = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            cache, mask, last_pos, logits = self._prefill(batch)
             rows = list(range(len(batch)))  # batch index of each live row
-            last_pos = positions[:, -1]
             while True:
-                logits = out.logits[:, -1, :].float()
                 tokens = self._sample(logits, [batch[i] for i in rows], [gens[i] for i in rows])
-                keep: list[int] = []
-                now = time.monotonic()
-                for j, i in enumerate(rows):
-                    seq = batch[i]
-                    if seq.first_token_at is None:
-                        seq.first_token_at = now
-                    if not self._advance(seq, tokens[j]):
-                        keep.append(j)
-                if not keep:
-                    return
-                if self.step_delay:
-                    time.sleep(self.step_delay)
-                if len(keep) < len(rows):
+                keep = self._step(batch, rows, tokens)
+                rows, next_ids = [rows[j] for j in keep], [tokens[j] for j in keep]
+                if len(keep) < len(tokens) and keep:
                     index = torch.tensor(keep, device=device)
                     cache.batch_select_indices(index)
                     mask, last_pos = mask[index], last_pos[index]
-                    rows = [rows[j] for j in keep]
-                    next_ids = torch.tensor([tokens[j] for j in keep], device=device)
-                else:
-                    next_ids = torch.tensor(tokens, device=device)
+                joiners = (
+                    self._admit(adapter, self.max_batch_size - len(rows))
+                    if self._can_join(cache)
+                    else []
+                )
+                if joiners:
+                    first = len(batch)
+                    batch.extend(joiners)
+                    gens.extend(self._generator(seq, device) for seq in joiners)
+                    j_cache, j_mask, j_pos, j_logits = self._prefill(joiners)
+                    j_tokens = self._sample(j_logits, joiners, gens[first:])
+                    j_keep = self._step(batch, list(range(first, len(batch))), j_tokens)
+                    if j_keep:
+                        if len(j_keep) < len(joiners):
+                            index = torch.tensor(j_keep, device=device)
+                            j_cache.batch_select_indices(index)
+                            j_mask, j_pos = j_mask[index], j_pos[index]
+                        if rows:
+                            cache, mask = _stack_caches(cache, mask, j_cache, j_mask)
+                            last_pos = torch.cat([last_pos, j_pos])
+                        else:
+                            cache, mask, last_pos = j_cache, j_mask, j_pos
+                        rows += [first + j for j in j_keep]
+                        next_ids += [j_tokens[j] for j in j_keep]
+                if not rows:
+                    return
+                if self.step_delay:
+                    time.sleep(self.step_delay)
                 mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
                 last_pos = last_pos + 1
-                out = model(
-                    input_ids=next_ids[:, None],
+                out = self.loaded.model(
+                    input_ids=torch.tensor(next_ids, device=device)[:, None],
                     attention_mask=mask,
                     position_ids=last_pos[:, None],
                     past_key_values=cache,
                     use_cache=True,
                 )
+                logits = out.logits[:, -1, :].float()
+
+    def _prefill(self, seqs: list[Sequence]):
+        """One left-padded forward pass over the prompts: (cache, mask, last positions, logits)."""
+        import torch
+        from transformers import DynamicCache
+
+        loaded = self.loaded
+        width = max(len(s.prompt_ids) for s in seqs)
+        ids = torch.full((len(seqs), width), loaded.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            # Left padding: every row's last prompt token sits in the last column, so the next
+            # token of every row is predicted from the same position of the output.
+            ids[row, width - len(seq.prompt_ids) :] = torch.tensor(seq.prompt_ids)
+            mask[row, width - len(seq.prompt_ids) :] = 1
+        ids, mask = ids.to(loaded.device), mask.to(loaded.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=loaded.model.config)
+        out = loaded.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return cache, mask, positions[:, -1], out.logits[:, -1, :].float()
+
+    def _step(self, batch: list[Sequence], rows: list[int], tokens: list[int]) -> list[int]:
+        """Advance each row by its token; the positions (in ``rows``) of those still running."""
+        keep: list[int] = []
+        now = time.monotonic()
+        for j, i in enumerate(rows):
+            seq = batch[i]
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            if not self._advance(seq, tokens[j]):
+                keep.append(j)
+        return keep
+
+    def _admit(self, adapter: str | None, room: int) -> list[Sequence]:
+        """Take up to ``room`` queued sequences for ``adapter`` without waiting."""
+        if room <= 0 or not self._pending:
+            return []
+        with self._cond:
+            joiners = self._select(adapter, room)
+            if joiners:
+                chosen = set(map(id, joiners))
+                self._pending = deque(s for s in self._pending if id(s) not in chosen)
+                self._on_queue(len(self._pending))
+        return joiners
+
+    @staticmethod
+    def _can_join(cache) -> bool:
+        """Joining needs plain growing per-layer tensors (not sliding-window or quantised caches)."""
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
 
     def _adapter(self, adapter: str | None):
         """Select the batch's adapter on a PeftModel (or disable adapters for the bare base)."""
@@ -344,3 +409,22 @@ class Engine:
             seq.finish_reason = finish
             seq.emit(Chunk(text=delta, finish_reason=finish, tokens=len(seq.generated)))
         return finish is not None
+
+
+def _stack_caches(cache, mask, other, other_mask):
+    """Stack ``other``'s rows under ``cache``'s, left-padding the shorter one (masked out)."""
+    import torch
+    import torch.nn.functional as F
+
+    width = max(mask.shape[1], other_mask.shape[1])
+
+    def pad(t, extra: int):
+        # (B, heads, T, dim): pad T on the left.
+        return F.pad(t, (0, 0, extra, 0)) if extra else t
+
+    a, b = width - mask.shape[1], width - other_mask.shape[1]
+    for mine, theirs in zip(cache.layers, other.layers, strict=True):
+        mine.keys = torch.cat([pad(mine.keys, a), pad(theirs.keys, b)])
+        mine.values = torch.cat([pad(mine.values, a), pad(theirs.values, b)])
+    mask = torch.cat([F.pad(mask, (a, 0)), F.pad(other_mask, (b, 0))])
+    return cache, mask

@@ -188,3 +188,51 @@ def random_adapter(base: Path, out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     write_manifest(out, {"kind": "adapter"})
     return out
+
+
+class ThreadServer:
+    """The server app under uvicorn in a thread of the test process (no new interpreter).
+
+    Much cheaper than a subprocess when torch is already imported; the app still loads its
+    model in the background and serves over a real loopback socket.
+    """
+
+    def __init__(self, settings):
+        import threading
+
+        import uvicorn
+
+        from kubetune_server.app import ServerState, create_app
+
+        self.port = settings.port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.state = ServerState(settings)
+        config = uvicorn.Config(
+            create_app(settings, self.state), host="127.0.0.1", port=self.port, log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Poll /readyz until 200."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.state.load_error:
+                raise AssertionError(f"load failed: {self.state.load_error}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"not ready after {timeout}s")
+
+    def metrics(self) -> str:
+        """The /metrics text."""
+        return httpx.get(f"{self.url}/metrics", timeout=5).text
+
+    def stop(self) -> None:
+        """Graceful uvicorn shutdown, then join."""
+        self.server.should_exit = True
+        self.thread.join(30)

@@ -27,7 +27,15 @@ import pytest
 from kubetune.rollout.analysis import counters_from_text
 from kubetune.storage import open_store
 from kubetune.storage.manifests import manifest_digest, write_manifest
-from tests.integration.server_harness import ROOT, metric_value, random_adapter, start_server
+from kubetune_server.config import from_env
+from tests.integration.server_harness import (
+    ROOT,
+    ThreadServer,
+    free_port,
+    metric_value,
+    random_adapter,
+    start_server,
+)
 
 LONG = 300  # tokens: long enough to still be generating while the test acts
 
@@ -179,33 +187,37 @@ def test_sigterm_drains_the_stream_in_flight_then_exits_zero(s3_server):
 
 
 def test_fault_injection_gives_5xx_the_analysis_counts(tiny_base_model, tmp_path):
-    proc = start_server(
-        tmp_path,
-        KUBETUNE_MODEL_URI=tiny_base_model.as_uri(),
-        KUBETUNE_MODEL_NAME="bad",
-        KUBETUNE_FAULT_ERROR_RATE="1",
-        KUBETUNE_FAULT_LATENCY_MS="50",
+    settings = from_env(
+        {
+            "KUBETUNE_MODEL_URI": tiny_base_model.as_uri(),
+            "KUBETUNE_MODEL_NAME": "bad",
+            "KUBETUNE_PORT": str(free_port()),
+            "KUBETUNE_CACHE_DIR": str(tmp_path),
+            "KUBETUNE_FAULT_ERROR_RATE": "1",
+            "KUBETUNE_FAULT_LATENCY_MS": "50",
+        }
     )
+    server = ThreadServer(settings)
     try:
-        proc.wait_ready()
+        server.wait_ready()
         for _ in range(3):
             resp = httpx.post(
-                f"{proc.url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30
+                f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30
             )
             assert resp.status_code == 500
             assert resp.json()["error"]["code"] == "injected_fault"
-        counters = counters_from_text(proc.metrics())
+        counters = counters_from_text(server.metrics())
         assert counters.requests == 3
         assert counters.errors == 3
         # Every request waited the injected 50 ms before failing.
         assert (
             metric_value(
-                proc.metrics(), "kubetune_server_request_duration_seconds_sum", model="bad"
+                server.metrics(), "kubetune_server_request_duration_seconds_sum", model="bad"
             )
             >= 0.15
         )
     finally:
-        assert proc.stop() == 0
+        server.stop()
 
 
 def _run_main(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:

@@ -86,6 +86,31 @@ def test_rows_that_finish_early_leave_the_others_unchanged(loaded):
     assert [len(s.generated) for s in batch] == lengths
 
 
+def test_sequences_arriving_mid_batch_join_it_and_match_running_alone(loaded):
+    engine = Engine(loaded, max_batch_size=4, batch_wait_ms=0)
+    specs = [
+        ("Hi!", 20),
+        ("What is the code word for zorb? Thanks.", 6),
+        ("x", 9),
+        ("Hello there.", 3),
+    ]
+    alone = []
+    for prompt, n in specs:
+        s = seq(loaded, prompt, max_tokens=n, ignore_eos=True)
+        engine.generate([s])
+        alone.append(s.generated)
+    sizes: list[int] = []
+    engine = Engine(loaded, max_batch_size=4, batch_wait_ms=0, on_batch=sizes.append)
+    running = seq(loaded, specs[0][0], max_tokens=specs[0][1], ignore_eos=True)
+    # Queued while `running` is generating: the worker would pick them up between two steps.
+    joiners = [seq(loaded, p, max_tokens=n, ignore_eos=True) for p, n in specs[1:]]
+    engine.submit(joiners)
+    engine.generate([running])
+    assert sizes == [1]  # one batch: the others joined it rather than forming their own
+    assert engine.queue_depth == 0
+    assert [s.generated for s in [running, *joiners]] == alone
+
+
 def test_seeded_sampling_is_independent_of_the_batch(loaded):
     engine = Engine(loaded)
     alone = seq(loaded, "Hello", max_tokens=10, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
