@@ -20,6 +20,7 @@ from tests.plugins.kube import (
     condition,
     fail_job,
     finish_job,
+    set_pod_unschedulable,
     start_job,
     start_operator,
     wait_for,
@@ -403,3 +404,43 @@ async def test_operator_restart_mid_way_creates_no_duplicates(kube, kube_api):
         if j["metadata"]["name"].startswith("re-")
     ]
     assert sorted(jobs) == ["re-train", "re-validate"]
+
+
+# --- placement: multi-node, Kueue, unschedulable ----------------------------------------------
+
+
+async def test_multi_node_kueue_job_is_indexed_with_headless_service_and_waits_for_admission(
+    kube, operator
+):
+    await kube.create(ftj("multi", nodes=2, resources={"gpus": 8}, queueName="gpu-queue"))
+    tjob = await validated_and_training(kube, "multi")
+    assert tjob["spec"]["completionMode"] == "Indexed" and tjob["spec"]["completions"] == 2
+    assert tjob["spec"]["suspend"] is True
+    assert tjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert tjob["spec"]["template"]["spec"]["subdomain"] == "multi-train"
+    svc = await kube.get("v1", "Service", NS, "multi-train")
+    assert svc is not None and svc["spec"]["clusterIP"] == "None"
+    assert env_of(tjob)["MASTER_ADDR"] == "multi-train-0.multi-train.default.svc"
+    obj = await wait_ftj(
+        kube, lambda o: "Kueue" in (o["status"].get("message") or ""), name="multi"
+    )
+    assert condition(obj, c.TRAINING)["status"] == "False"
+    # Kueue admits the workload: it unsuspends the Job, pods start.
+    await kube.patch("batch/v1", "Job", NS, "multi-train", {"spec": {"suspend": False}})
+    await start_job(kube, NS, "multi-train")
+    await wait_ftj(kube, lambda o: condition(o, c.TRAINING)["status"] == "True", name="multi")
+
+
+async def test_unschedulable_trainer_pod_surfaces_the_schedulers_message(kube, operator):
+    await kube.create(ftj("pend"))
+    await validated_and_training(kube, "pend")
+    msg = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu. preemption: 0/4 nodes are available"
+    await set_pod_unschedulable(kube, NS, "pend-train", msg)
+    obj = await wait_ftj(
+        kube,
+        lambda o: condition(o, c.TRAINING)["reason"] == c.Reason.INSUFFICIENT_GPUS,
+        name="pend",
+    )
+    assert msg in condition(obj, c.TRAINING)["message"] and msg in obj["status"]["message"]
+    assert obj["status"]["phase"] == "Running"
+    assert not obj["metadata"].get("finalizers")  # on.event handlers only: deletable without us
