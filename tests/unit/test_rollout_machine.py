@@ -798,3 +798,21 @@ def test_golden_prompt_scoring(answers, match, expected):
     assert evalgate.score(prompts, answers, match) == expected
     assert evalgate.answer_of({"choices": [{"text": "x"}]}) == "x"
     assert evalgate.answer_of({"choices": []}) is None
+
+
+def test_without_a_router_no_canary_starts_and_status_says_why():
+    sim = Sim(make_md())
+    stable = healthy_stable(sim)
+    sim.set_spec(make_md("s3://models/adapter-b"))
+    problem = "traffic.mode is gatewayAPI but the cluster serves no HTTPRoute"
+    out = sim.step(traffic_problem=problem)
+    assert "canary" not in out.status and out.of(m.SetWeights) == []
+    assert out.status["phase"] == "Degraded" and problem in out.status["message"]
+    assert (
+        m.EnsureRevision(stable, 4, "stable", m.revision_from_status(out.status["stable"], "chat"))
+        in out.actions
+    )
+    degraded = next(c for c in out.status["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == m.TRAFFIC_UNAVAILABLE
+    out = sim.step()  # fixed: the canary starts
+    assert out.status["canary"]["name"] == revision_of(sim.md).name

@@ -219,19 +219,25 @@ async def observe(client: KubeClient, md: Mapping[str, Any]) -> machine.Observed
             rev, score, stable_score, error, prompts=len(gate.prompts)
         )
 
-    mode = weights.resolve_mode(
-        spec.traffic.mode,
+    gateway = (
         await gateway_api_available(client)
-        if spec.traffic.mode == "auto" and spec.traffic.parent_refs
-        else False,
-        bool(spec.traffic.parent_refs),
+        if spec.traffic.mode != "replicas" and spec.traffic.parent_refs
+        else False
     )
+    mode = weights.resolve_mode(spec.traffic.mode, gateway, bool(spec.traffic.parent_refs))
+    traffic_problem = None
+    if mode == weights.GATEWAY_API and not gateway:
+        traffic_problem = (
+            "traffic.mode is gatewayAPI but the cluster serves no HTTPRoute "
+            f"({GATEWAY_GROUP_VERSION}): install the Gateway API CRDs or set traffic.mode auto"
+        )
     return machine.Observed(
         model=model,
         revisions=observations,
         mode=mode,
         interval_metrics=interval_metrics,
         eval_gate=eval_gate,
+        traffic_problem=traffic_problem,
     )
 
 

@@ -58,6 +58,7 @@ STEADY_REQUEUE = 30.0
 WAIT_REQUEUE = 2.0
 # z of a one-sided 99% bound: the fast-fail check must be sure, not just suspicious.
 FAST_FAIL_Z = 2.326
+TRAFFIC_UNAVAILABLE = "TrafficRoutingUnavailable"
 # Event types.
 NORMAL = "Normal"
 WARNING = "Warning"
@@ -96,6 +97,8 @@ class Observed:
     annotations: Mapping[str, str] | None = None
     # The pre-traffic eval gate's result, when ``eval_gate_due(md)`` asked the runtime to run it.
     eval_gate: evalgate.EvalGateObservation | None = None
+    # Why the traffic split cannot be applied (traffic.mode gatewayAPI without the Gateway API).
+    traffic_problem: str | None = None
 
     @property
     def resolved_revision(self) -> str | None:
@@ -413,8 +416,15 @@ class _Run:
             elif model.name in rejected and (self.canary() or {}).get("name") != model.name:
                 self.cancel_canary("spec changed to a rejected revision")
                 self.hold_rejected(model)
+            elif self.obs.traffic_problem:
+                # No router: a canary could neither get traffic nor lose it. Hold at stable.
+                self.cancel_canary("traffic routing is unavailable")
+                self.steady()
             else:
                 self.canary_rollout(model)
+            if self.obs.traffic_problem:
+                self.phase, self.reason = "Degraded", TRAFFIC_UNAVAILABLE
+                self.message = f"{self.obs.traffic_problem}; no canary is started until it is fixed"
         self.consume_annotations()
         return self.finish()
 
@@ -894,7 +904,7 @@ class _Run:
         weights = wt.traffic_weights(stable_name, canary_name, self.canary_weight)
         for r in self.st.get("retiring") or []:
             weights.setdefault(r["name"], 0)
-        if stable_name or canary_name:
+        if (stable_name or canary_name) and not self.obs.traffic_problem:
             self.route.append(
                 SetWeights(
                     weights.get(stable_name or "", 0), weights.get(canary_name or "", 0), weights
