@@ -725,3 +725,52 @@ def test_plan_on_real_observations_end_to_end():
     ftj = advance(ftj, p)
     p = plan(ftj, observe_job(vjob, [vpod]), observe_job(tjob, [tpod]), later(2))
     assert p.status["restarts"] == 1 and p.status["lastFailureReason"] == "Preempted"
+
+
+# --- every status the plan writes fits the CRD's status schema ------------------------------------
+
+
+def _scenario_statuses() -> list[dict]:
+    ftj = make_ftj()
+    out = [plan(ftj, ABSENT_JOB, ABSENT_JOB, NOW).status]
+    v = validated_ftj()
+    out.append(v["status"])
+    out.append(plan(v, VALIDATED, obs("active", attempt=0), later(1)).status)
+    out.append(
+        plan(
+            v, VALIDATED, obs("failed", attempt=0, exit_code=143, reason="Preempted"), later(1)
+        ).status
+    )
+    out.append(
+        plan(
+            v, VALIDATED, obs("failed", attempt=0, exit_code=2, reason="DataError"), later(1)
+        ).status
+    )
+    out.append(
+        plan(
+            v,
+            VALIDATED,
+            obs(
+                "succeeded",
+                attempt=0,
+                termination={
+                    "artifact": {"uri": "s3://o/model/", "digest": "d"},
+                    "metrics": {"evalLoss": 1.0},
+                    "step": 3,
+                },
+            ),
+            later(1),
+        ).status
+    )
+    out.append(plan(make_ftj(suspend=True), ABSENT_JOB, ABSENT_JOB, NOW).status)
+    out.append(plan(make_ftj(nodes=0), ABSENT_JOB, ABSENT_JOB, NOW).status)
+    return out
+
+
+@pytest.mark.parametrize("status", _scenario_statuses())
+def test_planned_status_fits_the_status_schema(status):
+    from kubetune.api.finetunejob import FineTuneJobStatus
+
+    # extra="forbid": a misspelt field would be pruned silently by a real API server.
+    parsed = FineTuneJobStatus.model_validate(status)
+    assert parsed.phase == status["phase"]
