@@ -325,8 +325,11 @@ def build_httproute(md: Mapping[str, Any], weights: Mapping[str, int]) -> dict[s
         if ref.section_name:
             entry["sectionName"] = ref.section_name
         parent_refs.append(entry)
+    # Every field the API server would default is written out (group "" = core, kind Service),
+    # so the read-and-compare apply sees no difference on the next reconcile and never re-patches.
     backends = [
         {
+            "group": "",
             "kind": "Service",
             "name": resource_name(meta["name"], rev),
             "port": spec.traffic.port,
