@@ -253,7 +253,10 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def chart_operator(
-    api: TwoPortApi, objects: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+    api: TwoPortApi,
+    objects: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    pod_id: str = "kubetune-0",
 ) -> Iterator[int]:
     """The operator with the chart Deployment's arguments and environment; yields its liveness port."""
     (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
@@ -267,7 +270,7 @@ def chart_operator(
     for env in container["env"]:
         if "value" in env:
             monkeypatch.setenv(env["name"], env["value"])
-    monkeypatch.setenv("POD_ID", "kubetune-0")
+    monkeypatch.setenv("POD_ID", pod_id)  # Kopf's peer identity (the pod name in a cluster)
     monkeypatch.setenv("KUBETUNE_METRICS_PORT", "0")
     monkeypatch.setenv("KUBETUNE_METRICS_ADDR", "127.0.0.1")
     monkeypatch.setenv("KUBECONFIG", api.kubeconfig_path)
