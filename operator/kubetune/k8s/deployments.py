@@ -269,9 +269,11 @@ async def ensure_revision(
         dep = builders.build_server_deployment(
             md, source, role=action.role, replicas=action.replicas
         )
-        await client.create(dep)
+        # Service and PDB first: an existing Deployment then implies they exist too, so a crash
+        # between the creates never leaves a revision without its Service.
         await client.apply(builders.build_revision_service(md, action.revision))
         await client.apply(builders.build_pdb(md, action.revision))
+        await client.create(dep)
         return
     patch: dict[str, Any] = {}
     if int((current.get("spec") or {}).get("replicas") or 0) != action.replicas:
