@@ -58,3 +58,22 @@ def test_cluster_section_uses_real_paths_and_commands() -> None:
     assert "kubectl wait --for=condition=Ready mdep/" in text
     for path in re.findall(r"\]\(((?:\.\./)?(?:examples|docs|charts|argocd)/[^)]+)\)", text):
         assert (REPO / "docs" / path).resolve().exists() or (REPO / path).exists(), path
+
+
+def test_documented_kubectl_get_columns_match_the_crds() -> None:
+    """The `kubectl get ftj|mdep` comments in docs/operations.md show the CRDs' default columns."""
+    for short, crd_file in (
+        ("ftj", "finetunejobs.kubetune.io.yaml"),
+        ("mdep", "modeldeployments.kubetune.io.yaml"),
+    ):
+        crd = yaml.safe_load((REPO / "crds" / crd_file).read_text())
+        columns = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+        default = ", ".join(c["name"].upper() for c in columns if not c.get("priority"))
+        wide = ", ".join(c["name"].upper() for c in columns if c.get("priority"))
+        assert re.search(rf"^kubectl get {short} +# {re.escape(default)}$", OPERATIONS, re.M), (
+            default
+        )
+        if short == "ftj":
+            assert re.search(
+                rf"^kubectl get {short} -o wide +# \+ {re.escape(wide)}$", OPERATIONS, re.M
+            ), wide
