@@ -14,6 +14,8 @@ Covers:
   that run or listed in ``NOT_EXERCISED`` with the reason (so unused grants cannot creep in);
 - namespace-scoped install (``watchNamespaces``): every call stays inside the watched
   namespace and is allowed by that namespace's Role (no cluster-scoped call at all);
+- Argo CD's health script on the statuses the operator really wrote (Healthy, Degraded after the
+  abort, Progressing for a generation not yet observed);
 - the peering object, Kopf's liveness endpoint (/healthz) the Deployment's probe uses, and the
   operator's /metrics (phase gauges fed by ``kubetune.startup``);
 - docs/security.md documents exactly the rules the chart grants.
@@ -303,6 +305,24 @@ async def scraped_phase_count(kind: str, phase: str, at_least: int = 1) -> float
     return value if value >= at_least else None
 
 
+def argocd_health(obj: dict[str, Any] | None) -> str:
+    """argocd/health.lua's verdict on ``obj``, run as Argo CD runs it (Lua 5.1, global ``obj``)."""
+    from lupa import lua51
+
+    assert obj is not None
+    lua = lua51.LuaRuntime()
+
+    def to_lua(value: Any) -> Any:
+        if isinstance(value, dict):
+            return lua.table_from({k: to_lua(v) for k, v in value.items() if v is not None})
+        if isinstance(value, list):
+            return lua.table_from([to_lua(v) for v in value])
+        return value
+
+    lua.globals().obj = to_lua(obj)
+    return lua.execute((REPO / "argocd" / "health.lua").read_text())["status"]
+
+
 def healthz(port: int) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as rsp:
         return rsp.status
@@ -557,6 +577,29 @@ async def test_cluster_install_allows_every_call_and_grants_nothing_unused(
                         ),
                         "abort acted on",
                     )
+                    # Argo CD's view of the real statuses (argocd/health.lua in Lua 5.1).
+                    assert (
+                        argocd_health(await kube.get(API, "FineTuneJob", "team-a", "rbac-train"))
+                        == "Healthy"
+                    )
+                    assert (
+                        argocd_health(
+                            await kube.get(API, "ModelDeployment", "team-a", "rbac-serve")
+                        )
+                        == "Healthy"
+                    )
+                    assert (
+                        argocd_health(
+                            await kube.get(API, "ModelDeployment", "team-a", "rbac-route")
+                        )
+                        == "Degraded"
+                    )
+                    edited = await kube.patch(
+                        API, "ModelDeployment", "team-a", "rbac-serve", {"spec": {"replicas": 2}}
+                    )
+                    assert (
+                        argocd_health(edited) == "Progressing"
+                    )  # a new generation, not yet observed
                 assert healthz(liveness_port) == 200
                 # The chart's KUBETUNE_METRICS_PORT made kubetune.startup serve the operator's metrics.
                 await wait_for(
