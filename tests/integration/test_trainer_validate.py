@@ -137,3 +137,41 @@ def test_chat_data_on_a_base_model_without_chat_template_is_a_config_error(
     code, msg = run_here("validate", trainer_env(spec, tmp_path), monkeypatch)
     assert code == 2 and msg["outcome"] == "config_error"
     assert "needs a chat template" in msg["message"] and "completion" in msg["message"]
+
+
+def test_given_validation_file_removes_leaked_training_examples(
+    tmp_path, tiny_base_model_uri, monkeypatch
+):
+    train = synthetic.write_task_dataset(tmp_path / "train.jsonl", 40, seed=1)
+    val = synthetic.write_task_dataset(tmp_path / "val.jsonl", 10, seed=2)
+    leaked = train.read_text().splitlines()[:3]
+    val.write_text(val.read_text() + "\n".join(leaked) + "\n")
+    out = tmp_path / "out"
+    spec = make_spec(
+        tiny_base_model_uri,
+        train.as_uri(),
+        out.as_uri(),
+        dataset={"train": train.as_uri(), "validation": val.as_uri()},
+    )
+    code, msg = run_here("validate", trainer_env(spec, tmp_path), monkeypatch)
+    assert code == 0
+    report = json.loads((out / "data/report.json").read_text())
+    assert report["leakedFromTrain"] == 3 and report["splitBy"] == "file"
+    assert (
+        msg["dataReport"]["trainExamples"] == 37 and msg["dataReport"]["validationExamples"] == 13
+    )
+    assert [f["uri"] for f in report["files"]] == [train.as_uri(), val.as_uri()]
+
+
+def test_a_max_seq_length_that_cuts_off_every_answer_fails(
+    tmp_path, tiny_base_model_uri, monkeypatch
+):
+    train = synthetic.write_task_dataset(tmp_path / "train.jsonl", 30)
+    spec = make_spec(
+        tiny_base_model_uri,
+        train.as_uri(),
+        (tmp_path / "out").as_uri(),
+        dataset={"train": train.as_uri(), "maxSeqLength": 16},
+    )
+    code, msg = run_here("validate", trainer_env(spec, tmp_path), monkeypatch)
+    assert code == 2 and "raise dataset.maxSeqLength" in msg["message"]
