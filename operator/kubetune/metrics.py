@@ -8,16 +8,17 @@ Everything is registered in :data:`REGISTRY`, a registry of our own rather than
 prometheus_client's global one: the operator, the local runtime and the test suite may run in
 one process with the inference server, and two owners of one global registry would collide.
 
-Usage from the handlers (kept to one line per call site)::
+Who feeds what:
 
-    with metrics.reconcile("FineTuneJob"):
-        ...                                   # counts the reconcile; an exception counts an error
-    metrics.set_phase("FineTuneJob", namespace, name, "Running")
-    metrics.forget("FineTuneJob", namespace, name)      # on deletion
-    metrics.record_rollout("Promoted")  /  metrics.record_rollback(reason)
+- the reconcilers wrap each reconcile in ``with metrics.reconcile(kind):`` (counts, errors by
+  exception class, duration);
+- everything else is derived from the objects' status by :mod:`kubetune.startup` (watch events
+  -> :func:`observe_status`): the per-phase gauges, promotions, rollbacks and restarts. So the
+  reconcilers must *not* call ``record_*`` themselves (that would count twice);
+- ``metrics.serve(port)`` once at startup (the chart sets ``KUBETUNE_METRICS_PORT``;
+  :func:`serve_from_env` reads it; :mod:`kubetune.startup` calls it).
 
-and once at startup ``metrics.serve(port)`` (the chart sets ``KUBETUNE_METRICS_PORT``;
-:func:`serve_from_env` reads it). Metric names are stable: dashboards and alerts use them, and
+Metric names are stable: dashboards and alerts use them, and
 docs/operations.md lists them.
 """
 
