@@ -20,8 +20,9 @@ Flagger's default (interval 1m, threshold 5, request-success-rate >= 99%).
    simulated clock and synthetic counters (Poisson arrivals at the same rate, binomial errors,
    log-normal latencies), so hundreds of full rollouts take seconds: a healthy canary (the same
    0.5% background error rate and latency as stable) through every default step -> false
-   rollback rate; a bad canary -> detection time distribution. The baseline is simulated with
-   Flagger's real defaults (1m, 5 checks, 99%).
+   rollback rate; a bad canary -> detection time distribution; a slow canary (latency x10, no
+   errors) -> whether and when it is caught. The baseline is simulated with Flagger's real
+   defaults (1m, 5 checks, 99%).
 
 Run: ``.venv/bin/python bench/canary_detection.py`` (about 3 minutes on 2 cores). Appends a
 section to bench/RESULTS.md.
@@ -370,9 +371,13 @@ def _poisson(rng: random.Random, lam: float) -> int:
 
 
 def sim_ours(
-    rng: random.Random, rate: float, bad_error_rate: float | None, steps: list[dict]
+    rng: random.Random,
+    rate: float,
+    bad_error_rate: float | None,
+    steps: list[dict],
+    bad_latency: float | None = None,
 ) -> dict:
-    """One rollout in virtual time. bad_error_rate None: healthy canary through every step."""
+    """One rollout in virtual time. Neither bad_*: a healthy canary through every step."""
     md_a, md_b = make_md("file:///models/a", steps), make_md("file:///models/b", steps)
     rev_a, rev_b = revision_of(md_a), revision_of(md_b)
     sims = {rev_a.name: SimRevision(rng, 0.005), rev_b.name: SimRevision(rng, 0.005)}
@@ -410,13 +415,16 @@ def sim_ours(
                 "virtual_s": t,
             }
         if (
-            bad_error_rate is not None
+            (bad_error_rate is not None or bad_latency is not None)
             and bad_at is None
             and weights.get(rev_b.name) == 10
             and any(r["phase"] == "Successful" for r in st.get("analysis") or [])
         ):
             bad_at = t
-            sims[rev_b.name].error_rate = bad_error_rate
+            if bad_error_rate is not None:
+                sims[rev_b.name].error_rate = bad_error_rate
+            if bad_latency is not None:
+                sims[rev_b.name].latency = bad_latency
         wait = max(0.1, min(wait, 5.0))
         for name, sim in sims.items():
             before = sim.c.total
@@ -435,15 +443,21 @@ def sim_baseline(
     threshold: int = 5,
     iterations: int = 10,
     step_weight: int = 10,
+    bad_latency: float | None = None,
+    max_checks: int = 30,
 ) -> dict:
     """Flagger's default analysis in virtual time: checks every interval, rollback at threshold."""
     canary = SimRevision(rng, 0.005)
     failed, t, bad_at, bad_requests = 0, 0.0, None, 0
     weight = step_weight
-    for check in range(iterations if bad_error_rate is None else 10_000):
-        if bad_error_rate is not None and check == 1 and bad_at is None:
+    bad = bad_error_rate is not None or bad_latency is not None
+    for check in range(max_checks if bad else iterations):
+        if bad and check == 1 and bad_at is None:
             bad_at = t
-            canary.error_rate = bad_error_rate
+            if bad_error_rate is not None:
+                canary.error_rate = bad_error_rate
+            if bad_latency is not None:
+                canary.latency = bad_latency
         before = canary.c.revision_counters()
         canary.serve(rate * weight / 100, interval)
         after = canary.c.revision_counters()
@@ -459,7 +473,7 @@ def sim_baseline(
                 "detect_s": (t - bad_at) if bad_at is not None else None,
                 "bad_requests": bad_requests,
             }
-        if bad_error_rate is None and check == iterations // 2:
+        if not bad and check == iterations // 2:
             weight = 50
     return {"rolled_back": False, "detect_s": None, "bad_requests": bad_requests}
 
@@ -499,6 +513,14 @@ async def main_async(args: argparse.Namespace) -> str:
     base_healthy = [sim_baseline(rng, args.rate, None) for _ in range(args.sim_runs)]
     base_bad = [
         sim_baseline(rng, args.rate, args.bad_error_rate) for _ in range(args.sim_runs // 4)
+    ]
+    slow = 0.05 * args.slow_factor
+    ours_slow = [
+        sim_ours(rng, args.rate, None, HOLD_STEPS, bad_latency=slow)
+        for _ in range(args.sim_runs // 4)
+    ]
+    base_slow = [
+        sim_baseline(rng, args.rate, None, bad_latency=slow) for _ in range(args.sim_runs // 4)
     ]
     sim_s = time.perf_counter() - t0
 
@@ -554,6 +576,21 @@ async def main_async(args: argparse.Namespace) -> str:
         f"{_fmt([float(r['bad_requests']) for r in base_bad])} |"
     )
     say("")
+    osd = [r["detect_s"] for r in ours_slow if r["detect_s"] is not None]
+    bsd = [r["detect_s"] for r in base_slow if r["detect_s"] is not None]
+    say(
+        f"| slow canary (latency x{args.slow_factor:g}, no errors), virtual time | runs | caught | seconds slow -> weight 0 |"
+    )
+    say("|---|---|---|---|")
+    say(
+        f"| kubetune (p95 vs stable, maxLatencyRatio 1.5) | {len(ours_slow)} | {len(osd)} | {_fmt(osd)} |"
+    )
+    say(
+        f"| baseline: success-rate only, 30 checks = 30 min (any catch is 0.5% error noise, "
+        f"it has no latency check) | {len(base_slow)} | {len(bsd)} | "
+        f"{_fmt(bsd) if bsd else 'never'} |"
+    )
+    say("")
     if o_det and b_det:
         say(
             f"ratio (real traffic, median time to weight 0): baseline / kubetune = "
@@ -582,6 +619,9 @@ def main() -> int:
         "--baseline-interval", type=float, default=10.0, help="seconds (Flagger default: 60)"
     )
     parser.add_argument("--sim-runs", type=int, default=400)
+    parser.add_argument(
+        "--slow-factor", type=float, default=10.0, help="latency multiple of a slow canary"
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
         "--no-record", action="store_true", help="do not append to bench/RESULTS.md"
