@@ -60,6 +60,13 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def job_names(api: KubeApi) -> set[str]:
     """Names of the stored Jobs, read straight from the emulator's store (no HTTP, no copies)."""
     assert api.emulator is not None and api._loop is not None
@@ -110,6 +117,8 @@ async def run_one(n: int, timeout: float) -> dict:
         await wait_jobs(api, {"warmup-validate"}, {}, timeout=60)
         requests_before = len(REQUEST_LOG)
         rss_before = peak_rss_mib(proc.pid)
+        cpu_before = cpu_seconds(proc.pid)
+        kmock_before = cpu_seconds(os.getpid())
         names = [f"ftj-{i:04d}" for i in range(n)]
         created_at: dict[str, float] = {}
 
@@ -123,6 +132,8 @@ async def run_one(n: int, timeout: float) -> dict:
         seen_at: dict[str, float] = {}
         await wait_jobs(api, {f"{name}-validate" for name in names}, seen_at, timeout)
         total = max(seen_at.values()) - t0
+        operator_cpu = cpu_seconds(proc.pid) - cpu_before
+        kmock_cpu = cpu_seconds(os.getpid()) - kmock_before
         latencies = sorted(seen_at[f"{name}-validate"] - created_at[name] for name in names)
         # Let the wave of follow-up events (status writes, Job ADDED) settle before reading RSS.
         await asyncio.sleep(1.0)
@@ -135,6 +146,8 @@ async def run_one(n: int, timeout: float) -> dict:
             "p95_s": latencies[max(0, int(round(0.95 * len(latencies))) - 1)],
             "max_s": latencies[-1],
             "requests_per_ftj": requests / n,
+            "operator_cpu_s": operator_cpu,
+            "kmock_cpu_s": kmock_cpu,
             "rss_warm_mib": rss_before,
             "rss_peak_mib": peak_rss_mib(proc.pid),
         }
@@ -160,13 +173,13 @@ def render(results: list[dict], command: str) -> str:
         "",
         f"N FineTuneJobs created at once; time until each has its validate Job. Baseline: N={base['n']} of the same run.",
         "",
-        "| N | all have a Job (s) | p50 (s) | p95 (s) | max (s) | API requests / FTJ | operator peak RSS (MiB) | total vs baseline | p95 vs baseline |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| N | all have a Job (s) | p50 (s) | p95 (s) | max (s) | API requests / FTJ | operator CPU (s) | kmock + bench CPU (s) | operator peak RSS (MiB) | total vs baseline | p95 vs baseline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['n']} | {r['total_s']:.2f} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['max_s']:.2f} | "
-            f"{r['requests_per_ftj']:.1f} | {r['rss_peak_mib']:.0f} | "
+            f"{r['requests_per_ftj']:.1f} | {r['operator_cpu_s']:.1f} | {r['kmock_cpu_s']:.1f} | {r['rss_peak_mib']:.0f} | "
             f"{r['total_s'] / base['total_s']:.1f}x | {r['p95_s'] / base['p95_s']:.1f}x |"
         )
     lines.append("")
@@ -188,7 +201,8 @@ def main() -> int:
         print(
             f"N={n}: all Jobs after {r['total_s']:.2f}s (creates took {r['create_s']:.2f}s); "
             f"per object p50 {r['p50_s']:.2f}s p95 {r['p95_s']:.2f}s max {r['max_s']:.2f}s; "
-            f"{r['requests_per_ftj']:.1f} API requests/FTJ; operator peak RSS {r['rss_peak_mib']:.0f} MiB",
+            f"{r['requests_per_ftj']:.1f} API requests/FTJ; operator CPU {r['operator_cpu_s']:.1f}s "
+            f"(kmock + bench {r['kmock_cpu_s']:.1f}s) until all had a Job; operator peak RSS {r['rss_peak_mib']:.0f} MiB",
             flush=True,
         )
     base = results[0]

@@ -16,6 +16,7 @@ One pass (Kubeflow Trainer style; STYLE.md, "Reconcile"):
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 from collections.abc import Mapping
@@ -139,10 +140,11 @@ class FineTuneJobReconciler:
         if key not in self._ensured:
             if self.report == "k8s":
                 annotations = await self._workload_identity(ns, spec.storage.service_account_name)
-                for obj in builders.build_trainer_rbac(
+                # Independent objects: one round trip instead of three.
+                rbac = builders.build_trainer_rbac(
                     dict(ftj), service_account_annotations=annotations
-                ):
-                    await self.client.apply(obj)
+                )
+                await asyncio.gather(*(self.client.apply(obj) for obj in rbac))
             is_train = manifest["metadata"]["name"] == builders.train_job_name(dict(ftj))
             if is_train and spec.nodes > 1:
                 await self.client.apply(builders.build_train_service(dict(ftj)))
