@@ -96,16 +96,20 @@ def resolve(
             )
         if phase != "Succeeded":
             return ModelProblem(
-                Reason.WAITING_FOR_MODEL, f"waiting for FineTuneJob {ref!r} to succeed (it is {phase})"
+                Reason.WAITING_FOR_MODEL,
+                f"waiting for FineTuneJob {ref!r} to succeed (it is {phase})",
             )
         artifact = status.get("artifact") or {}
         if not artifact.get("uri"):
             return ModelProblem(
-                Reason.WAITING_FOR_MODEL, f"FineTuneJob {ref!r} succeeded but has no status.artifact.uri yet"
+                Reason.WAITING_FOR_MODEL,
+                f"FineTuneJob {ref!r} succeeded but has no status.artifact.uri yet",
             )
         base = ((finetunejob.get("spec") or {}).get("baseModel") or {}).get("uri")
         if not base:
-            return ModelProblem(Reason.MODEL_NOT_FOUND, f"FineTuneJob {ref!r} has no spec.baseModel.uri")
+            return ModelProblem(
+                Reason.MODEL_NOT_FOUND, f"FineTuneJob {ref!r} has no spec.baseModel.uri"
+            )
         merged = artifact.get("mergedUri")
         if merged and spec.server.merge_adapter:
             # The job already published merged weights: serve them directly, no adapter at all.
@@ -117,7 +121,9 @@ def resolve(
     else:
         if source.base_model is None:
             return ModelProblem(
-                Reason.MODEL_NOT_FOUND, "spec.model: set model.fineTuneJobRef or model.baseModel", terminal=True
+                Reason.MODEL_NOT_FOUND,
+                "spec.model: set model.fineTuneJobRef or model.baseModel",
+                terminal=True,
             )
         model_uri = source.base_model.uri
         adapter_uri = source.adapter.uri if source.adapter else None
