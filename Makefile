@@ -27,6 +27,7 @@ test: lint
 
 crds: $(STAMP)
 	$(VENV)/bin/kubetune crds
+	$(VENV)/bin/kubetune docs
 
 clean:
 	rm -rf $(VENV) .kubetune

@@ -53,21 +53,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_docs(args: argparse.Namespace) -> int:
     """Write docs/api-reference.md from the models, or with --check fail when it drifts."""
-    from kubetune.api.reference import render_api_reference
+    from kubetune.api.reference import render_api_reference, splice_readme
 
     path = Path(args.out) if args.out else _repo_root() / "docs" / "api-reference.md"
-    text = render_api_reference()
+    targets = {path: render_api_reference()}
+    readme = _repo_root() / "README.md"
+    if not args.out and readme.exists():
+        # The README carries every spec field between two markers (same generator).
+        targets[readme] = splice_readme(readme.read_text())
+    drifted = [p for p, text in targets.items() if not p.exists() or p.read_text() != text]
     if args.check:
-        if not path.exists() or path.read_text() != text:
+        for p in drifted:
             print(
-                f"{path} drifted from operator/kubetune/api; run `kubetune docs` and commit",
+                f"{p} drifted from operator/kubetune/api; run `kubetune docs` and commit",
                 file=sys.stderr,
             )
+        if drifted:
             return 1
-        print(f"{path} matches the API models")
+        print(" and ".join(str(p) for p in targets) + " match the API models")
         return 0
-    path.write_text(text)
-    print(f"wrote {path}")
+    for p in drifted:
+        p.write_text(targets[p])
+        print(f"wrote {p}")
     return 0
 
 
@@ -75,7 +82,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     """Run the operator (``kopf run -m kubetune.handlers``) against the current kubeconfig or in-cluster."""
     from kopf.cli import main as kopf_main
 
-    argv = ["run", "-m", "kubetune.handlers"]
+    argv = ["run", "-m", "kubetune.handlers", "-m", "kubetune.startup"]
     argv += ["--peering", args.peering] if args.peering else ["--standalone"]
     if args.namespace:
         for ns in args.namespace:
