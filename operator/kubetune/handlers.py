@@ -39,6 +39,7 @@ FTJ_CHILD_LABELS = {"kubetune.io/kind": "FineTuneJob"}
 @kopf.on.startup()
 async def finetunejob_startup(memo: kopf.Memo, **_: object) -> None:
     """Create the FineTuneJob reconciler and its work queue in the operator's event loop."""
+    from kubetune import metrics
     from kubetune.k8s.client import get_client
     from kubetune.k8s.finetunejobs import FineTuneJobReconciler
     from kubetune.k8s.queue import WorkQueue
@@ -47,7 +48,8 @@ async def finetunejob_startup(memo: kopf.Memo, **_: object) -> None:
 
     async def work(key: object) -> float | None:
         namespace, name = key  # type: ignore[misc]
-        return await reconciler.reconcile(namespace, name)
+        with metrics.reconcile("FineTuneJob"):
+            return await reconciler.reconcile(namespace, name)
 
     memo.finetunejobs = WorkQueue(work)
 

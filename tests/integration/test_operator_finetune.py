@@ -257,7 +257,17 @@ async def _reasons_include(kube, wanted: set[str]):
 # --- failures ------------------------------------------------------------------------------
 
 
+def reconciles_ok() -> float:
+    from kubetune.metrics import REGISTRY
+
+    value = REGISTRY.get_sample_value(
+        "kubetune_operator_reconciles_total", {"kind": "FineTuneJob", "result": "ok"}
+    )
+    return value or 0.0
+
+
 async def test_invalid_data_fails_with_the_validators_message_and_no_gpu_job(kube, operator):
+    before = reconciles_ok()
     await kube.create(ftj("bad"))
     await wait_job(kube, "bad-validate")
     msg = "train.jsonl:3: not valid JSON (Expecting value); 4 of 10 lines invalid, more than maxInvalidFraction 0.05"
@@ -287,6 +297,7 @@ async def test_invalid_data_fails_with_the_validators_message_and_no_gpu_job(kub
         lambda: _reasons_include_for(kube, "bad", {c.Reason.VALIDATION_FAILED}),
         what="InvalidData Event",
     )
+    assert reconciles_ok() >= before + 2  # the operator's own metrics count our reconciles
 
 
 async def _reasons_include_for(kube, name: str, wanted: set[str]):
