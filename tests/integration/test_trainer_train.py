@@ -341,39 +341,48 @@ def test_qlora_without_a_gpu_is_a_config_error(tmp_path, tiny_base_model_uri, mo
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_train_one_model(tmp_path, tiny_base_model_uri):
+def test_torchrun_two_processes_train_one_model_from_s3(tmp_path, tiny_base_model, s3_env, s3_uri):
     import shutil
     import subprocess
     import sys
 
-    train = synthetic.write_task_dataset(tmp_path / "train.jsonl", 80)
-    out = tmp_path / "out"
+    import torch
+
+    store = open_store(s3_uri)
+    store.upload_dir(tiny_base_model, "base")
+    synthetic.write_task_dataset(tmp_path / "train.jsonl", 80)
+    store.upload_file(tmp_path / "train.jsonl", "in/train.jsonl")
     spec = make_spec(
-        tiny_base_model_uri,
-        train.as_uri(),
-        out.as_uri(),
+        f"{s3_uri}/base",
+        f"{s3_uri}/in/train.jsonl",
+        f"{s3_uri}/out",
         method={"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.1}},
         hyperparameters={"maxSteps": 6, "batchSize": 4, "gradientAccumulationSteps": 2},
         evaluation={"everySteps": 3},
         checkpoint={"everySteps": 3},
     )
-    env = trainer_env(spec, tmp_path)
+    env = trainer_env(spec, tmp_path, s3_env)
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     proc = subprocess.run(
         [torchrun, "--standalone", "--nproc-per-node=2", "-m", "kubetune_trainer", "train"],
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     msg = json.loads(Path(env["KUBETUNE_TERMINATION_LOG"]).read_text())
     assert msg["outcome"] == "succeeded" and msg["step"] == 6  # rank 0 speaks for the pod
-    lineage = json.loads((out / "model/lineage.json").read_text())
-    assert lineage["worldSize"] == 2
+    assert store.read_json("out/model/lineage.json")["worldSize"] == 2
     # Both ranks hold the same weights after every step: their evaluations agree exactly.
     evals = [line for line in proc.stderr.splitlines() if "step 6 eval" in line]
     assert len(evals) == 2 and evals[0].split("eval: ")[1] == evals[1].split("eval: ")[1]
-    rng = __import__("torch").load(out / "checkpoints/step-3/rng.pt", weights_only=False)
+    verify_prefix(store, "out/checkpoints/step-3")
+    store.download_file("out/checkpoints/step-3/rng.pt", tmp_path / "rng.pt")
+    rng = torch.load(tmp_path / "rng.pt", weights_only=False)
     assert rng["worldSize"] == 2 and len(rng["ranks"]) == 2
-    verify_dir(out / "checkpoints/step-3")
+    # The pod's processes shared one download of the base model.
+    assert [p.name for p in (tmp_path / "work").iterdir() if p.name == "base-model"] == [
+        "base-model"
+    ]
+    assert not any((tmp_path / "work" / f"rank-{r}" / "base-model").exists() for r in (0, 1))

@@ -57,6 +57,10 @@ def fetch_model(uri: str, storage: Any, work_dir: Path, *, tokenizer_only: bool 
         return path
     store = open_store(uri, storage)
     target = work_dir / ("tokenizer" if tokenizer_only else "base-model")
+    done = target / ".kubetune-complete"
+    if done.exists():
+        # Another process of this pod downloaded it already (torchrun: local rank 0 first).
+        return target
     if tokenizer_only:
         keys = [k for k in store.list("") if k in TOKENIZER_FILES]
         if not keys:
@@ -67,6 +71,7 @@ def fetch_model(uri: str, storage: Any, work_dir: Path, *, tokenizer_only: bool 
             store.download_file(key, target / key)
     else:
         store.download_dir("", target)
+    done.touch()
     return target
 
 

@@ -308,7 +308,14 @@ class Trainer:
         if spec.method.type == "qlora" and self.device.type != "cuda":
             # Fail before downloading anything.
             load_model(self.settings, Path("."), self.device, load_dtype)
-        self.base_dir = fetch_model(spec.base_model.uri, spec.storage, self.work_dir)
+        d = self.settings.dist
+        # One download per pod: its first process fetches into the shared work folder, the
+        # others wait at the barrier and reuse it.
+        if d.enabled and d.local_rank != 0:
+            barrier()
+        self.base_dir = fetch_model(spec.base_model.uri, spec.storage, Path(self.settings.work_dir))
+        if d.enabled and d.local_rank == 0:
+            barrier()
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
