@@ -417,13 +417,16 @@ class _Builder:
             self.cond(
                 c.SUCCEEDED, True, Reason.TRAINING_SUCCEEDED, self.status.get("message") or ""
             )
+        elif failed:
+            self.cond(c.SUCCEEDED, False, failed[0], "failed")
         else:
-            self.cond(
-                c.SUCCEEDED,
-                False,
-                Reason.NOT_STARTED if not failed else failed[0],
-                "not finished" if not failed else "failed",
-            )
+            # Not (yet) succeeded: say where the job is, so `kubectl describe` reads naturally.
+            waiting = {
+                "Validating": Reason.VALIDATING,
+                "Running": Reason.TRAINING_RUNNING,
+                "Suspended": Reason.SUSPENDED,
+            }.get(self.status.get("phase") or "", Reason.NOT_STARTED)
+            self.cond(c.SUCCEEDED, False, waiting, "not finished")
         if failed:
             self.cond(c.FAILED, True, failed[0], failed[1])
         else:
