@@ -44,6 +44,7 @@ from kubetune.k8s.client import KubeClient
 log = logging.getLogger(__name__)
 
 RESYNC_SECONDS = 300.0
+ENSURED_CACHE_LIMIT = 10_000
 
 # Annotations of spec.storage.serviceAccountName that carry a workload identity; copied to the
 # per-job ServiceAccount so the trainer reaches the bucket without keys.
@@ -148,6 +149,9 @@ class FineTuneJobReconciler:
             is_train = manifest["metadata"]["name"] == builders.train_job_name(dict(ftj))
             if is_train and spec.nodes > 1:
                 await self.client.apply(builders.build_train_service(dict(ftj)))
+            if len(self._ensured) > ENSURED_CACHE_LIMIT:
+                # Only an optimisation (apply is idempotent): forget rather than grow forever.
+                self._ensured.clear()
             self._ensured.add(key)
         job_name = manifest["metadata"]["name"]
         _, created = await self.client.create(manifest)
