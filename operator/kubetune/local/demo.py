@@ -5,12 +5,13 @@
 2. FineTuneJob ``assistant-v1``: validate the data, fine-tune with LoRA; eval accuracy rises on
    the progress bar.
 3. ModelDeployment ``assistant`` serves it: the first revision goes straight to stable.
-4. Generated traffic starts (the golden prompts of the task, through the local router).
-5. FineTuneJob ``assistant-v2`` trains longer; pointing the ModelDeployment at it starts a
-   canary: traffic steps up while analysis compares canary and stable, then it is promoted.
-6. A deliberately broken revision (the server's fault injection: half its answers are 500s)
+   Meanwhile FineTuneJob ``assistant-v2`` trains longer (the next run of the same task).
+4. Generated traffic starts (held-out prompts of the task, through the local router) and the
+   ModelDeployment is pointed at v2: a canary whose traffic steps up while analysis compares
+   canary and stable; then it is promoted.
+5. A deliberately broken revision (the server's fault injection: half its answers are 500s)
    becomes the next canary; analysis fails and it is rolled back automatically, weight 0.
-7. A closing summary table: metrics, revisions, weights, time.
+6. A closing summary table: metrics, revisions, weights, time.
 
 Everything goes through the same manifests a cluster would get (written to
 ``<dir>/manifests/`` so they can be inspected and re-applied with ``kubetune local apply``),
@@ -516,14 +517,17 @@ class Story:
             self.train("assistant-v1", s.v1_steps, seed=1)
             await self.wait("fine-tune v1", self._job_succeeded("assistant-v1"))
 
-            self.say("== 3. deploy it: the first revision goes straight to stable")
+            self.say("== 3. deploy it (the first revision goes straight to stable);")
+            self.say(
+                "   meanwhile revision 2 fine-tunes longer, as a data scientist's next run would"
+            )
             self.apply("assistant.yaml", modeldeployment("assistant-v1", s))
+            self.train("assistant-v2", s.v2_steps, seed=2)
             await self.wait("deploy stable", self._stable_is("assistant-v1"))
             self._remember_revisions()
             self.say(f"   serving at {self.router_url()}/v1 (OpenAI-compatible)")
 
-            self.say("== 4. fine-tune revision 2 (longer), then roll it out as a canary")
-            self.train("assistant-v2", s.v2_steps, seed=2)
+            self.say("== 4. once revision 2 is trained, roll it out as a canary")
             await self.wait("fine-tune v2", self._job_succeeded("assistant-v2"))
             # Traffic starts now, not earlier: on 2 cores the trainer needs them more than a
             # stable revision nobody compares anything with yet.
