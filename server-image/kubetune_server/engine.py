@@ -114,6 +114,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._active: list[Sequence] = []
+        self._peak = 0
         self.running = 0
 
     # --- queue --------------------------------------------------------------------------
@@ -221,12 +222,22 @@ class Engine:
         on their own, their KV cache is left-padded to the batch's length and stacked onto it,
         so a request arriving mid-batch starts within one step instead of waiting for the
         whole batch to finish.
-        """
-        import torch
 
-        self._on_batch(len(batch))
+        The batch-size metric (``on_batch``) gets the most rows decoded together in this
+        batch, joiners included, when the batch ends.
+        """
         # NB: a list of its own, published so that a failure also reaches the joiners.
         batch = self._active = list(batch)
+        self._peak = len(batch)
+        try:
+            self._decode(batch)
+        finally:
+            self._on_batch(self._peak)
+
+    def _decode(self, batch: list[Sequence]) -> None:
+        """The prefill + decode loop of :meth:`generate` (``batch`` grows as sequences join)."""
+        import torch
+
         device = self.loaded.device
         adapter = batch[0].adapter
         with torch.inference_mode(), self._adapter(adapter):
@@ -241,11 +252,8 @@ class Engine:
                     index = torch.tensor(keep, device=device)
                     cache.batch_select_indices(index)
                     mask, last_pos = mask[index], last_pos[index]
-                joiners = (
-                    self._admit(adapter, self.max_batch_size - len(rows))
-                    if self._can_join(cache)
-                    else []
-                )
+                room = self.max_batch_size - len(rows)
+                joiners = self._admit(adapter, room) if self._can_join(cache) else []
                 if joiners:
                     first = len(batch)
                     batch.extend(joiners)
@@ -265,6 +273,7 @@ class Engine:
                             cache, mask, last_pos = j_cache, j_mask, j_pos
                         rows += [first + j for j in j_keep]
                         next_ids += [j_tokens[j] for j in j_keep]
+                    self._peak = max(self._peak, len(rows) + len(joiners) - len(j_keep))
                 if not rows:
                     return
                 if self.step_delay:

@@ -23,11 +23,13 @@ import openai
 import pytest
 
 from kubetune.storage.manifests import manifest_digest, read_manifest
+from kubetune_server.config import from_env
 from kubetune_trainer import synthetic
 from tests.integration.server_harness import (
+    ThreadServer,
+    free_port,
     histogram_buckets,
     metric_value,
-    start_server,
     train_adapter,
 )
 
@@ -50,15 +52,23 @@ def adapter_dir(tiny_base_model: Path, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.fixture(scope="module")
 def server(tiny_base_model: Path, adapter_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """One server for the whole module: base + adapter from file:// URIs."""
-    proc = start_server(
-        tmp_path_factory.mktemp("server"),
-        KUBETUNE_MODEL_URI=tiny_base_model.as_uri(),
-        KUBETUNE_ADAPTER_URI=adapter_dir.as_uri(),
-        KUBETUNE_MODEL_NAME=MODEL,
-        KUBETUNE_REVISION="rev-a1",
-        KUBETUNE_SERVER_CONFIG=json.dumps(CONFIG),
+    """One server for the whole module: base + adapter from file:// URIs.
+
+    It runs under uvicorn in a thread of this process (torch is imported already, so it is
+    ready in a second); tests/integration/test_server_lifecycle.py covers the real process.
+    """
+    settings = from_env(
+        {
+            "KUBETUNE_MODEL_URI": tiny_base_model.as_uri(),
+            "KUBETUNE_ADAPTER_URI": adapter_dir.as_uri(),
+            "KUBETUNE_MODEL_NAME": MODEL,
+            "KUBETUNE_REVISION": "rev-a1",
+            "KUBETUNE_SERVER_CONFIG": json.dumps(CONFIG),
+            "KUBETUNE_PORT": str(free_port()),
+            "KUBETUNE_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
+        }
     )
+    proc = ThreadServer(settings)
     try:
         proc.wait_ready()
         yield proc

@@ -237,22 +237,15 @@ def _run_main(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProces
     )
 
 
+# Every bad value is covered in-process by tests/unit/test_server_config.py; these two check
+# the process contract (exit 2, stderr, termination message) end to end.
 @pytest.mark.parametrize(
     ("env", "needle"),
     [
         ({}, "KUBETUNE_MODEL_URI is required"),
-        ({"KUBETUNE_MODEL_URI": "http://x/m"}, "KUBETUNE_MODEL_URI='http://x/m'"),
         (
             {"KUBETUNE_MODEL_URI": "file:///m", "KUBETUNE_SERVER_CONFIG": '{"maxBatchSize": 0}'},
             "KUBETUNE_SERVER_CONFIG.maxBatchSize",
-        ),
-        (
-            {"KUBETUNE_MODEL_URI": "file:///m", "KUBETUNE_SERVER_CONFIG": '{"maxBatch": 2}'},
-            "KUBETUNE_SERVER_CONFIG.maxBatch",
-        ),
-        (
-            {"KUBETUNE_MODEL_URI": "file:///m", "KUBETUNE_FAULT_ERROR_RATE": "2"},
-            "KUBETUNE_FAULT_ERROR_RATE",
         ),
     ],
 )
