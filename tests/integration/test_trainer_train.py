@@ -311,19 +311,35 @@ def test_full_finetuning_with_packing_publishes_full_weights(
     assert "evalAccuracy" in msg["metrics"]  # text format: answers after the marker are scored
 
 
-def test_early_stopping_ends_the_run(tmp_path, tiny_base_model_uri, monkeypatch, one_thread):
+def test_early_stopping_ends_the_run_and_publishes_the_best_checkpoint(
+    tmp_path, tiny_base_model_uri, monkeypatch, one_thread
+):
     train = synthetic.write_task_dataset(tmp_path / "train.jsonl", 60)
     out = tmp_path / "out"
     spec = make_spec(
         tiny_base_model_uri,
         train.as_uri(),
         out.as_uri(),
-        hyperparameters={"maxSteps": 100},
-        evaluation={"everySteps": 2, "earlyStopping": {"patience": 1, "minDelta": 100.0}},
+        # A high learning rate overshoots after the first steps: eval loss rises, early stopping
+        # ends the run and keepBest publishes the checkpoint with the lowest eval loss.
+        hyperparameters={"maxSteps": 100, "learningRate": 0.5, "maxGradNorm": 0.0},
+        evaluation={"everySteps": 2, "earlyStopping": {"patience": 2}},
+        checkpoint={"everySteps": 2, "keepLast": 1, "keepBest": True},
     )
     code, msg = run_here("train", trainer_env(spec, tmp_path), monkeypatch)
-    assert code == 0 and msg["step"] == 4 and "early stopping" in msg["message"]
-    assert json.loads((out / "model/lineage.json").read_text())["stoppedEarly"] is True
+    assert code == 0 and "early stopping" in msg["message"], msg
+    lineage = json.loads((out / "model/lineage.json").read_text())
+    assert lineage["stoppedEarly"] is True and msg["step"] < 100
+    best = lineage["best"]["step"]
+    assert lineage["publishedStep"] == best < msg["step"]
+    assert msg["metrics"]["bestEvalLoss"] < msg["metrics"]["evalLoss"]
+    published = load_weights(out / "model")
+    kept = load_weights(out / f"checkpoints/step-{best}")
+    assert len(published) == len(kept) > 0
+    assert all(
+        (published[k] == kept[k.removesuffix(".weight") + ".default.weight"]).all()
+        for k in published
+    )
 
 
 def test_qlora_without_a_gpu_is_a_config_error(tmp_path, tiny_base_model_uri, monkeypatch):

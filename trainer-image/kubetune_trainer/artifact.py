@@ -100,6 +100,7 @@ def publish(trainer: Trainer) -> dict[str, Any]:
         "metrics": dict(trainer.state.metrics),
         "best": {"step": trainer.state.best_step, "evalLoss": trainer.state.best_eval_loss},
         "step": trainer.state.step,
+        "publishedStep": getattr(trainer, "published_step", trainer.state.step),
         "totalSteps": trainer.total_steps,
         "stoppedEarly": trainer.state.stopped_early,
         "resumedFromStep": trainer.resumed_from,

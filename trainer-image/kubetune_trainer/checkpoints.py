@@ -125,21 +125,24 @@ class CheckpointManager:
     def latest_verified(self, download_to: Path) -> tuple[Complete, Path] | None:
         """The newest checkpoint whose files verify, as a local folder; None when there is none."""
         for ckpt in reversed(self.complete()):
-            prefix = step_prefix(ckpt.step)
-            local = self._local_folder(prefix)
             try:
-                if local is None:
-                    local = download_to / f"step-{ckpt.step}"
-                    shutil.rmtree(local, ignore_errors=True)
-                    self.store.download_dir(prefix, local)
-                verify_dir(local)
+                return ckpt, self.fetch(ckpt.step, download_to)
             except ManifestError as exc:
                 log.warning(
                     "checkpoint step-%d does not verify, trying an older one: %s", ckpt.step, exc
                 )
-                continue
-            return ckpt, local
         return None
+
+    def fetch(self, step: int, download_to: Path) -> Path:
+        """A verified local folder of checkpoint ``step`` (in place for file://); ManifestError if it fails."""
+        prefix = step_prefix(step)
+        local = self._local_folder(prefix)
+        if local is None:
+            local = download_to / f"step-{step}"
+            shutil.rmtree(local, ignore_errors=True)
+            self.store.download_dir(prefix, local)
+        verify_dir(local)
+        return local
 
     def _local_folder(self, prefix: str) -> Path | None:
         root = getattr(self.store, "root", None)

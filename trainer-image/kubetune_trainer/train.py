@@ -386,26 +386,68 @@ class Trainer:
         )
         self.resume()
 
+    def load_weights(self, folder: Path, step: int) -> None:
+        """Copy a checkpoint's trainable weights into the model."""
+        import torch
+        from safetensors.torch import load_file
+
+        weights = load_file(folder / "weights.safetensors", device=str(self.device))
+        params = trainable_state(self.model)
+        if set(weights) != set(params):
+            raise ConfigError(
+                f"checkpoint step-{step} does not match this model (method or targetModules changed?): "
+                f"{len(set(weights) ^ set(params))} parameter names differ; delete "
+                f"{self.checkpoints.store.uri_for('checkpoints')} to start over"
+            )
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(weights[name])
+
+    def select_best(self) -> int:
+        """The step whose weights are published (checkpoint.keepBest: the best evaluated checkpoint).
+
+        With keepBest, when an earlier checkpoint had a lower eval loss than the final weights
+        (typically after early stopping), its weights are loaded and published instead; a best
+        evaluation that fell between checkpoints cannot be recovered and the final weights go out.
+        """
+        st = self.state
+        final = st.metrics.get("evalLoss")
+        if not (
+            self.spec.checkpoint.keep_best
+            and st.best_step is not None
+            and st.best_step != st.step
+            and final is not None
+            and st.best_eval_loss is not None
+            and st.best_eval_loss < final
+        ):
+            return st.step
+        if st.best_step not in {c.step for c in self.checkpoints.complete()}:
+            log.info(
+                "the best eval loss (step %d) has no checkpoint (evaluation.everySteps and "
+                "checkpoint.everySteps did not meet there): publishing the final weights",
+                st.best_step,
+            )
+            return st.step
+        folder = self.checkpoints.fetch(st.best_step, self.work_dir / "best")
+        self.load_weights(folder, st.best_step)
+        log.info(
+            "publishing the best checkpoint, step %d (eval loss %s < final %s)",
+            st.best_step,
+            st.best_eval_loss,
+            final,
+        )
+        return st.best_step
+
     def resume(self) -> None:
         """Restore the newest verified checkpoint, if any."""
         import torch
-        from safetensors.torch import load_file
 
         found = self.checkpoints.latest_verified(self.work_dir / "resume")
         if found is None:
             return
         ckpt, folder = found
         started = time.perf_counter()
-        weights = load_file(folder / "weights.safetensors", device=str(self.device))
-        params = trainable_state(self.model)
-        if set(weights) != set(params):
-            raise ConfigError(
-                f"checkpoint step-{ckpt.step} does not match this model (method or targetModules changed?): "
-                f"{len(set(weights) ^ set(params))} parameter names differ; delete {self.checkpoints.store.uri_for('checkpoints')} to start over"
-            )
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(weights[name])
+        self.load_weights(folder, ckpt.step)
         self.optimizer.load_state_dict(
             torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=False)
         )
@@ -807,6 +849,7 @@ class Trainer:
                 None,
                 None,
             )
+        self.published_step = self.select_best()
         artifact = publish(self)
         metrics = dict(self.state.metrics)
         self.reporter.report(
@@ -824,6 +867,11 @@ class Trainer:
         message = (
             f"trained {self.spec.method.type} ({how}{resumed}); evalLoss {metrics.get('evalLoss')}, "
             f"evalAccuracy {metrics.get('evalAccuracy')}; artifact {artifact['uri']}"
+            + (
+                f" (best checkpoint, step {self.published_step})"
+                if self.published_step != self.state.step
+                else ""
+            )
         )
         return Outcome(message, self.state.step, metrics, self.data.summary, artifact)
 
