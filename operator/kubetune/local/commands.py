@@ -111,7 +111,9 @@ async def run_controller(
         for name, url in _endpoints(store).items():
             if name not in announced:
                 announced.add(name)
-                printer.message(f"mdep/{name} serves at {url}/v1 (OpenAI-compatible; Ctrl-C stops)")
+                printer.message(
+                    f"mdep/{name} endpoint: {url}/v1 (OpenAI-compatible, through the local router; Ctrl-C stops)"
+                )
 
     try:
         if exit_when_settled:
