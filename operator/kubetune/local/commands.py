@@ -239,6 +239,62 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- traffic ---------------------------------------------------------------------------------
+
+
+def cmd_traffic(args: argparse.Namespace) -> int:
+    """Send chat requests to a ModelDeployment's local endpoint (what the demo generates).
+
+    A canary's analysis needs requests (``minSamples`` per interval): with the examples applied
+    by hand, run this next to the controller. Prompts: the synthetic task's held-out ones, or
+    ``--prompts FILE.jsonl`` of ``{"prompt", "answer"}``; answers are checked for exact match.
+    """
+    from kubetune.local.demo import DemoSettings, Traffic
+
+    store = _store(args)
+    url = _endpoints(store).get(args.name)
+    if url is None or controller_pid(store) is None:
+        print(
+            f"error: no running controller serves modeldeployment {args.name!r} in {store.root}",
+            file=sys.stderr,
+        )
+        return 1
+    if args.prompts:
+        golden = [
+            json.loads(line) for line in Path(args.prompts).read_text().splitlines() if line.strip()
+        ]
+        golden = [
+            {"prompt": g["prompt"], "answer": g.get("answer", g.get("expected", ""))}
+            for g in golden
+        ]
+    else:
+        from kubetune_trainer.synthetic import task_examples
+
+        golden = task_examples(48, seed=999, variant="a")
+    settings = DemoSettings(requests_per_second=args.rps)
+    traffic = Traffic(lambda: url, golden, settings, model=args.model or args.name)
+
+    async def run() -> None:
+        await traffic.start()
+        try:
+            await asyncio.sleep(args.seconds)
+        finally:
+            await traffic.stop()
+
+    print(f"sending {args.rps:g} requests/s to {url}/v1 for {args.seconds:g}s (Ctrl-C stops)")
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    stats = traffic.stats
+    for rev, codes in sorted(stats.codes.items()):
+        ok = sum(n for code, n in codes.items() if 200 <= code < 300)
+        answered = stats.answered[rev]
+        right = f", {stats.correct[rev] / answered:.0%} right" if answered else ""
+        print(f"  {rev}: {sum(codes.values())} requests, {ok} ok{right}; by code {dict(codes)}")
+    return 0
+
+
 # --- annotate --------------------------------------------------------------------------------
 
 
@@ -349,6 +405,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dir", help="state folder (default: $KUBETUNE_LOCAL_DIR or ./.kubetune)")
     p.set_defaults(func=cmd_status)
+
+    p = local_sub.add_parser(
+        "traffic", help="send chat requests to a ModelDeployment's local endpoint"
+    )
+    p.add_argument("name", help="the ModelDeployment")
+    p.add_argument("--rps", type=float, default=16.0, help="requests per second (default 16)")
+    p.add_argument("--seconds", type=float, default=60.0, help="how long (default 60)")
+    p.add_argument("--model", help="model name to send (default: the ModelDeployment's name)")
+    p.add_argument(
+        "--prompts",
+        help='JSONL of {"prompt", "answer"} (default: the demo task\'s held-out prompts)',
+    )
+    p.add_argument("--dir", help="state folder (default: $KUBETUNE_LOCAL_DIR or ./.kubetune)")
+    p.set_defaults(func=cmd_traffic)
 
     p = local_sub.add_parser(
         "annotate",

@@ -270,7 +270,10 @@ class TrafficStats:
 class Traffic:
     """Open-loop-ish client load on the router: golden prompts at a steady rate."""
 
-    def __init__(self, url_of: Any, golden: list[dict[str, str]], settings: DemoSettings) -> None:
+    def __init__(
+        self, url_of: Any, golden: list[dict[str, str]], settings: DemoSettings, model: str = MDEP
+    ) -> None:
+        self.model = model
         self.url_of = url_of
         self.golden = golden
         self.settings = settings
@@ -310,7 +313,7 @@ class Traffic:
             if url:
                 example = rng.choice(self.golden)
                 body = {
-                    "model": MDEP,
+                    "model": self.model,
                     "messages": [{"role": "user", "content": example["prompt"]}],
                     "max_tokens": 8,
                     "temperature": 0,
