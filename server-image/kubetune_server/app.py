@@ -50,6 +50,8 @@ from kubetune_server.protocol import (
 log = logging.getLogger("kubetune_server")
 
 MAX_BODY_BYTES = 4 << 20
+# How often a non-streaming request checks that its client is still there.
+DISCONNECT_POLL_SECONDS = 0.25
 WARMUP_PROMPT = "Hello"
 UNKNOWN_MODEL = "unknown"
 
@@ -332,7 +334,13 @@ def create_app(
     @app.post("/v1/completions", tags=["openai"], responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest, request: Request):
         """OpenAI completions (text prompt or a list of prompts; ``stream`` for SSE)."""
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        prompt = body.prompt
+        # One prompt (text or token ids) or a list of them.
+        prompts = (
+            [prompt]
+            if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int))
+            else prompt
+        )
         if not prompts:
             raise OpenAIError(400, "prompt: must not be an empty list", param="prompt")
         return await _serve(state, request, body, "text_completion", prompts, None)
@@ -370,8 +378,23 @@ async def _serve(state: ServerState, request: Request, body, kind: str, prompts,
         token_lists = [tokenizer(rendered, add_special_tokens=False)["input_ids"]]
         prompt_param, texts = "messages", [rendered]
     else:
-        token_lists = [tokenizer(p)["input_ids"] for p in prompts]
-        prompt_param, texts = "prompt", prompts
+        token_lists, texts = [], []
+        vocab = len(tokenizer)
+        for p in prompts:
+            if isinstance(p, str):
+                token_lists.append(tokenizer(p)["input_ids"])
+                texts.append(p)
+                continue
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise OpenAIError(
+                    400,
+                    f"prompt: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                    param="prompt",
+                )
+            token_lists.append(list(p))
+            texts.append(tokenizer.decode(p))
+        prompt_param = "prompt"
     limit = s.server.max_model_len
     if loaded.max_position_embeddings:
         limit = min(limit, loaded.max_position_embeddings)
@@ -516,8 +539,21 @@ async def _serve(state: ServerState, request: Request, body, kind: str, prompts,
     finish: list[str | None] = [None] * len(seqs)
     try:
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            next_check = time.monotonic() + DISCONNECT_POLL_SECONDS
             while any(f is None for f in finish):
-                index, chunk = await events.get()
+                try:
+                    index, chunk = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
+                except TimeoutError:
+                    chunk = None
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + DISCONNECT_POLL_SECONDS
+                    # NB: a client that hung up (its own timeout, a load balancer's) would
+                    # otherwise keep its rows generating to max_tokens for nobody.
+                    if await request.is_disconnected():
+                        request.state.kubetune_code = 499
+                        return Response(status_code=499)
+                if chunk is None:
+                    continue
                 if chunk.error:
                     raise OpenAIError(
                         500, chunk.error, type="server_error", code="generation_failed"

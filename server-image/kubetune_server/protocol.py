@@ -112,7 +112,9 @@ class StreamOptions(BaseModel):
 class CompletionRequest(_Request):
     """POST /v1/completions."""
 
-    prompt: str | list[str] = Field(description="Prompt text, or a list of prompts.")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Prompt text, a list of prompts, or token ids (one list, or a list of lists)."
+    )
     max_tokens: int | None = Field(default=16, ge=1, description="Most tokens to generate.")
     echo: bool = Field(default=False, description="Prepend the prompt to the text.")
 

@@ -7,11 +7,13 @@ Aspects covered:
 - mergeAdapter: the merged model answers exactly like the unmerged adapter, and no base is listed
 - requestTimeoutSeconds: a request that outlives it gets 504 (streams: an error event), counted
   as code 504 in the metrics
+- a client that hangs up on a non-streaming request stops its generation (counted as 499)
 """
 
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -149,6 +151,35 @@ def test_request_timeout_is_504_and_counted(tiny_base_model, tmp_path):
                 server.metrics(), "kubetune_server_requests_total", model="slow", code="504"
             )
             == 2
+        )
+    finally:
+        server.stop()
+
+
+def test_client_hanging_up_stops_the_generation(tiny_base_model, tmp_path):
+    server = serve(
+        tiny_base_model,
+        tmp_path,
+        KUBETUNE_MODEL_NAME="slow",
+        # 20 ms per token x 200 tokens = 4 s of generation if nobody stopped it.
+        KUBETUNE_FAULT_TOKEN_LATENCY_MS="20",
+        KUBETUNE_SERVER_CONFIG=json.dumps({"maxTokensLimit": 200}),
+    )
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                f"{server.url}/v1/completions",
+                json={"model": "slow", "prompt": "Hi", "max_tokens": 200, "ignore_eos": True},
+                timeout=httpx.Timeout(60, read=0.3),
+            )
+        deadline = time.monotonic() + 30
+        while metric_value(server.metrics(), "kubetune_server_requests_total", code="499") < 1:
+            assert time.monotonic() < deadline, "the abandoned request never ended"
+            time.sleep(0.05)
+        # Stopped long before its 200 tokens (about 0.3 s + one poll of 0.25 s in).
+        assert (
+            metric_value(server.metrics(), "kubetune_server_generated_tokens_total", model="slow")
+            < 200
         )
     finally:
         server.stop()

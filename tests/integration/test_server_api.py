@@ -222,6 +222,22 @@ def test_stop_string_cuts_the_text_and_is_not_included(client):
     assert resp.choices[0].finish_reason == "stop"
 
 
+def test_token_id_prompts_answer_like_their_text(client, tiny_base_model):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tiny_base_model)("Hello there.")["input_ids"]
+    args = {"model": MODEL, "max_tokens": 6, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    text = client.completions.create(prompt="Hello there.", **args).choices[0].text
+    assert client.completions.create(prompt=ids, **args).choices[0].text == text
+    both = client.completions.create(prompt=[ids, ids], **args).choices
+    assert [c.text for c in both] == [text, text]
+
+
+def test_token_id_outside_the_vocabulary_is_400(server):
+    err = _error(post(server, "/v1/completions", {"model": MODEL, "prompt": [1, 10**9]}), 400)
+    assert err["param"] == "prompt"
+
+
 def test_seeded_sampling_is_reproducible_and_n_gives_several_choices(client):
     args = {
         "model": MODEL,
