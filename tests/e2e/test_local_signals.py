@@ -7,13 +7,15 @@ Covers, with the real ``kubetune local apply`` controller running a trainer and 
   and the objects are gone;
 - a controller killed with SIGKILL cannot clean up, yet its children still go (PDEATHSIG), and
   the next ``delete --all`` finds nothing left to stop;
-- ``kubetune local status`` talks to the running controller's store in the cluster's shape.
+- ``kubetune local status`` talks to the running controller's store in the cluster's shape;
+  ``kubetune local traffic`` sends requests through the running router.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -136,6 +138,11 @@ def test_ctrl_c_stops_everything_and_the_trainer_checkpoints_first(running):
 @pytest.mark.parametrize("running", ["server only"], indirect=True)
 def test_delete_all_stops_the_controller_and_its_children(running):
     proc, work, state, _ = running
+    # Traffic through the router first: the endpoint answers, counted per revision.
+    sent = kubetune(
+        "local", "traffic", "base", "--seconds", "2", "--rps", "10", "--dir", str(state)
+    ).stdout
+    assert re.search(r"^  [0-9a-f]{10}: \d+ requests, \d+ ok", sent, flags=re.M), sent
     result = kubetune("local", "delete", "--all", "--dir", str(state))
     assert "modeldeployment/base deleted" in result.stdout
     assert proc.wait(timeout=60) == 0
