@@ -5,7 +5,8 @@ Covers: a finished process reads as the Job and pod the API server would return,
 termination message parsed; exit 2 with an ``outcome: data_error`` message is a non-retryable
 DataError; a SIGKILL nobody sent reads as exit 137 / OOMKilled; a running process is an active
 Job; the trainer's progress fragment contributes only the trainer-owned status fields; the
-process gets the report and termination-log paths of its run folder.
+process gets the report and termination-log paths of its run folder; a finished FineTuneJob
+runs again only when its spec changed (a new generation), never on an unchanged re-apply.
 """
 
 from __future__ import annotations
@@ -114,3 +115,26 @@ def test_python_in_the_container_is_this_interpreter(tmp_path):
         return obs
 
     assert asyncio.run(main()).state == SUCCEEDED
+
+
+async def test_finished_job_with_a_new_spec_generation_starts_over_and_an_unchanged_one_does_not(
+    tmp_path,
+):
+    store = Store(tmp_path)
+    driver = JobDriver(store, Supervisor())
+    manifest = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "demo"},
+        "spec": {"hyperparameters": {"maxSteps": 5}},
+    }
+    obj, _ = store.apply(manifest)
+    store.write_status("FineTuneJob", "demo", {"phase": "Succeeded", "observedGeneration": 1})
+    same, outcome = store.apply(manifest)
+    assert outcome == "unchanged"
+    assert (await driver._restart_if_spec_changed(same))["status"]["phase"] == "Succeeded"
+    manifest["spec"]["hyperparameters"]["maxSteps"] = 10
+    changed, outcome = store.apply(manifest)
+    assert outcome == "configured" and changed["metadata"]["generation"] == 2
+    assert (await driver._restart_if_spec_changed(changed))["status"] == {}
+    assert store.get("FineTuneJob", "demo")["status"] == {}
