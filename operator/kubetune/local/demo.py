@@ -456,6 +456,13 @@ class Story:
         ):
             self.summary.reused.append(name)
             self.say(f"  {name}: spec unchanged and already Succeeded: reusing its artifact")
+            # The accuracy it climbed through when it trained (the previous run's summary).
+            try:
+                earlier = json.loads((self.work / "summary.json").read_text())["accuracy_history"]
+            except (OSError, ValueError, KeyError, TypeError):
+                earlier = {}
+            if earlier.get(name):
+                self.summary.accuracy_history[name] = list(earlier[name])
         return manifest
 
     def _job_succeeded(self, name: str) -> Any:
