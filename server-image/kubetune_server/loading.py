@@ -160,8 +160,19 @@ def load(settings: Settings) -> Loaded:
 
         for i, (name, uri) in enumerate(adapters.items()):
             path = fetched[name].path
-            if name == settings.model_name and not settings.adapter_digest:
-                digest = fetched[name].digest or ""
+            if name == settings.model_name:
+                found = fetched[name].digest
+                if not settings.adapter_digest:
+                    digest = found or ""
+                elif found and found != settings.adapter_digest:
+                    # The artifact under the URI changed after the operator resolved it: serve
+                    # it (it verified against its own manifest) but say so loudly.
+                    log.warning(
+                        "%s: manifest digest %s differs from KUBETUNE_ADAPTER_DIGEST %s",
+                        uri,
+                        found,
+                        settings.adapter_digest,
+                    )
             try:
                 if i == 0:
                     model = PeftModel.from_pretrained(model, path, adapter_name=name)
