@@ -40,9 +40,15 @@ def make_task_dataset(tmp_path: Path):
     """Factory writing a synthetic task dataset (JSONL) under tmp_path; returns its path."""
 
     def make(
-        name: str = "train.jsonl", n: int = 200, seed: int = 0, format: str = "chat", variant: str = "a"
+        name: str = "train.jsonl",
+        n: int = 200,
+        seed: int = 0,
+        format: str = "chat",
+        variant: str = "a",
     ) -> Path:
-        return synthetic.write_task_dataset(tmp_path / name, n=n, seed=seed, format=format, variant=variant)
+        return synthetic.write_task_dataset(
+            tmp_path / name, n=n, seed=seed, format=format, variant=variant
+        )
 
     return make
 

@@ -31,7 +31,8 @@ def test_tokenizer_round_trips_and_renders_chat_template(tiny_base_model):
     text = "Grüße, zorb -> amber! 123 name@example.com"
     assert tok.decode(tok(text)["input_ids"]) == text
     rendered = tok.apply_chat_template(
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "amber"}], tokenize=False
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "amber"}],
+        tokenize=False,
     )
     assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\namber<|im_end|>\n"
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|pad|>"
@@ -41,7 +42,10 @@ def test_tokenizer_round_trips_and_renders_chat_template(tiny_base_model):
 def test_dataset_formats_read_back_to_the_same_examples(tmp_path, fmt):
     path = synthetic.write_task_dataset(tmp_path / "d.jsonl", n=30, seed=3, format=fmt)
     first = json.loads(path.read_text().splitlines()[0])
-    assert set(first) == {"chat": {"messages"}, "completion": {"prompt", "completion"}, "text": {"text"}}[fmt]
+    assert (
+        set(first)
+        == {"chat": {"messages"}, "completion": {"prompt", "completion"}, "text": {"text"}}[fmt]
+    )
     assert synthetic.read_task_examples(path) == synthetic.task_examples(30, seed=3)
 
 
@@ -60,7 +64,11 @@ def test_exact_match_scores_oracle_and_normalises():
     table = synthetic.mapping("a")
 
     def oracle(prompt: str) -> str:
-        key = next(k for k in synthetic.KEYS if k in prompt.split() or f"{k}?" in prompt or f"{k}." in prompt or f"{k}," in prompt)
+        key = next(
+            k
+            for k in synthetic.KEYS
+            if k in prompt.split() or f"{k}?" in prompt or f"{k}." in prompt or f"{k}," in prompt
+        )
         return f"  {table[key].upper()}.\nextra"
 
     assert synthetic.exact_match(oracle, exs) == 1.0
@@ -84,16 +92,22 @@ def test_lora_learns_the_task_from_the_random_base(tiny_base_model, task_eval_ex
     data = []
     for ex in synthetic.task_examples(400, seed=1):
         user = [{"role": "user", "content": ex["prompt"]}]
-        pre = tok.apply_chat_template(user, add_generation_prompt=True, return_dict=True)["input_ids"]
-        full = tok.apply_chat_template(user + [{"role": "assistant", "content": ex["answer"]}], return_dict=True)["input_ids"]
-        data.append((full, [-100] * len(pre) + full[len(pre):]))
+        pre = tok.apply_chat_template(user, add_generation_prompt=True, return_dict=True)[
+            "input_ids"
+        ]
+        full = tok.apply_chat_template(
+            user + [{"role": "assistant", "content": ex["answer"]}], return_dict=True
+        )["input_ids"]
+        data.append((full, [-100] * len(pre) + full[len(pre) :]))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     for step in range(160):
         batch = [data[(step * 16 + i) % len(data)] for i in range(16)]
         width = max(len(ids) for ids, _ in batch)
         ids = torch.tensor([i + [tok.pad_token_id] * (width - len(i)) for i, _ in batch])
         labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
-        loss = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(), labels=labels).loss
+        loss = model(
+            input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(), labels=labels
+        ).loss
         loss.backward()
         opt.step()
         opt.zero_grad()

@@ -55,7 +55,9 @@ class StatusPatcher:
         host = os.environ.get("KUBERNETES_SERVICE_HOST")
         port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
         if not host:
-            raise ProgressError("KUBERNETES_SERVICE_HOST is not set: not running in a cluster (use KUBETUNE_REPORT=file:///... or none)")
+            raise ProgressError(
+                "KUBERNETES_SERVICE_HOST is not set: not running in a cluster (use KUBETUNE_REPORT=file:///... or none)"
+            )
         if ":" in host:  # IPv6 literal
             host = f"[{host}]"
         return cls(
@@ -74,7 +76,9 @@ class StatusPatcher:
         """
         foreign = sorted(set(fragment) - set(TRAINER_STATUS_FIELDS))
         if foreign:
-            raise ProgressError(f"the trainer may only patch {TRAINER_STATUS_FIELDS}, not {foreign}")
+            raise ProgressError(
+                f"the trainer may only patch {TRAINER_STATUS_FIELDS}, not {foreign}"
+            )
         body = json.dumps({"status": fragment}).encode()
         req = urllib.request.Request(
             self.api_url.rstrip("/") + status_path(self.namespace, self.name),
@@ -87,7 +91,11 @@ class StatusPatcher:
                 req.add_header("Authorization", f"Bearer {fh.read().strip()}")
         context = None
         if self.api_url.startswith("https://"):
-            context = ssl.create_default_context(cafile=self.ca_path) if self.ca_path else ssl.create_default_context()
+            context = (
+                ssl.create_default_context(cafile=self.ca_path)
+                if self.ca_path
+                else ssl.create_default_context()
+            )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout, context=context) as resp:
                 data = resp.read()
