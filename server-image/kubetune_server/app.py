@@ -478,7 +478,9 @@ async def _serve(state: ServerState, request: Request, body, kind: str, prompts,
                 with contextlib.suppress(RuntimeError):  # loop closed: the client is long gone
                     loop.call_soon_threadsafe(events.put_nowait, (index, chunk))
 
-            seqs.append(Sequence(list(ids), params, adapter, emit, arrival=started))
+            seqs.append(
+                Sequence(list(ids), params, adapter, emit, arrival=started, stream=body.stream)
+            )
     try:
         state.engine.submit(seqs)
     except QueueFull as exc:

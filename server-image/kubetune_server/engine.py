@@ -73,6 +73,8 @@ class Sequence:
     adapter: str | None
     emit: Callable[[Chunk], None]
     arrival: float = field(default_factory=time.monotonic)
+    #: Whether the client reads text as it comes (False: only the final text is emitted).
+    stream: bool = True
     cancelled: bool = False
     first_token_at: float | None = None
     # Worker-side state.
@@ -400,6 +402,10 @@ class Engine:
             finish = "stop"
         elif len(seq.generated) >= params.max_tokens:
             finish = "length"
+        if finish is None and not seq.stream and not params.stop:
+            # Nobody reads partial text of a non-streamed answer without stop strings: skip the
+            # per-token decode and the cross-thread wake-up, emit everything at the end.
+            return False
         text = self.loaded.tokenizer.decode(seq.generated, skip_special_tokens=True)
         if params.stop:
             cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)

@@ -141,6 +141,18 @@ def test_stop_string_ends_the_text_before_it_and_deltas_add_up(loaded):
     assert all(c.finish_reason is None for c in cut.chunks[:-1])
 
 
+def test_non_streamed_sequences_emit_their_text_once_at_the_end(loaded):
+    engine = Engine(loaded)
+    streamed = seq(loaded, "Hi!", max_tokens=10, ignore_eos=True)
+    quiet = seq(loaded, "Hi!", max_tokens=10, ignore_eos=True)
+    quiet.stream = False
+    engine.generate([streamed, quiet])
+    assert len(quiet.chunks) == 1
+    assert quiet.chunks[0].finish_reason == "length"
+    assert text(quiet) == text(streamed)
+    assert len(streamed.chunks) > 1
+
+
 def test_eos_stops_unless_ignored(loaded):
     engine = Engine(loaded)
     eos = loaded.eos_token_ids[0]
