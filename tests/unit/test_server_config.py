@@ -72,3 +72,23 @@ def test_bad_values_name_the_variable(env, needle):
     full = {"KUBETUNE_MODEL_URI": "file:///m", **env} if env != {} else {}
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         from_env(full)
+
+
+def test_reads_the_server_config_the_rollout_builder_writes():
+    from kubetune.api.modeldeployment import ServerSpec
+
+    spec = ServerSpec.model_validate(
+        {
+            "maxBatchSize": 3,
+            "mergeAdapter": True,
+            "env": [{"name": "KUBETUNE_FAULT_ERROR_RATE", "value": "0.5"}],
+        }
+    )
+    # The builder sets json.dumps(spec.server.dump(), sort_keys=True).
+    s = from_env(
+        {
+            "KUBETUNE_MODEL_URI": "file:///m",
+            "KUBETUNE_SERVER_CONFIG": json.dumps(spec.dump(), sort_keys=True),
+        }
+    )
+    assert s.server == spec
