@@ -556,6 +556,10 @@ async def _serve(state: ServerState, request: Request, body, kind: str, prompts,
                         return Response(status_code=499)
                 if chunk is None:
                     continue
+                # asyncio.timeout only fires at a suspension point; when the loop was starved
+                # (a busy CPU) the queue may already hold every chunk, so check the clock too.
+                if time.monotonic() > deadline:
+                    raise TimeoutError
                 if chunk.error:
                     raise OpenAIError(
                         500, chunk.error, type="server_error", code="generation_failed"
@@ -666,6 +670,8 @@ async def _stream(
             try:
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     index, chunk = await events.get()
+                if time.monotonic() > deadline:  # a starved loop: the queue was already full
+                    raise TimeoutError
             except TimeoutError:
                 request.state.kubetune_code = 504
                 err = OpenAIError(504, "Request timed out", type="server_error", code="timeout")

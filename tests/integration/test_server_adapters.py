@@ -123,8 +123,9 @@ def test_request_timeout_is_504_and_counted(tiny_base_model, tmp_path):
         tiny_base_model,
         tmp_path,
         KUBETUNE_MODEL_NAME="slow",
-        # 20 ms per token x 200 tokens = 4 s, far beyond the 1 s timeout.
-        KUBETUNE_FAULT_TOKEN_LATENCY_MS="20",
+        # 100 ms per token: even a max_tokens clamped by the model's length takes several
+        # seconds, far beyond the 1 s timeout.
+        KUBETUNE_FAULT_TOKEN_LATENCY_MS="100",
         KUBETUNE_SERVER_CONFIG=json.dumps({"requestTimeoutSeconds": 1, "maxTokensLimit": 200}),
     )
     try:
