@@ -35,6 +35,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune.api import conditions as c
+from kubetune.api.actions import Event, Requeue  # noqa: F401  (re-exported: part of Action)
 from kubetune.api.conditions import Reason
 from kubetune.finetune import builders
 
@@ -306,22 +307,6 @@ class DeleteJob:
 
     name: str
     reason: str
-
-
-@dataclass(frozen=True)
-class Event:
-    """Record an Event on the FineTuneJob (``type`` Normal or Warning)."""
-
-    type: str
-    reason: str
-    message: str
-
-
-@dataclass(frozen=True)
-class Requeue:
-    """Plan again after this many seconds even if nothing changes (backoff, TTL, deadlines)."""
-
-    seconds: float
 
 
 @dataclass(frozen=True)

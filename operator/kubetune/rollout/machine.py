@@ -41,6 +41,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune.api import conditions as cond
+from kubetune.api.actions import Event, Requeue  # noqa: F401  (re-exported: part of Action)
 from kubetune.api.common import ANNOTATION_ABORT, ANNOTATION_PAUSE, ANNOTATION_PROMOTE
 from kubetune.api.conditions import Reason
 from kubetune.api.modeldeployment import ModelDeploymentSpec
@@ -134,22 +135,6 @@ class DeleteRevision:
 
     revision: str
     reason: str = ""
-
-
-@dataclass(frozen=True)
-class Event:
-    """A Kubernetes Event about the ModelDeployment (``type`` Normal or Warning)."""
-
-    type: str
-    reason: str
-    message: str
-
-
-@dataclass(frozen=True)
-class Requeue:
-    """Run ``step`` again after this many seconds (or earlier on any change)."""
-
-    seconds: float
 
 
 @dataclass(frozen=True)
