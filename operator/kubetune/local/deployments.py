@@ -542,18 +542,9 @@ class DeploymentDriver:
         type_ = getattr(action, "type", "Normal")
         reason = getattr(action, "reason", "")
         message = getattr(action, "message", "")
-        name = obj["metadata"]["name"]
-        record = {
-            "time": _now(),
-            "object": f"modeldeployment/{name}",
-            "type": type_,
-            "reason": reason,
-            "message": message,
-        }
-        with (self.store.root / "events.jsonl").open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        self.store.record_event(obj, type_, reason, message)
         if self.on_event is not None:
-            self.on_event(KIND, name, type_, reason, message)
+            self.on_event(KIND, obj["metadata"]["name"], type_, reason, message)
 
 
 def _last_line(log: Any) -> str:

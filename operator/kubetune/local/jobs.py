@@ -338,19 +338,9 @@ class JobDriver:
         type_ = getattr(action, "type", "Normal")
         reason = getattr(action, "reason", "")
         message = getattr(action, "message", "")
-        name = ftj["metadata"]["name"]
-        record = {
-            "time": _now(),
-            "object": f"finetunejob/{name}",
-            "type": type_,
-            "reason": reason,
-            "message": message,
-        }
-        path = self.store.root / "events.jsonl"
-        with path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        self.store.record_event(ftj, type_, reason, message)
         if self.on_event is not None:
-            self.on_event(KIND, name, type_, reason, message)
+            self.on_event(KIND, ftj["metadata"]["name"], type_, reason, message)
 
     async def _restart_if_spec_changed(self, obj: dict[str, Any]) -> dict[str, Any]:
         """A finished FineTuneJob with a new spec generation runs again (local convenience)."""

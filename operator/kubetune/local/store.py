@@ -195,6 +195,18 @@ class Store:
 
     # --- children ---------------------------------------------------------------------------
 
+    def record_event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """Append an Event about ``obj`` to ``events.jsonl`` (the local ``kubectl get events``)."""
+        record = {
+            "time": now_rfc3339(),
+            "object": f"{obj['kind'].lower()}/{obj['metadata']['name']}",
+            "type": type_,
+            "reason": reason,
+            "message": message,
+        }
+        with (self.root / "events.jsonl").open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
     def save_child(self, manifest: dict[str, Any]) -> None:
         """Keep a built child manifest (Job, Deployment, ...) for inspection and for reuse checks."""
         kind = manifest.get("kind", "Object")
