@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint crds bench clean
+.PHONY: demo test lint crds bench clean cluster-bins
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
-test: lint
+# The test control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok),
+# built from the Go module proxy once per machine into ~/.cache/kubetune/controlplane/<versions>/.
+cluster-bins:
+	bash tests/cluster/controlplane/build.sh
+
+test: lint cluster-bins
 	$(VENV)/bin/kubetune crds --check
 	$(VENV)/bin/kubetune docs --check
 	$(PY) -m pytest -q -p no:cacheprovider

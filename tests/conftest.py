@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.plugins.s3",
     "tests.plugins.tinymodel",
     "tests.plugins.kube",
+    "tests.plugins.cluster",
 ]

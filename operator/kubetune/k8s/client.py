@@ -310,13 +310,19 @@ class KubeClient:
         kind: str,
         namespace: str | None = None,
         labels: Mapping[str, str] | None = None,
+        field_selector: str | None = None,
     ) -> list[dict]:
-        """Objects of a kind in a namespace (or all), filtered by equality label requirements."""
-        params = (
-            {"labelSelector": ",".join(f"{k}={v}" for k, v in labels.items())} if labels else None
-        )
+        """Objects of a kind in a namespace (or all), filtered by equality label requirements.
+
+        ``field_selector`` (e.g. ``spec.nodeName=n1``) is applied by the API server only.
+        """
+        params: dict[str, str] = {}
+        if labels:
+            params["labelSelector"] = ",".join(f"{k}={v}" for k, v in labels.items())
+        if field_selector:
+            params["fieldSelector"] = field_selector
         status, payload = await self.request(
-            "GET", resource_path(api_version, kind, namespace), params=params, allow=(404,)
+            "GET", resource_path(api_version, kind, namespace), params=params or None, allow=(404,)
         )
         if status == 404 or not payload:
             return []
