@@ -7,7 +7,7 @@ field, so the local runtime and ``kubetune validate`` refuse it and say where it
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -26,6 +26,62 @@ ANNOTATION_PROMOTE = "kubetune.io/promote"
 ANNOTATION_ABORT = "kubetune.io/abort"
 ANNOTATION_PAUSE = "kubetune.io/pause"
 ANNOTATION_SPEC_HASH = "kubetune.io/spec-hash"
+
+
+# --- names and label values ------------------------------------------------------------------
+#
+# Whatever a user writes that ends up as a Kubernetes name or label value of a child object must
+# obey the rules the API server applies to that child, or the parent is accepted and its child
+# refused (apimachinery's IsDNS1123Label, IsDNS1035Label, IsDNS1123Subdomain, IsValidLabelValue,
+# IsQualifiedName). The patterns go into the CRD schema (``pattern`` + ``maxLength``), so the API
+# server and ``kubetune validate`` enforce them alike; PATTERN_MEANINGS words them for people.
+
+MAX_LABEL_LENGTH = 63  # a DNS-1123/1035 label, a label value, the name part of a label key
+MAX_SUBDOMAIN_LENGTH = 253
+DNS1035_LABEL_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+DNS1123_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+# A label key (a toleration's key), or empty: an optional DNS subdomain prefix and "/", then a
+# name of at most 63 characters. The prefix's own 253 limit is approximated by the maxLength.
+LABEL_KEY_OR_EMPTY_PATTERN = (
+    r"^(([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$"
+)
+MAX_LABEL_KEY_LENGTH = MAX_SUBDOMAIN_LENGTH + 1 + MAX_LABEL_LENGTH
+
+PATTERN_MEANINGS = {
+    DNS1035_LABEL_PATTERN: (
+        "a DNS-1035 label: lowercase letters, digits and '-', starting with a letter and ending "
+        "with a letter or digit"
+    ),
+    DNS1123_SUBDOMAIN_PATTERN: (
+        "a Kubernetes object name (DNS-1123 subdomain): lowercase letters, digits, '-' and '.', "
+        "starting and ending with a letter or digit, at most 253 characters"
+    ),
+    LABEL_VALUE_PATTERN: (
+        "a Kubernetes label value: at most 63 characters, letters, digits, '-', '_' and '.', "
+        "starting and ending with a letter or digit; or empty"
+    ),
+    LABEL_KEY_OR_EMPTY_PATTERN: (
+        "a Kubernetes label key: an optional DNS subdomain prefix and '/', then at most 63 "
+        "letters, digits, '-', '_' or '.', starting and ending with a letter or digit; or empty"
+    ),
+}
+
+
+def name_ref_field(description: str, **kwargs: Any) -> Any:
+    """An optional field naming another Kubernetes object (a DNS-1123 subdomain)."""
+    return Field(
+        default=None,
+        description=description,
+        pattern=DNS1123_SUBDOMAIN_PATTERN,
+        max_length=MAX_SUBDOMAIN_LENGTH,
+        **kwargs,
+    )
+
+
+# A string that becomes a label value (validated as one; nodeSelector values, toleration values).
+LabelValue = Annotated[str, Field(pattern=LABEL_VALUE_PATTERN, max_length=MAX_LABEL_LENGTH)]
 
 
 class Model(BaseModel):
@@ -77,9 +133,19 @@ class ObjectMeta(Model):
 class Toleration(Model):
     """A Kubernetes pod toleration (core/v1 Toleration)."""
 
-    key: str | None = Field(default=None, description="Taint key the toleration applies to; empty matches all keys.")
+    key: str | None = Field(
+        default=None,
+        description="Taint key the toleration applies to (a label key); empty matches all keys.",
+        pattern=LABEL_KEY_OR_EMPTY_PATTERN,
+        max_length=MAX_LABEL_KEY_LENGTH,
+    )
     operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal (default Equal).")
-    value: str | None = Field(default=None, description="Taint value the toleration matches (with operator Equal).")
+    value: str | None = Field(
+        default=None,
+        description="Taint value the toleration matches (with operator Equal; a label value).",
+        pattern=LABEL_VALUE_PATTERN,
+        max_length=MAX_LABEL_LENGTH,
+    )
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to match; empty matches all effects."
     )
@@ -102,19 +168,13 @@ class StorageConfig(Model):
         pattern=r"^https?://",
     )
     region: str | None = Field(default=None, description="Region of the bucket, e.g. us-east-1.")
-    credentials_secret: str | None = Field(
-        default=None,
-        description=(
-            "Name of a Secret in the same namespace with keys AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY. Leave empty to use the pod's workload identity."
-        ),
+    credentials_secret: str | None = name_ref_field(
+        "Name of a Secret in the same namespace with keys AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY. Leave empty to use the pod's workload identity."
     )
-    service_account_name: str | None = Field(
-        default=None,
-        description=(
-            "ServiceAccount whose workload identity (IRSA / GKE WI annotation) grants bucket access. "
-            "For FineTuneJobs the operator copies its annotations to the per-job ServiceAccount."
-        ),
+    service_account_name: str | None = name_ref_field(
+        "ServiceAccount whose workload identity (IRSA / GKE WI annotation) grants bucket access. "
+        "For FineTuneJobs the operator copies its annotations to the per-job ServiceAccount."
     )
 
 

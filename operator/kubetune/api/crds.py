@@ -120,6 +120,7 @@ def _crd(
     status_model: type,
     columns: list[dict[str, Any]],
     description: str,
+    root_rules: tuple[dict[str, Any], ...] = (),
 ) -> dict[str, Any]:
     spec_schema = _schema_of(spec_model)
     status_schema = _schema_of(status_model)
@@ -131,11 +132,24 @@ def _crd(
         "properties": {
             "apiVersion": {"type": "string", "description": "kubetune.io/v1alpha1"},
             "kind": {"type": "string", "description": kind},
-            "metadata": {"type": "object"},
+            # Declared (type only) so that root rules can point their fieldPath at
+            # .metadata.name; a CRD may restrict nothing in metadata but name and generateName.
+            "metadata": {
+                "type": "object",
+                "properties": {
+                    "name": {
+                        "type": "string",
+                        "description": "Name of the object; children are named after it (see the rules on metadata.name).",
+                    }
+                },
+            },
             "spec": spec_schema,
             "status": status_schema,
         },
     }
+    if root_rules:
+        # Rules on metadata.name: CEL can read metadata.name (and generateName) only at the root.
+        open_api["x-kubernetes-validations"] = [dict(rule) for rule in root_rules]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -187,6 +201,7 @@ def finetunejob_crd() -> dict[str, Any]:
         ],
         "FineTuneJob validates a dataset, fine-tunes a base model (LoRA, QLoRA or full) with "
         "platform-owned checkpoints and automatic resume, and publishes the artifact with lineage.",
+        ftj.NAME_RULES,
     )
 
 
@@ -208,6 +223,7 @@ def modeldeployment_crd() -> dict[str, Any]:
         ],
         "ModelDeployment serves a base model plus adapter through an OpenAI-compatible server and "
         "rolls every new revision out as a canary with analysis and automatic rollback.",
+        mdep.NAME_RULES,
     )
 
 

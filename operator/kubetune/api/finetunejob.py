@@ -7,20 +7,26 @@ the trainer patches ``progress``, ``metrics``, ``checkpoints`` and ``resumedFrom
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kubetune.api.common import (
     API_VERSION,
+    DNS1035_LABEL_PATTERN,
+    LABEL_VALUE_PATTERN,
+    MAX_LABEL_LENGTH,
     URI_DESCRIPTION,
     URI_PATTERN,
     Condition,
+    LabelValue,
     Model,
     ObjectMeta,
     StorageConfig,
     Toleration,
     cel,
+    name_ref_field,
     validations,
 )
 
@@ -29,6 +35,39 @@ PLURAL = "finetunejobs"
 SHORT_NAMES = ["ftj"]
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
+MAX_NODES = 128
+
+# --- names of the children ----------------------------------------------------------------
+#
+# Every child's name is derived from metadata.name (kubetune.finetune.builders): the Jobs
+# <name>-validate and <name>-train, the ServiceAccount/Role/RoleBinding <name>-trainer and, with
+# nodes > 1, the headless Service <name>-train. The tightest limits those put on the name:
+# - with nodes > 1 the train Job is an Indexed Job whose pods are named by hostname
+#   <name>-train-<index>, index up to nodes - 1 = 127, and the Job API refuses a Job whose
+#   largest such hostname is not a DNS-1123 label (at most 63): 63 - len("-train-127") = 53;
+# - a Job's name becomes the value of its pods' job-name label (at most 63): 63 - len("-validate")
+#   = 54, and kubetune.io/owner=<name> is a label value itself;
+# - with nodes > 1 the Service <name>-train needs a DNS-1035 label (starts with a letter, no
+#   dots), and the pods' hostname and subdomain a DNS-1123 label (no dots).
+# One limit for every spec (53) keeps a later change of nodes from stranding an existing job.
+# A test builds every child with the longest allowed name and checks it against these rules.
+NAME_MAX_LENGTH = MAX_LABEL_LENGTH - len(f"-train-{MAX_NODES - 1}")
+NAME_RULES = (
+    cel(
+        f"self.metadata.name.size() <= {NAME_MAX_LENGTH}",
+        f"must be at most {NAME_MAX_LENGTH} characters: the trainer pods of a multi-node job get "
+        f"the hostname '<name>-train-<index>' (index up to {MAX_NODES - 1}) and the Job "
+        "'<name>-validate' becomes its pods' job-name label value; both must fit in 63 characters",
+        ".metadata.name",
+    ),
+    cel(
+        f"self.spec.nodes == 1 || self.metadata.name.matches('{DNS1035_LABEL_PATTERN}')",
+        "with nodes > 1 the name must be a DNS-1035 label (lowercase letters, digits and '-', "
+        "starting with a letter; no '.'): it names the headless Service '<name>-train' and the "
+        "trainer pods' hostnames",
+        ".metadata.name",
+    ),
+)
 
 
 class BaseModelRef(Model):
@@ -177,7 +216,7 @@ class TrainResources(Model):
     """Compute for the trainer pods."""
 
     gpus: int = Field(default=1, ge=0, le=64, description="nvidia.com/gpu per node (0 trains on CPU, for tests and tiny models).")
-    gpu_node_selector: dict[str, str] = Field(
+    gpu_node_selector: dict[str, LabelValue] = Field(
         default_factory=dict,
         description="Node labels the GPU pods must match, e.g. {nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}.",
     )
@@ -186,7 +225,7 @@ class TrainResources(Model):
     memory: str = Field(
         default="32Gi", description="Memory request and limit per pod (Kubernetes quantity).", pattern=r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?|[eE][0-9]+)?$"
     )
-    priority_class_name: str | None = Field(default=None, description="PriorityClass of the trainer pods.")
+    priority_class_name: str | None = name_ref_field("PriorityClass of the trainer pods.")
 
 
 class RetrySpec(Model):
@@ -238,11 +277,19 @@ class FineTuneJobSpec(Model):
     output: OutputSpec = Field(description="Where checkpoints and the artifact are written.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Object-store endpoint and credentials.")
     resources: TrainResources = Field(default_factory=TrainResources, description="GPUs, CPU, memory and placement.")
-    nodes: int = Field(default=1, ge=1, le=128, description="Trainer pods (nodes); > 1 runs an Indexed Job with torchrun rendezvous.")
+    nodes: int = Field(default=1, ge=1, le=MAX_NODES, description="Trainer pods (nodes); > 1 runs an Indexed Job with torchrun rendezvous.")
     image: str = Field(default=DEFAULT_TRAINER_IMAGE, description="Trainer container image.", min_length=1)
     retry: RetrySpec = Field(default_factory=RetrySpec, description="Automatic restart policy.")
     suspend: bool = Field(default=False, description="Stop the pods, keep the checkpoints; set back to false to resume.")
-    queue_name: str | None = Field(default=None, description="Kueue LocalQueue; the Jobs get label kueue.x-k8s.io/queue-name.")
+    queue_name: str | None = Field(
+        default=None,
+        description=(
+            "Kueue LocalQueue; the Jobs get label kueue.x-k8s.io/queue-name, so it must be a valid "
+            "label value (at most 63 characters)."
+        ),
+        pattern=LABEL_VALUE_PATTERN,
+        max_length=MAX_LABEL_LENGTH,
+    )
     ttl_seconds_after_finished: int | None = Field(
         default=None, ge=0, description="Delete the FineTuneJob this long after it finished (its artifact stays)."
     )
@@ -334,10 +381,26 @@ class FineTuneJobStatus(Model):
 
 
 class FineTuneJob(Model):
-    """A FineTuneJob manifest."""
+    """A FineTuneJob manifest.
+
+    NAME_RULES sit at the root of the CRD schema (CEL may read metadata.name only there); the
+    local runtime, which parses manifests with this model, checks the same limits.
+    """
+
+    model_config = Model.model_config | {"json_schema_extra": validations(*NAME_RULES)}
 
     api_version: Literal["kubetune.io/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
     kind: Literal["FineTuneJob"] = Field(default=KIND)
     metadata: ObjectMeta
     spec: FineTuneJobSpec
     status: FineTuneJobStatus | None = None
+
+    @model_validator(mode="after")
+    def _children_can_be_named(self) -> FineTuneJob:
+        """NAME_RULES in Python (a test holds the two to the same verdicts)."""
+        name = self.metadata.name
+        if len(name) > NAME_MAX_LENGTH:
+            raise ValueError(f"metadata.name: {NAME_RULES[0]['message']}")
+        if self.spec.nodes != 1 and not re.fullmatch(DNS1035_LABEL_PATTERN, name):
+            raise ValueError(f"metadata.name: {NAME_RULES[1]['message']}")
+        return self

@@ -6,20 +6,25 @@ revision goes straight to stable; every later one walks ``rollout.steps`` as the
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kubetune.api.common import (
     API_VERSION,
+    DNS1035_LABEL_PATTERN,
+    MAX_LABEL_LENGTH,
     URI_DESCRIPTION,
     URI_PATTERN,
     Condition,
+    LabelValue,
     Model,
     ObjectMeta,
     StorageConfig,
     Toleration,
     cel,
+    name_ref_field,
     validations,
 )
 
@@ -29,6 +34,33 @@ SHORT_NAMES = ["mdep"]
 
 DEFAULT_SERVER_IMAGE = "ghcr.io/kubetune/server:0.1.0"
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
+
+# --- names of the children ----------------------------------------------------------------
+#
+# Children are named from metadata.name (kubetune.rollout.builders): per revision a Deployment,
+# a Service and a PodDisruptionBudget <name>-<revision> (revision: REVISION_HASH_LENGTH hex
+# digits), and the Service and HTTPRoute <name>. A Service's name must be a DNS-1035 label (at
+# most 63, starting with a letter, no dots): 63 - len("-") - 10 = 52. A Deployment's pods add a
+# pod-template-hash and a random suffix, but the ReplicaSet controller truncates generated pod
+# names, so only the Deployment's own name counts; kubetune.io/owner=<name> is a label value.
+# A test builds every child with the longest allowed name and checks it against these rules.
+REVISION_HASH_LENGTH = 10
+NAME_MAX_LENGTH = MAX_LABEL_LENGTH - 1 - REVISION_HASH_LENGTH
+NAME_RULES = (
+    cel(
+        f"self.metadata.name.size() <= {NAME_MAX_LENGTH}",
+        f"must be at most {NAME_MAX_LENGTH} characters: each revision gets a Service "
+        f"'<name>-<revision>' ({REVISION_HASH_LENGTH}-character revision hash), and a Service "
+        "name must fit in 63 characters",
+        ".metadata.name",
+    ),
+    cel(
+        f"self.metadata.name.matches('{DNS1035_LABEL_PATTERN}')",
+        "must be a DNS-1035 label (lowercase letters, digits and '-', starting with a letter; "
+        "no '.'): it names the Services '<name>' and '<name>-<revision>'",
+        ".metadata.name",
+    ),
+)
 
 
 class LocalObjectRef(Model):
@@ -141,15 +173,13 @@ class ServeResources(Model):
         description="Memory request and limit per pod.",
         pattern=r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?|[eE][0-9]+)?$",
     )
-    node_selector: dict[str, str] = Field(
+    node_selector: dict[str, LabelValue] = Field(
         default_factory=dict, description="Node labels the pods must match."
     )
     tolerations: list[Toleration] = Field(
         default_factory=list, description="Tolerations for tainted nodes."
     )
-    priority_class_name: str | None = Field(
-        default=None, description="PriorityClass of the serving pods."
-    )
+    priority_class_name: str | None = name_ref_field("PriorityClass of the serving pods.")
 
 
 class ParentRef(Model):
@@ -573,10 +603,26 @@ class ModelDeploymentStatus(Model):
 
 
 class ModelDeployment(Model):
-    """A ModelDeployment manifest."""
+    """A ModelDeployment manifest.
+
+    NAME_RULES sit at the root of the CRD schema (CEL may read metadata.name only there); the
+    local runtime, which parses manifests with this model, checks the same limits.
+    """
+
+    model_config = Model.model_config | {"json_schema_extra": validations(*NAME_RULES)}
 
     api_version: Literal["kubetune.io/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
     kind: Literal["ModelDeployment"] = Field(default=KIND)
     metadata: ObjectMeta
     spec: ModelDeploymentSpec
     status: ModelDeploymentStatus | None = None
+
+    @model_validator(mode="after")
+    def _children_can_be_named(self) -> ModelDeployment:
+        """NAME_RULES in Python (a test holds the two to the same verdicts)."""
+        name = self.metadata.name
+        if len(name) > NAME_MAX_LENGTH:
+            raise ValueError(f"metadata.name: {NAME_RULES[0]['message']}")
+        if not re.fullmatch(DNS1035_LABEL_PATTERN, name):
+            raise ValueError(f"metadata.name: {NAME_RULES[1]['message']}")
+        return self

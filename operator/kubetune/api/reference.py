@@ -56,6 +56,9 @@ def _constraints(schema: dict[str, Any]) -> str:
             parts.append(f"{label} {schema[key]}")
     if "pattern" in schema:
         parts.append(f"pattern `{schema['pattern']}`")
+    values = schema.get("additionalProperties")
+    if isinstance(values, dict) and _constraints(values):
+        parts.append(f"values: {_constraints(values)}")
     return "; ".join(parts)
 
 
@@ -103,6 +106,17 @@ def render_api_reference() -> str:
             f"{root.get('description', '')}\n\nShort name: `{'`, `'.join(names.get('shortNames', []))}`; "
             f"category `{', '.join(names.get('categories', []))}`; plural `{names['plural']}`.\n"
         )
+        root_rules = root.get("x-kubernetes-validations") or []
+        if root_rules:
+            out.append(
+                f"**Rules on the {names['kind']} itself** (CEL at the root, checked by the API "
+                "server; the children are named after the object, so its name must leave room "
+                "for their suffixes):\n"
+            )
+            for rule in root_rules:
+                at = rule.get("fieldPath", "").lstrip(".") or names["kind"]
+                out.append(f"- `{at}`: {rule['message']}  \n  `{rule['rule']}`")
+            out.append("")
         for section in ("spec", "status"):
             schema = root["properties"][section]
             rules: list[tuple[str, dict[str, Any]]] = [

@@ -13,7 +13,9 @@ The API server handles a custom resource in a fixed order, and so does :func:`va
 4. **CEL.** Every ``x-kubernetes-validations`` rule is compiled and run with cel-python, with
    ``self`` typed from the schema (``number`` is a CEL double even when written ``1``).
    Transition rules (those that read ``oldSelf``) run only on an update, when the old object
-   has the same field, as on a cluster. The Kubernetes CEL list library functions our rules use
+   has the same field, as on a cluster. Rules at the root see ``metadata.name`` and
+   ``metadata.generateName`` only (all a cluster shows them), the name that ``generateName``
+   would get filled in. The Kubernetes CEL list library functions our rules use
    (``isSorted``, ``sum``, ``min``, ``max``, ``indexOf``, ``lastIndexOf``) are registered.
 
 The schema is the generated CRD (``kubetune.api.crds``), the same object ``crds/`` is written
@@ -37,7 +39,7 @@ import jsonschema
 import yaml
 from celpy import celtypes
 
-from kubetune.api.common import API_VERSION
+from kubetune.api.common import API_VERSION, PATTERN_MEANINGS
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -130,6 +132,8 @@ def _unknown_fields(value: Any, schema: dict[str, Any], path: str) -> Iterator[E
         props = schema.get("properties")
         extra = schema.get("additionalProperties")
         for key, sub in value.items():
+            if not path and key == "metadata":
+                continue  # ObjectMeta: the API server's own, never pruned by the CRD schema
             if props is not None and key in props:
                 yield from _unknown_fields(sub, props[key], _join(path, key))
             elif isinstance(extra, dict):
@@ -265,7 +269,9 @@ def _schema_error(err: jsonschema.ValidationError) -> Error:
         op = "less than" if sch.get("exclusiveMaximum") else "less than or equal to"
         return Error(path, f"{_show(inst)}: should be {op} {val}", rule="maximum")
     if v == "pattern":
-        return Error(path, f"{_show(inst)}: should match '{val}'", rule="pattern")
+        meaning = PATTERN_MEANINGS.get(val)
+        why = f" ({meaning})" if meaning else ""
+        return Error(path, f"{_show(inst)}: should match '{val}'{why}", rule="pattern")
     if v == "maxItems":
         return Error(path, f"{len(inst)}: must have at most {val} items", kind="Too many", rule="maxItems")
     if v == "minItems":
@@ -459,6 +465,28 @@ def _metadata_errors(obj: dict[str, Any]) -> Iterator[Error]:
             yield Error(f"metadata.{field}", "must be a map of string keys to string values")
 
 
+# The API server's name generator: generateName cut to 58 characters plus 5 random ones. It runs
+# before validation, so rules at the root see the generated metadata.name.
+_GENERATED_PREFIX_MAX = 58
+_GENERATED_SUFFIX = "zzzzz"
+
+
+def _as_cel_sees_it(obj: Any) -> Any:
+    """The object as rules at the root see it: metadata holds only name and generateName.
+
+    CEL can read no other metadata field (a rule reading one would not compile on a cluster),
+    and a name that ``generateName`` asks for is filled in as the API server would.
+    """
+    if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
+        return obj
+    meta = obj["metadata"]
+    seen = {key: meta[key] for key in ("name", "generateName") if key in meta}
+    generate = seen.get("generateName")
+    if not seen.get("name") and isinstance(generate, str) and generate:
+        seen["name"] = generate[:_GENERATED_PREFIX_MAX] + _GENERATED_SUFFIX
+    return {**obj, "metadata": seen}
+
+
 def validate_manifest(obj: Any, old: Any = None) -> list[Error]:
     """Every reason the API server (with our CRDs, under strict field validation) would refuse ``obj``.
 
@@ -474,9 +502,11 @@ def validate_manifest(obj: Any, old: Any = None) -> list[Error]:
         supported = ", ".join(_show(k) for k in supported_kinds())
         return [Error("kind", f"{_show(kind)}: supported values: {supported}", kind="Unsupported value")]
     schema = _schemas()[kind]
-    errors = list(_metadata_errors(obj))
-    # metadata is validated above and by the API server itself; the CRD schema says only
-    # "type: object" for it, so pruning and defaulting skip it.
+    meta_errors = list(_metadata_errors(obj))
+    errors = list(meta_errors)
+    # metadata is validated above and by the API server itself; the CRD schema declares only
+    # metadata.name (for the rules at the root), so pruning skips metadata and defaulting has
+    # nothing to do there.
     errors += _unknown_fields(obj, schema, "")
     known = _prune(obj, schema)
     value = apply_defaults(known, schema)
@@ -484,9 +514,9 @@ def validate_manifest(obj: Any, old: Any = None) -> list[Error]:
     errors += sorted(schema_errors, key=lambda e: e.path)
     old_value = None
     if old is not None:
-        old_value = apply_defaults(_prune(old, schema), schema)
-    cel_errors = list(_cel_errors(value, old_value, schema, "", old is not None))
-    if schema_errors:
+        old_value = _as_cel_sees_it(apply_defaults(_prune(old, schema), schema))
+    cel_errors = list(_cel_errors(_as_cel_sees_it(value), old_value, schema, "", old is not None))
+    if schema_errors or meta_errors:
         # A value of the wrong type makes rules above it fail to evaluate; the schema error
         # already says what is wrong, so only real rule verdicts are added.
         cel_errors = [e for e in cel_errors if not e.message.startswith("rule could not be evaluated")]
@@ -494,8 +524,8 @@ def validate_manifest(obj: Any, old: Any = None) -> list[Error]:
     return errors
 
 
-def _prune(value: Any, schema: dict[str, Any]) -> Any:
-    """The object as a cluster would store it: unknown fields dropped."""
+def _prune(value: Any, schema: dict[str, Any], root: bool = True) -> Any:
+    """The object as a cluster would store it: unknown fields dropped (metadata kept whole)."""
     if not _type_ok(value, schema) or schema.get("x-kubernetes-preserve-unknown-fields"):
         return copy.deepcopy(value)
     if isinstance(value, dict):
@@ -503,15 +533,17 @@ def _prune(value: Any, schema: dict[str, Any]) -> Any:
         extra = schema.get("additionalProperties")
         out = {}
         for key, sub in value.items():
-            if props is not None and key in props:
-                out[key] = _prune(sub, props[key])
+            if root and key == "metadata":
+                out[key] = copy.deepcopy(sub)
+            elif props is not None and key in props:
+                out[key] = _prune(sub, props[key], root=False)
             elif isinstance(extra, dict):
-                out[key] = _prune(sub, extra)
+                out[key] = _prune(sub, extra, root=False)
             elif props is None:
                 out[key] = copy.deepcopy(sub)
         return out
     if isinstance(value, list) and isinstance(schema.get("items"), dict):
-        return [_prune(v, schema["items"]) for v in value]
+        return [_prune(v, schema["items"], root=False) for v in value]
     return copy.deepcopy(value)
 
 

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune.api.conditions import Reason
-from kubetune.api.modeldeployment import ModelDeploymentSpec
+from kubetune.api.modeldeployment import REVISION_HASH_LENGTH, ModelDeploymentSpec
 
 # Ten hex digits (40 bits): collisions between the handful of revisions one ModelDeployment
-# ever has are out of the question, and `<mdep>-<hash>` stays well inside the 63-character
-# limit of names and label values for any reasonable ModelDeployment name.
-HASH_LENGTH = 10
+# ever has are out of the question. The CRD limits metadata.name so that `<mdep>-<hash>` fits
+# the 63 characters of a Service name (kubetune.api.modeldeployment.NAME_MAX_LENGTH).
+HASH_LENGTH = REVISION_HASH_LENGTH
 
 
 @dataclass(frozen=True)
