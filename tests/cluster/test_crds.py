@@ -111,7 +111,16 @@ def test_printer_columns_as_kubectl_shows_them(
     crd = control_plane.get(
         "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/finetunejobs.kubetune.io"
     )
-    columns = [c["name"].upper() for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]]
+    declared = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+    # Priority-0 columns in the plain table, every column with -o wide (as kubectl does).
+    plain = [w for c in declared if not c.get("priority") for w in c["name"].upper().split()]
     assert header[0] == "NAME"
-    assert [h for h in header[1:]] == [w for c in columns for w in c.split()], out
+    assert header[1:] == plain, out
     assert "columns" in out.splitlines()[1]
+    wide = subprocess.run(
+        [kubectl(), "get", "ftj", "-n", cluster_namespace, "-o", "wide"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert wide.splitlines()[0].split()[1:] == [w for c in declared for w in c["name"].upper().split()], wide

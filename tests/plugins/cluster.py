@@ -70,6 +70,8 @@ def install_crds(cp: ControlPlane, files: list[Path], timeout: float = 60.0) -> 
     names = []
     for path in files:
         for doc in _docs(path):
+            if doc.get("kind") != "CustomResourceDefinition":
+                continue  # the Gateway API bundle also ships a ValidatingAdmissionPolicy
             status, body = cp.request(
                 "POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", doc
             )

@@ -25,7 +25,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kubetune.api.validation import to_json_schema
+from kubetune.api.validation import _cel_errors, to_json_schema
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILES = sorted((REPO / "crds").glob("*.yaml"))
@@ -93,6 +93,10 @@ def default_and_rule_problems(schema: dict[str, Any], path: str = "") -> list[st
             problems.append(
                 f"{path}: default {schema['default']!r} is invalid: {errors[0].message}"
             )
+        # The API server also runs the CEL rules on a default as it is written, nested defaults
+        # NOT filled in: a rule reading a key the default lacks refuses the whole CRD.
+        for error in _cel_errors(schema["default"], None, schema, path, False):
+            problems.append(f"{path}: default {schema['default']!r} fails its CEL rule: {error.message}")
     for entry in schema.get("x-kubernetes-validations") or []:
         if not entry.get("message"):
             problems.append(f"{path}: rule {entry.get('rule')!r} has no message")
@@ -206,6 +210,28 @@ def test_default_and_rule_checker_finds_violations() -> None:
     problems = default_and_rule_problems(schema)
     assert any(p.startswith("n: default 0 is invalid") for p in problems)
     assert any("does not compile" in p for p in problems)
+
+
+def test_default_that_fails_its_own_cel_rule_is_found_as_the_api_server_finds_it() -> None:
+    """Bug found by the real API server: modeldeployments.kubetune.io was refused because
+    ``traffic: {default: {}}`` ran ``self.mode != 'gatewayAPI' || ...`` on ``{}`` ("no such key:
+    mode"). The rules now guard with has(); this checker finds the unguarded form offline."""
+    unguarded = {
+        "type": "object",
+        "properties": {
+            "traffic": {
+                "type": "object",
+                "default": {},
+                "properties": {"mode": {"type": "string", "default": "auto"}},
+                "x-kubernetes-validations": [{"rule": "self.mode != 'gatewayAPI'", "message": "m"}],
+            }
+        },
+    }
+    problems = default_and_rule_problems(unguarded)
+    assert any("traffic: default {} fails its CEL rule" in p for p in problems), problems
+    guarded = unguarded["properties"]["traffic"]["x-kubernetes-validations"][0]
+    guarded["rule"] = "!has(self.mode) || self.mode != 'gatewayAPI'"
+    assert default_and_rule_problems(unguarded) == []
 
 
 def undocumented_fields(schema: dict[str, Any], path: str = "") -> list[str]:

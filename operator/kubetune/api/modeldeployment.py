@@ -198,7 +198,9 @@ class TrafficSpec(Model):
     model_config = Model.model_config | {
         "json_schema_extra": validations(
             cel(
-                "self.mode != 'gatewayAPI' || size(self.parentRefs) > 0",
+                # has() guards: the API server also runs this rule on the schema's default ({}),
+                # whose nested defaults are not filled in (it refused the CRD without them).
+                "!has(self.mode) || self.mode != 'gatewayAPI' || (has(self.parentRefs) && size(self.parentRefs) > 0)",
                 "traffic.mode gatewayAPI needs at least one traffic.parentRefs entry (the Gateway to attach the HTTPRoute to)",
                 ".parentRefs",
             ),
@@ -309,7 +311,7 @@ class AnalysisSpec(Model):
     model_config = Model.model_config | {
         "json_schema_extra": validations(
             cel(
-                "self.provider != 'prometheus' || has(self.prometheus)",
+                "!has(self.provider) || self.provider != 'prometheus' || has(self.prometheus)",
                 "analysis.provider prometheus needs analysis.prometheus.address",
                 ".prometheus",
             ),
