@@ -279,6 +279,9 @@ class NodeRunner:
         for node, _kind in self.nodes:
             pods = await self.client.list("v1", "Pod", None, field_selector=f"spec.nodeName={node}")
             for pod in pods:
+                # List items carry no kind; the container resolver dispatches on it.
+                pod.setdefault("apiVersion", "v1")
+                pod.setdefault("kind", "Pod")
                 uid = pod["metadata"]["uid"]
                 seen.add(uid)
                 run = self.pods.get(uid)

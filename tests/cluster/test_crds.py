@@ -123,4 +123,6 @@ def test_printer_columns_as_kubectl_shows_them(
         capture_output=True,
         text=True,
     ).stdout
-    assert wide.splitlines()[0].split()[1:] == [w for c in declared for w in c["name"].upper().split()], wide
+    assert wide.splitlines()[0].split()[1:] == [
+        w for c in declared for w in c["name"].upper().split()
+    ], wide

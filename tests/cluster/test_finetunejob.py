@@ -26,6 +26,7 @@ import pytest
 
 from kubetune.api.common import API_VERSION
 from kubetune.k8s.client import KubeClient
+from kubetune.local.processes import read_registry
 from tests.cluster.conftest import Release, storage_secret
 from tests.cluster.controlplane import ControlPlane
 from tests.cluster.test_crds import kubectl
@@ -130,7 +131,7 @@ async def test_finetunejob_runs_end_to_end_and_is_garbage_collected(
     assert train["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
     # The termination message made it into the pod status, as a kubelet reports it.
     message = json.loads(train["status"]["containerStatuses"][0]["state"]["terminated"]["message"])
-    assert message["outcome"] == "Succeeded"
+    assert message["outcome"] == "succeeded"
 
     events = await kube.list("v1", "Event", ns)
     reasons = {e["reason"] for e in events if e["involvedObject"].get("name") == "story"}
@@ -177,8 +178,7 @@ async def test_trainer_token_may_patch_only_its_own_finetunejob(
     cluster_assets: dict[str, str],
 ) -> None:
     ns, kube = ftj_namespace, cluster_kube
-    mine = finetunejob("mine", ns, cluster_assets, steps=2)
-    mine["spec"]["suspend"] = True  # the operator prepares RBAC; no pod needed for this check
+    mine = finetunejob("mine", ns, cluster_assets, steps=2, gpus=0)
     other = finetunejob("other", ns, cluster_assets, steps=2)
     other["spec"]["suspend"] = True
     await kube.create(mine)
@@ -213,9 +213,8 @@ def _ca_context(cp: ControlPlane) -> Any:
 
 
 def _pod_process_groups(runner_workdir: Path, pod_name: str) -> list[int]:
-    registry = runner_workdir / "processes.json"
-    entries = json.loads(registry.read_text()) if registry.exists() else []
-    return [int(e["pgid"]) for e in entries if f"/{pod_name}/" in e["name"]]
+    entries = read_registry(runner_workdir / "processes.json")
+    return [int(e["pid"]) for e in entries if f"/{pod_name}/" in e["name"]]
 
 
 async def test_killed_trainer_resumes_from_its_checkpoint_and_operator_restart_creates_nothing_twice(

@@ -37,7 +37,7 @@ import pytest
 import yaml
 
 from kubetune.k8s.client import KubeClient
-from kubetune.local.processes import _child_setup, group_alive
+from kubetune.local.processes import _child_setup, group_alive, read_registry
 from tests.cluster.controlplane import ControlPlane
 
 REPO = Path(__file__).resolve().parents[2]
@@ -168,14 +168,7 @@ class NodeRunnerProcess:
 
     def pod_processes(self) -> list[int]:
         """Process groups of pods still registered by the runner."""
-        registry = self.workdir / "processes.json"
-        if not registry.exists():
-            return []
-        try:
-            entries = json.loads(registry.read_text())
-        except ValueError:
-            return []
-        return [int(e["pgid"]) for e in entries if group_alive(int(e["pgid"]))]
+        return [int(e["pid"]) for e in read_registry(self.workdir / "processes.json")]
 
     def stop(self, timeout: float = 60.0) -> None:
         pods = self.pod_processes()
