@@ -333,6 +333,13 @@ class ControlPlane:
             user="scheduler",
         )
         logs = self.workdir / "logs"
+        # Every request, at Metadata level: tests read who was denied what (audit_events()).
+        self.audit_log = logs / "audit.log"
+        audit_policy = self.workdir / "audit-policy.yaml"
+        audit_policy.write_text(
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\n"
+            "rules:\n  - level: Metadata\n"
+        )
         etcd_data = self.workdir / "etcd"
         etcd = Component(
             "etcd",
@@ -367,6 +374,9 @@ class ControlPlane:
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--allow-privileged=true",
                 f"--cert-dir={self.workdir / 'apiserver-certs'}",
+                f"--audit-policy-file={audit_policy}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-maxsize=0",
                 "--profiling=false",
                 "--v=1",
             ],
@@ -521,6 +531,25 @@ class ControlPlane:
             namespace=namespace,
             user=f"{namespace}-{service_account}",
         )
+
+    def audit_events(
+        self, user: str | None = None, code: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The API server's audit events (ResponseComplete), optionally of one user and code."""
+        out = []
+        if not self.audit_log.exists():
+            return out
+        for line in self.audit_log.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if user is not None and event.get("user", {}).get("username") != user:
+                continue
+            if code is not None and (event.get("responseStatus") or {}).get("code") != code:
+                continue
+            out.append(event)
+        return out
 
     # --- stop -------------------------------------------------------------------------------
 

@@ -10,10 +10,13 @@ For each node it:
 - runs every container of every Pod the scheduler binds to it as a host process. The pod
   template is resolved by :func:`kubetune.local.containers.to_process`, the same code the local
   runtime uses (command, env with secretKeyRef/fieldRef, emptyDir folders);
-- gives each pod its own loopback address (``127.0.x.y``) as ``status.podIP``. Pods share the
-  host's network (no network namespace per pod), so an ``LD_PRELOAD`` shim
-  (``shim/podip.c``) turns a bind to ``0.0.0.0`` into a bind to the pod's address: two pods
-  serve the same port without colliding, and command, args and env stay as built;
+- gives each pod its own address as ``status.podIP``, from ``198.18.0.0/16`` (a benchmarking
+  range no real network uses), made local to the host by one route (``ip route replace local
+  198.18.0.0/16 dev lo``, left in place: harmless, and another runner may use it). Loopback
+  addresses will not do: the API server refuses them in EndpointSlices. Pods share the host's
+  network (no network namespace per pod), so an ``LD_PRELOAD`` shim (``shim/podip.c``) turns a
+  bind to ``0.0.0.0`` into a bind to the pod's address: two pods serve the same port without
+  colliding, and command, args and env stay as built;
 - runs each container in its own mount namespace (``unshare --mount``) with its volumes
   bind-mounted at their mountPaths: emptyDirs, Secrets, ConfigMaps, the projected
   ServiceAccount token (a real token from the TokenRequest API, bound to the pod) at
@@ -198,6 +201,7 @@ class NodeRunner:
         api_port: int,
         sync_seconds: float = 0.5,
         shim: Path | None = None,
+        subnet: int = 0,
     ) -> None:
         self.client = client
         self.workdir = workdir
@@ -208,7 +212,8 @@ class NodeRunner:
         self.shim = shim
         self.supervisor = Supervisor(registry=workdir / "processes.json", grace_seconds=30)
         self.pods: dict[str, PodRun] = {}
-        self._ips = (f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(250 * 200))
+        # Pod addresses: 198.18.<subnet+k>.<1..250>; each runner starts at its own subnet.
+        self._ips = (f"198.18.{(subnet + i // 250) % 256}.{1 + i % 250}" for i in range(250 * 256))
         self._stop = asyncio.Event()
 
     # --- nodes ------------------------------------------------------------------------------
@@ -749,6 +754,23 @@ class NodeRunner:
         await self.supervisor.stop_all(grace_seconds=5)
 
 
+POD_NETWORK = "198.18.0.0/16"
+
+
+def make_pod_network_local() -> None:
+    """Route the pod range to ``lo`` so any of its addresses can be bound (needs root)."""
+    result = subprocess.run(
+        ["ip", "route", "replace", "local", POD_NETWORK, "dev", "lo"],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        raise SystemExit(
+            f"noderunner: cannot make {POD_NETWORK} local ({result.stderr.strip()}); "
+            "the cluster tier needs root (CAP_NET_ADMIN) for pod addresses"
+        )
+
+
 def build_shim(workdir: Path) -> Path:
     """Compile the bind shim (``shim/podip.c``) into ``workdir``; a C compiler is required."""
     out = workdir / "podip.so"
@@ -764,6 +786,7 @@ async def amain(args: argparse.Namespace) -> None:
     client = KubeClient.from_kubeconfig(args.kubeconfig)
     nodes = [tuple(n.split(":", 1)) if ":" in n else (n, "cpu") for n in args.node]
     host, _, port = client.server.removeprefix("https://").partition(":")
+    make_pod_network_local()
     runner = NodeRunner(
         client,
         Path(args.workdir),
@@ -772,6 +795,7 @@ async def amain(args: argparse.Namespace) -> None:
         int(port or 443),
         args.sync,
         shim=build_shim(Path(args.workdir)),
+        subnet=args.subnet,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -788,6 +812,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--node", action="append", required=True, help="NAME[:cpu|gpu]")
     parser.add_argument("--sync", type=float, default=0.5)
+    parser.add_argument("--subnet", type=int, default=0, help="first third octet of pod addresses")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"

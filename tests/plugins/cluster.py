@@ -134,6 +134,8 @@ class NodeRunnerProcess:
             str(cp.kubeconfig),
             "--workdir",
             str(self.workdir),
+            "--subnet",
+            str(os.getpid() % 200),  # two sessions' runners never hand out the same address
         ]
         for name, kind in nodes:
             argv += ["--node", f"{name}:{kind}"]

@@ -370,7 +370,10 @@ async def wait_for_object(
     try:
         return await wait_for(probe, timeout=timeout, what=f"{kind} {namespace}/{name}")
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\nlast object: {json.dumps(seen.get('obj'), indent=1)[:4000]}") from None
+        last = seen.get("obj")
+        if isinstance(last, dict):  # what explains a miss: the status, not managedFields
+            last = {"metadata": {k: v for k, v in last.get("metadata", {}).items() if k != "managedFields"}, "status": last.get("status")}
+        raise AssertionError(f"{exc}\nlast object: {json.dumps(last, indent=1)[:6000]}") from None
 
 
 def condition(obj: dict | None, type_: str) -> dict | None:

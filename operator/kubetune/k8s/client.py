@@ -163,6 +163,27 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _kubeconfig_token(cfg: Any) -> str | None:
+    """The bearer token the ``kubernetes`` loader put into a Configuration, if any.
+
+    kubernetes < 35 keeps it under ``api_key["authorization"]``; 35 and later under
+    ``api_key["BearerToken"]`` (``"Bearer <token>"``). Reading only the first made every token
+    kubeconfig (a ServiceAccount's, an exec plugin's) call as system:anonymous: found by the
+    real API server, which answered 403 to the operator's reconciles.
+    """
+    keys = cfg.api_key or {}
+    for key in ("authorization", "BearerToken"):
+        auth = keys.get(key)
+        if not auth:
+            continue
+        prefix = (cfg.api_key_prefix or {}).get(key)
+        if prefix and prefix.lower() != "bearer":
+            return str(auth).strip()
+        # .strip(): the loader keeps a tokenFile's trailing newline, which no header may carry.
+        return (auth.split(" ", 1)[1] if auth.lower().startswith("bearer ") else str(auth)).strip()
+    return None
+
+
 class KubeClient:
     """A thin async REST client for the Kubernetes API (see the module docstring)."""
 
@@ -208,13 +229,7 @@ class KubeClient:
         # changed environment (tests, embedding) is honoured.
         path = path or os.environ.get("KUBECONFIG") or None
         kconfig.load_kube_config(config_file=path, context=context, client_configuration=cfg)
-        token = None
-        auth = (cfg.api_key or {}).get("authorization")
-        if auth:
-            prefix = (cfg.api_key_prefix or {}).get("authorization")
-            token = auth.split(" ", 1)[1] if auth.lower().startswith("bearer ") else auth
-            if prefix and prefix.lower() != "bearer":
-                token = auth
+        token = _kubeconfig_token(cfg)
         ctx: ssl.SSLContext | bool | None = None
         if cfg.host.startswith("https"):
             if not cfg.verify_ssl:

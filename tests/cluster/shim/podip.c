@@ -3,7 +3,7 @@
  *
  * Pods run as host processes and share the host's network, so two pods serving the same
  * port on 0.0.0.0 would collide; in a cluster each pod has its own network namespace and
- * address. With this shim each pod listens on its own 127.0.x.y (its status.podIP) and the
+ * address. With this shim each pod listens on its own address (its status.podIP) and the
  * container's command, arguments and environment stay exactly as the builders made them. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
