@@ -260,7 +260,10 @@ async def test_canary_through_httproute_promotes_then_a_faulty_revision_rolls_ba
         canary_service = f"assistant-{stable_v2}"
         split = [w for w in gateway.weights_seen if 0 < w.get(canary_service, 0) < 100]
         assert split and split[0][canary_service] == 50, gateway.weights_seen
-        assert any(w.get(canary_service) == 100 for w in gateway.weights_seen), gateway.weights_seen
+        # Promoted: the route now sends everything to the new stable (read now, not sampled).
+        route = await kube.get(*ROUTE, ns, "assistant")
+        final = {r["name"]: r["weight"] for r in route["spec"]["rules"][0]["backendRefs"]}
+        assert final[canary_service] == 100 and sum(final.values()) == 100, final
         assert gateway.codes[(canary_service, 200)] >= 5, gateway.codes
 
         # A faulty revision: caught by the analysis, weight 0 first, then rolled back.
