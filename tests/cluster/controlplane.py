@@ -19,6 +19,8 @@ etcd, kube-apiserver, kube-controller-manager and kube-scheduler are the binarie
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime
 import ipaddress
 import json
@@ -26,6 +28,7 @@ import os
 import signal
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -40,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kubetune.local.containers import free_port
-from kubetune.local.processes import _child_setup, group_alive
+from kubetune.local.processes import group_alive
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "tests" / "cluster" / "controlplane" / "build.sh"
@@ -230,6 +233,17 @@ def write_kubeconfig(
 # --------------------------------------------------------------------------------------------
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+    """SIGKILL this component when the test process dies (PR_SET_PDEATHSIG).
+
+    SIGKILL, not SIGTERM: a kube-apiserver whose etcd is already gone hangs in its graceful
+    shutdown and outlived a killed test run (seen here).
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+
+
 @dataclass
 class Component:
     """One control-plane process."""
@@ -248,7 +262,7 @@ class Component:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_child_setup,
+                preexec_fn=_die_with_parent,
             )
 
     def check(self) -> None:
