@@ -333,6 +333,15 @@ class AnalysisSpec(Model):
         ge=1,
         description="Fewer canary requests in an interval make it Inconclusive (never a pass or a failure).",
     )
+    pool_window: str = Field(
+        default="1m",
+        description=(
+            "Consecutive inconclusive intervals at the same step pool their samples while the oldest"
+            " pooled sample is at most this old (builtin provider); a window shorter than interval"
+            " judges every interval alone."
+        ),
+        pattern=DURATION_PATTERN,
+    )
     failure_limit: int = Field(
         default=1, ge=1, description="Failed intervals that trigger rollback."
     )
@@ -502,6 +511,20 @@ class AnalysisResult(Model):
     stable: dict[str, float] | None = Field(default=None, description="Stable metrics, same keys.")
     revision: str | None = Field(default=None, description="Canary revision the interval judged.")
     step: int | None = Field(default=None, description="Index of the rollout step it ran in.")
+    pooled_intervals: int | None = Field(
+        default=None,
+        description="Consecutive inconclusive intervals whose samples the verdict used (set when more than 1).",
+    )
+    canary_share: float | None = Field(
+        default=None, description="Canary's observed share of all requests over the judged span."
+    )
+    expected_canary_share: float | None = Field(
+        default=None, description="Share of requests the canary's applied weight promises."
+    )
+    starved: bool | None = Field(
+        default=None,
+        description="The canary got far fewer requests than its weight promises (statistically certain).",
+    )
 
 
 class CounterSnapshot(Model):
@@ -526,12 +549,26 @@ class CounterSnapshot(Model):
     pods: int = Field(default=0, description="Pods scraped.")
 
 
+class PooledInterval(Model):
+    """Start of an inconclusive interval whose samples still count (analysis.poolWindow)."""
+
+    time: str = Field(description="When the interval started.")
+    revisions: dict[str, CounterSnapshot] = Field(
+        default_factory=dict, description="Counters per revision at that time."
+    )
+
+
 class AnalysisBaseline(Model):
     """Start of the current analysis interval: when, and (built-in provider) the counters then."""
 
     time: str = Field(description="When the interval started.")
     revisions: dict[str, CounterSnapshot] = Field(
         default_factory=dict, description="Counters per revision at that time."
+    )
+    step: int | None = Field(default=None, description="Rollout step the interval runs in.")
+    pool: list[PooledInterval] = Field(
+        default_factory=list,
+        description="Starts of the consecutive inconclusive intervals before this one at the same step (oldest first); their samples are judged together.",
     )
 
 

@@ -20,6 +20,21 @@ worse than stable" -- a raw comparison rolls back about one healthy canary in se
 (bench/canary_detection.py measured it); the bound does not, while a canary that really fails
 (30% errors) is still caught in its first interval.
 
+Thin traffic (issue 16). Closed-loop clients send their next request only when the last one
+returned, so a slow canary gets fewer requests than its weight promises and an interval-by-
+interval judge never reaches minSamples. Three answers, all built on the same counters:
+
+- Pooling (the machine): consecutive inconclusive intervals at the same step are judged
+  together, from the start of the oldest one still inside ``poolWindow``; status records how
+  many intervals a verdict pooled.
+- The sequential latency test (``sequential_latency``): a Wald SPRT on the count of canary
+  requests above ``maxLatencyRatio`` x stable's p99 (and above ``maxP95LatencySeconds``). It is
+  conclusive on few requests ("8 of 8 slower than stable's p99") and, being a test martingale
+  under the null, its false-alarm rate is bounded by SPRT_ALPHA however often it is looked at.
+- Starvation (``starvation``): the canary's share of requests far below the share its weight
+  promises is reported, and counts toward failure only with latency or errors pointing the
+  same way; idle traffic promises too few requests to ever count as starvation.
+
 Everything here is pure and reused by both runtimes: the operator (k8s/scraping.py) and the
 local runtime feed it the text they fetched.
 """
@@ -49,6 +64,27 @@ LATENCY_RATIO_FLOOR_SECONDS = 0.05
 
 # One-sided z of the confidence an interval needs to call an error rate too high (95%).
 ERROR_RATE_Z = 1.645
+
+# Sequential latency test (``sequential_latency``). The bar is a multiple of stable's p99; a
+# canary no slower than maxLatencyRatio x stable puts about 1% of its requests above it, and
+# SLOW_SHARE_OK allows five times that (stable's p99 is itself estimated from a histogram over
+# the same span). The alternative is "half the requests are slow". A Wald SPRT with only the
+# upper bound is a test martingale under the null, so by Ville's inequality it crosses
+# log(1/SPRT_ALPHA) with probability at most SPRT_ALPHA however often it is checked: with these
+# numbers 6 of 6 requests above the bar are conclusive (8 of 8 by a wide margin) and each slow
+# request is worth about 3.6 fast ones.
+STABLE_QUANTILE = 0.99
+SLOW_SHARE_OK = 0.05
+SLOW_SHARE_BAD = 0.5
+SPRT_ALPHA = 1e-5
+
+# Starvation (``starvation``): the canary's weight promised at least this many requests ...
+STARVATION_MIN_EXPECTED = 10.0
+# ... it got at most half of them, and a binomial test at the promised share says so at this level.
+STARVATION_ALPHA = 1e-3
+# Starvation counts toward failure only with latency or errors pointing the same way, judged on
+# at least this many canary requests.
+STARVATION_MIN_SERVED = 3
 
 
 # --- Prometheus text exposition ----------------------------------------------------------
@@ -276,6 +312,9 @@ class IntervalMetrics:
     error_rate: float | None
     p95_latency_seconds: float | None
     ttft_p95_seconds: float | None
+    # The interval's latency histogram (built-in provider only): the sequential latency test
+    # counts requests above a bound, which a p95 figure alone cannot give.
+    latency: Histogram | None = None
 
     def as_status(self) -> dict[str, float]:
         """The figures for status.analysis[].canary/stable (camelCase; unknowns left out)."""
@@ -322,6 +361,7 @@ def interval(before: RevisionCounters, after: RevisionCounters) -> IntervalMetri
         error_rate=(errors / requests) if requests > 0 else None,
         p95_latency_seconds=latency.quantile(0.95),
         ttft_p95_seconds=ttft.quantile(0.95),
+        latency=latency,
     )
 
 
@@ -343,6 +383,14 @@ class Verdict:
     samples: int
     canary: dict[str, float] | None = None
     stable: dict[str, float] | None = None
+    # Failed on evidence that needs no full interval (sequential latency test, starvation with
+    # latency or errors pointing the same way): the machine may act on it mid-interval.
+    early: bool = False
+    # Consecutive inconclusive intervals whose samples this verdict used (1: not pooled).
+    pooled: int = 1
+    # The canary's observed share of requests and the share its weight promises (starvation).
+    share: float | None = None
+    expected_share: float | None = None
 
 
 def wilson_lower(errors: float, total: float, z: float = ERROR_RATE_Z) -> float:
@@ -360,24 +408,185 @@ def wilson_lower(errors: float, total: float, z: float = ERROR_RATE_Z) -> float:
     return max(0.0, (centre - margin) / denom)
 
 
-def evaluate(measurement: Measurement, spec: AnalysisSpec) -> Verdict:
-    """Judge one interval: Successful, Failed or Inconclusive.
+def log_binomial_cdf(k: float, n: float, p: float) -> float:
+    """``log P(X <= k)`` for X ~ Binomial(n, p) (exact sum in log space; -inf when k < 0)."""
+    k, n = int(math.floor(k)), int(round(n))
+    if k < 0:
+        return -math.inf
+    if k >= n or p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return -math.inf
+    lp, lq = math.log(p), math.log1p(-p)
+    terms = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
+        for i in range(k + 1)
+    ]
+    top = max(terms)
+    return top + math.log(sum(math.exp(t - top) for t in terms))
+
+
+def slow_count(hist: Histogram | None, seconds: float) -> tuple[float, float] | None:
+    """``(requests slower than the first bucket bound >= seconds, bound)``; None if no bound.
+
+    Counting above a bucket *bound* at or beyond the bar (never interpolating inside a bucket)
+    only ever undercounts the slow requests, so the test below stays conservative.
+    """
+    if hist is None or hist.total <= 0:
+        return None
+    for bound, count in zip(hist.bounds, hist.counts, strict=True):
+        if bound >= seconds:
+            return max(0.0, hist.total - count), bound
+    return None
+
+
+def sprt_llr(slow: float, total: float) -> float:
+    """Log-likelihood ratio of "slow share is SLOW_SHARE_BAD" over "it is SLOW_SHARE_OK"."""
+    fast = max(0.0, total - slow)
+    return slow * math.log(SLOW_SHARE_BAD / SLOW_SHARE_OK) + fast * math.log(
+        (1 - SLOW_SHARE_BAD) / (1 - SLOW_SHARE_OK)
+    )
+
+
+SPRT_BOUND = math.log(1 / SPRT_ALPHA)
+
+
+def sequential_latency(
+    canary: IntervalMetrics, stable: IntervalMetrics | None, spec: AnalysisSpec
+) -> list[str]:
+    """Latency failures that are conclusive on however few canary requests (module docstring).
+
+    Two bars, each a one-sided Wald SPRT on the count of canary requests above it:
+    - relative: ``maxLatencyRatio`` x stable's p99 (and at least LATENCY_RATIO_FLOOR_SECONDS
+      above it), when stable saw minSamples requests over the same span;
+    - absolute: ``maxP95LatencySeconds``.
+    A healthy canary puts at most SLOW_SHARE_OK of its requests above either bar, so the test
+    crosses its bound with probability at most SPRT_ALPHA however often it is looked at.
+    """
+    thr = spec.thresholds
+    bars: list[tuple[float, str]] = []
+    if (
+        thr.max_latency_ratio is not None
+        and stable is not None
+        and stable.requests >= spec.min_samples
+        and stable.latency is not None
+    ):
+        sp99 = stable.latency.quantile(STABLE_QUANTILE)
+        if sp99 is not None:
+            bar = max(thr.max_latency_ratio * sp99, sp99 + LATENCY_RATIO_FLOOR_SECONDS)
+            bars.append((bar, f"{thr.max_latency_ratio}x stable's p99 {sp99:.3f}s"))
+    if thr.max_p95_latency_seconds is not None:
+        bars.append((thr.max_p95_latency_seconds, "maxP95LatencySeconds"))
+    out: list[str] = []
+    for bar, what in bars:
+        got = slow_count(canary.latency, bar)
+        if got is None:
+            continue
+        slow, bound = got
+        total = canary.latency.total if canary.latency else 0.0
+        if sprt_llr(slow, total) >= SPRT_BOUND:
+            out.append(
+                f"{int(slow)} of {int(total)} canary requests slower than {bound:g}s ({what}): "
+                f"conclusive (sequential test, false alarm <= {SPRT_ALPHA:g})"
+            )
+    return out
+
+
+def starvation(
+    canary: IntervalMetrics, stable: IntervalMetrics | None, expected_share: float | None
+) -> tuple[float, bool] | None:
+    """``(observed canary share, starved)``; None when there is nothing to compare.
+
+    Starved: the weight promised enough canary requests for a verdict-sized sample (at least
+    STARVATION_MIN_EXPECTED), the canary got at most half of that, and a binomial test at the
+    promised share makes so few requests improbable (below STARVATION_ALPHA). Idle traffic
+    promises few requests, so a canary that is quiet because everything is quiet is never starved.
+    """
+    if stable is None or not expected_share or expected_share >= 1.0:
+        return None
+    total = canary.requests + stable.requests
+    if total <= 0:
+        return None
+    share = canary.requests / total
+    expected = total * expected_share
+    starved = (
+        expected >= STARVATION_MIN_EXPECTED
+        and canary.requests <= expected / 2
+        and log_binomial_cdf(canary.requests, total, expected_share) < math.log(STARVATION_ALPHA)
+    )
+    return share, starved
+
+
+def _pointing_the_same_way(
+    canary: IntervalMetrics, stable: IntervalMetrics, spec: AnalysisSpec
+) -> str | None:
+    # Starvation's partner evidence: the few requests the canary did serve are slower (p95 over
+    # maxLatencyRatio x stable's) or fail more often than allowed. Raw figures, because the
+    # starvation test already carries the statistics; at least STARVATION_MIN_SERVED requests.
+    if canary.requests < STARVATION_MIN_SERVED:
+        return None
+    thr = spec.thresholds
+    p95, sp95 = canary.p95_latency_seconds, stable.p95_latency_seconds
+    if (
+        thr.max_latency_ratio is not None
+        and p95 is not None
+        and sp95 is not None
+        and p95 > thr.max_latency_ratio * sp95
+        and p95 - sp95 > LATENCY_RATIO_FLOOR_SECONDS
+    ):
+        return f"p95 latency {p95:.3f}s > {thr.max_latency_ratio}x stable's {sp95:.3f}s"
+    err = canary.error_rate or 0.0
+    if err > thr.max_error_rate:
+        return f"error rate {err:.1%} > maxErrorRate {thr.max_error_rate:.1%}"
+    return None
+
+
+def evaluate(
+    measurement: Measurement,
+    spec: AnalysisSpec,
+    *,
+    expected_share: float | None = None,
+    pooled: int = 1,
+) -> Verdict:
+    """Judge one interval (or ``pooled`` consecutive ones): Successful, Failed or Inconclusive.
 
     Order matters for the message only: every failed check is listed, so a user sees both
     "error rate 12% > 5%" and "p95 2.1 s > 1.5x stable" at once. Checks against stable run only
     when stable itself saw at least minSamples requests in the interval — comparing with a
     handful of stable requests would be noise.
+
+    Below minSamples two kinds of evidence are conclusive all the same (``Verdict.early``): the
+    sequential latency test, and starvation with latency or errors pointing the same way.
+    ``expected_share`` is the canary's share of requests its weight promises (None: unknown,
+    no starvation check).
     """
     canary, stable = measurement.canary, measurement.stable
     samples = int(canary.requests)
     figures = {"canary": canary.as_status(), "stable": stable.as_status() if stable else None}
+    starving = starvation(canary, stable, expected_share)
+    share = starving[0] if starving else None
+    starved = bool(starving and starving[1])
+    extra = {
+        "pooled": pooled,
+        "share": round(share, 4) if share is not None else None,
+        "expected_share": expected_share if starving else None,
+    }
+    early: list[str] = sequential_latency(canary, stable, spec)
+    starved_note = ""
+    if starved:
+        assert share is not None and expected_share is not None and stable is not None
+        starved_note = f"canary got {share:.1%} of requests, its weight promises {expected_share:.0%} (starved)"
+        partner = _pointing_the_same_way(canary, stable, spec)
+        if partner:
+            early.append(f"{starved_note} and {partner}")
     if canary.requests < spec.min_samples:
-        return Verdict(
-            INCONCLUSIVE,
-            f"only {samples} canary requests in the interval (minSamples {spec.min_samples}): not enough to judge",
-            samples,
-            **figures,
-        )
+        if early:
+            return Verdict(FAILED, "; ".join(early), samples, **figures, early=True, **extra)
+        where = "in the interval" if pooled <= 1 else f"in {pooled} pooled intervals"
+        message = f"only {samples} canary requests {where} (minSamples {spec.min_samples}): not enough to judge"
+        if starved_note:
+            message += f"; {starved_note}"
+        return Verdict(INCONCLUSIVE, message, samples, **figures, **extra)
     thr = spec.thresholds
     failures: list[str] = []
     err = canary.error_rate or 0.0
@@ -426,9 +635,20 @@ def evaluate(measurement: Measurement, spec: AnalysisSpec) -> Verdict:
             failures.append(
                 f"p95 latency {p95:.3f}s > {thr.max_latency_ratio}x stable's {sp95:.3f}s"
             )
-    if failures:
-        return Verdict(FAILED, "; ".join(failures), samples, **figures)
-    return Verdict(SUCCESSFUL, f"{samples} canary requests within thresholds", samples, **figures)
+    pooled_note = f" ({pooled} intervals pooled)" if pooled > 1 else ""
+    if failures or early:
+        return Verdict(
+            FAILED,
+            "; ".join([*failures, *early]) + pooled_note,
+            samples,
+            **figures,
+            early=bool(early),
+            **extra,
+        )
+    message = f"{samples} canary requests within thresholds{pooled_note}"
+    if starved_note:
+        message += f"; {starved_note}"
+    return Verdict(SUCCESSFUL, message, samples, **figures, **extra)
 
 
 # --- Prometheus query provider (pure part: the query text) -------------------------------

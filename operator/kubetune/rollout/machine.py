@@ -26,8 +26,14 @@ The recipe (reads like Argo Rollouts' ``rolloutCanary()``):
 Fast failure: a pass needs a whole interval, but a failure does not. Between intervals the
 machine re-checks the partial interval every ``check period`` and fails early when it is
 statistically certain (99% Wilson lower bound) that the canary's error rate is above the
-limit. That turns "rollback after interval x failureLimit" (Flagger: 5 minutes by default)
-into seconds for a canary that returns errors, without failing a healthy canary on noise.
+limit, or when the sequential latency test (or starvation with latency or errors pointing the
+same way) is conclusive. That turns "rollback after interval x failureLimit" (Flagger: 5
+minutes by default) into seconds for a canary that returns errors or is far slower than stable,
+without failing a healthy canary on noise.
+
+Thin traffic: intervals too thin to judge are pooled (``analysisBaseline.pool``: the starts of
+the consecutive inconclusive intervals at this step, bounded by ``analysis.poolWindow``), so the
+next verdict is judged on all their samples; the progress deadline quotes the last analysis.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from __future__ import annotations
 import copy
 import datetime
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -54,6 +60,8 @@ from kubetune.rollout.revisions import ModelProblem, Revision
 # How many analysis results status keeps (newest last); failureLimit counts within them.
 MAX_ANALYSIS_RESULTS = 30
 MAX_REJECTED = 10
+# Most interval starts a pool keeps (poolWindow bounds it first in any sane spec).
+MAX_POOLED = 60
 # Requeue periods (seconds).
 STEADY_REQUEUE = 30.0
 WAIT_REQUEUE = 2.0
@@ -707,14 +715,61 @@ class _Run:
         return True
 
     def stalled(self) -> bool:
-        """Roll back when the current step made no progress within the progress deadline."""
-        if self.since(self.st.get("stepStartedAt")) <= self.deadline:
+        """Roll back when the current step made no progress within the progress deadline.
+
+        When analysis ran at this step, the message carries its last summary: the deadline is
+        where a user looks first, and "no progress" alone hides a canary that was slow on too
+        few samples to judge.
+        """
+        waited = self.since(self.st.get("stepStartedAt"))
+        if waited <= self.deadline:
             return False
-        self.rollback(
-            Reason.DEADLINE_EXCEEDED,
-            f"no progress at step {self.st.get('currentStepIndex')} within progressDeadlineSeconds ({int(self.deadline)}s)",
-        )
+        idx = self.st.get("currentStepIndex")
+        summary = self.analysis_summary()
+        if summary:
+            message = f"no verdict at step {idx} for {waited:.0f}s (progressDeadlineSeconds {int(self.deadline)}s): {summary}"
+        else:
+            message = (
+                f"no progress at step {idx} within progressDeadlineSeconds ({int(self.deadline)}s)"
+            )
+        self.rollback(Reason.DEADLINE_EXCEEDED, message)
         return True
+
+    def analysis_summary(self) -> str | None:
+        """The last analysis at this step in one line (figures, samples, verdict); None if none."""
+        canary = (self.canary() or {}).get("name")
+        idx = int(self.st.get("currentStepIndex") or 0)
+        started = parse_time(self.st.get("stepStartedAt")) or self.now
+        here = [
+            r
+            for r in self.st.get("analysis") or []
+            if r.get("revision") == canary
+            and r.get("step") == idx
+            and (parse_time(r.get("time")) or self.now) >= started
+        ]
+        if not here:
+            return None
+        last = here[-1]
+        c, s = last.get("canary") or {}, last.get("stable") or {}
+        parts = []
+        if c.get("p95LatencySeconds") is not None:
+            versus = (
+                f" vs stable {s['p95LatencySeconds']:.3g}s"
+                if s.get("p95LatencySeconds") is not None
+                else ""
+            )
+            parts.append(f"canary p95 {c['p95LatencySeconds']:.3g}s{versus}")
+        if c.get("errorRate"):
+            versus = f" vs stable {s['errorRate']:.1%}" if s.get("errorRate") is not None else ""
+            parts.append(f"canary error rate {c['errorRate']:.1%}{versus}")
+        samples = sorted(int(r.get("samples") or 0) for r in here)
+        per = samples[len(samples) // 2]
+        figures = ", ".join(parts) + (" " if parts else "")
+        minimum = self.spec.rollout.analysis.min_samples
+        return (
+            f"{figures}on {per} samples per interval (median of {len(here)}; minSamples {minimum}); "
+            f"last analysis {last['phase']}: {last.get('message') or ''}"
+        ).strip()
 
     def advance(self, idx: int, why: str) -> int:
         self.st["currentStepIndex"] = idx + 1
@@ -774,33 +829,50 @@ class _Run:
             return False
         elapsed = self.since(base.get("time"))
         due = elapsed >= self.interval
-        measured = self.measure(base, canary, stable)
+        # Pooling: the span judged starts at the oldest pooled interval still inside poolWindow
+        # (built-in provider: cumulative counters make any span one subtraction).
+        pool = self.live_pool(base, canary) if builtin else []
+        measured = self.measure(pool[0] if pool else base, canary, stable)
+        if isinstance(measured, str) and pool:
+            # The pooled span cannot be measured (a pod restarted in it): judge this interval alone.
+            pool = []
+            measured = self.measure(base, canary, stable)
+        pooled = len(pool) + 1
         if isinstance(measured, str):
             if not due:
                 self.requeue(self.check_period())
                 return False
             verdict = an.Verdict(an.ERROR, measured, 0)
         else:
-            verdict = an.evaluate(measured, spec)
+            verdict = an.evaluate(
+                measured, spec, expected_share=self.expected_share(), pooled=pooled
+            )
             if not due:
-                # Fast failure on a partial interval: only a statistically certain error rate.
+                # Fast failure on a partial interval: a statistically certain error rate, or
+                # evidence that is conclusive on few samples (sequential latency test,
+                # starvation with latency or errors pointing the same way).
                 c = measured.canary
                 errors = (c.error_rate or 0.0) * c.requests
-                if not (
+                certain_errors = (
                     c.requests >= spec.min_samples
                     and wilson_lower(errors, c.requests) > spec.thresholds.max_error_rate
-                ):
+                )
+                if not (certain_errors or (verdict.phase == an.FAILED and verdict.early)):
                     self.requeue(min(self.check_period(), self.interval - elapsed))
                     return False
-                verdict = an.Verdict(
-                    an.FAILED,
-                    f"{verdict.message} (fast failure: 99% certain within {elapsed:.1f}s)",
-                    verdict.samples,
-                    verdict.canary,
-                    verdict.stable,
+                verdict = replace(
+                    verdict,
+                    phase=an.FAILED,
+                    message=f"{verdict.message} (fast failure: {'99% certain' if certain_errors else 'conclusive'} within {elapsed:.1f}s)",
                 )
         self.record(verdict, canary)
-        self.rebaseline(canary, stable)
+        # An interval too thin to judge joins the pool; any verdict (or an error) empties it.
+        keep = (
+            [*pool, {"time": base["time"], "revisions": base.get("revisions") or {}}]
+            if builtin and verdict.phase == an.INCONCLUSIVE
+            else []
+        )
+        self.rebaseline(canary, stable, keep[-MAX_POOLED:])
         self.requeue(self.check_period())
         if verdict.phase == an.FAILED:
             failures = sum(
@@ -808,7 +880,9 @@ class _Run:
                 for r in self.st.get("analysis") or []
                 if r.get("revision") == canary and r["phase"] == an.FAILED
             )
-            if failures >= spec.failure_limit:
+            if failures >= spec.failure_limit or verdict.early:
+                # Early evidence is conclusive by construction: failureLimit guards against
+                # one noisy interval, which a sequential test already accounts for.
                 self.rollback(Reason.ANALYSIS_FAILED, verdict.message)
                 return True
             self.event(
@@ -817,6 +891,25 @@ class _Run:
                 f"analysis failed ({failures}/{spec.failure_limit}): {verdict.message}",
             )
         return False
+
+    def live_pool(self, base: Mapping[str, Any], canary: str) -> list[dict[str, Any]]:
+        """Pooled interval starts still usable now: same step, this canary, within poolWindow."""
+        step_idx = int(self.st.get("currentStepIndex") or 0)
+        if base.get("step") is not None and base.get("step") != step_idx:
+            return []
+        window = an.parse_duration(self.spec.rollout.analysis.pool_window)
+        pool = [
+            e
+            for e in base.get("pool") or []
+            if canary in (e.get("revisions") or {}) and self.since(e.get("time")) <= window
+        ]
+        return pool
+
+    def expected_share(self) -> float | None:
+        """The canary's share of requests that its applied weight promises (None: unknown)."""
+        applied = (self.st.get("weights") or {}).get("canary")
+        weight = applied if applied is not None else self.canary_weight
+        return weight / 100 if weight else None
 
     def measure(
         self, base: Mapping[str, Any], canary: str, stable: str | None
@@ -846,13 +939,22 @@ class _Run:
         s = one(stable) if stable and stable in revs else None
         return an.Measurement(self.ts, c, s if isinstance(s, an.IntervalMetrics) else None)
 
-    def rebaseline(self, canary: str, stable: str | None) -> None:
+    def rebaseline(
+        self, canary: str, stable: str | None, pool: list[dict[str, Any]] | None = None
+    ) -> None:
         revisions = {}
         for name in (canary, stable):
             obs = self.rev_obs(name)
             if name and obs.counters is not None:
                 revisions[name] = obs.counters.to_dict()
-        self.st["analysisBaseline"] = {"time": self.ts, "revisions": revisions}
+        base: dict[str, Any] = {
+            "time": self.ts,
+            "revisions": revisions,
+            "step": int(self.st.get("currentStepIndex") or 0),
+        }
+        if pool:
+            base["pool"] = pool
+        self.st["analysisBaseline"] = base
 
     def record(self, verdict: an.Verdict, canary: str) -> None:
         entry: dict[str, Any] = {
@@ -867,6 +969,13 @@ class _Run:
             entry["canary"] = verdict.canary
         if verdict.stable:
             entry["stable"] = verdict.stable
+        if verdict.pooled > 1:
+            entry["pooledIntervals"] = verdict.pooled
+        if verdict.share is not None and verdict.expected_share is not None:
+            entry["canaryShare"] = verdict.share
+            entry["expectedCanaryShare"] = verdict.expected_share
+            if verdict.message and "(starved)" in verdict.message:
+                entry["starved"] = True
         self.st["analysis"] = [*(self.st.get("analysis") or []), entry][-MAX_ANALYSIS_RESULTS:]
 
     # --- annotations and the final status --------------------------------------------------

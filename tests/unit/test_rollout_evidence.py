@@ -1,0 +1,268 @@
+"""Canary analysis that judges a bad canary even on thin traffic (issue 16), as scenarios.
+
+Aspects covered: pooling of consecutive inconclusive intervals at the same step (the verdict
+uses every pooled sample and status says how many intervals were pooled; the pool is bounded by
+``poolWindow``, emptied by a verdict and by a new step); the sequential latency test ("8 of 8
+slower than stable's p99" is conclusive long before minSamples, a few slow requests are not, a
+1.5x slower canary under maxLatencyRatio 2 passes, and healthy canaries do not cross the bound
+under many looks); weight-aware starvation (reported in status, counts toward failure only with
+latency pointing the same way, never when traffic is simply idle); and the progress deadline
+message that carries the last analysis summary.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from kubetune.api.conditions import Reason
+from kubetune.api.modeldeployment import AnalysisSpec
+from kubetune.rollout import analysis as an
+from tests.unit.test_rollout_machine import Sim, healthy_stable, make_md, ready, revision_of
+
+# Finer buckets than test_rollout_machine's, so a 1.5x slower canary lands in its own bucket.
+BOUNDS = (0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0)
+
+
+def counters(requests: float, latency: float = 0.04, errors: float = 0.0) -> an.RevisionCounters:
+    """Cumulative counters with every request observed at ``latency`` seconds."""
+    counts = tuple(float(requests) if b >= latency else 0.0 for b in BOUNDS)
+    hist = an.Histogram(BOUNDS, counts, float(requests))
+    return an.RevisionCounters(float(requests), errors, hist, hist, pods=1)
+
+
+def rollout(**analysis: Any) -> dict[str, Any]:
+    """The issue's rollout: 20%, two 5 s analysis intervals, minSamples 10."""
+    return {
+        "steps": [{"setWeight": 20}, {"analysis": {"intervals": 2}}],
+        "analysis": {"interval": "5s", "minSamples": 10, **analysis},
+        "scaleDownDelaySeconds": 5,
+        "progressDeadlineSeconds": 60,
+    }
+
+
+def canary_at_20(**analysis: Any) -> tuple[Sim, str, str]:
+    """Stable serving, canary started and at 20% with its first interval baseline taken."""
+    spec = rollout(**analysis)
+    sim = Sim(make_md(rollout=spec))
+    stable = healthy_stable(sim)
+    sim.set_spec(make_md("s3://models/adapter-b", rollout=spec))
+    canary = revision_of(sim.md).name
+    sim.revs[stable] = ready(4, counters(0))
+    sim.revs[canary] = ready(1, counters(0))
+    out = sim.step()
+    assert out.status["weights"]["canary"] == 20
+    return sim, stable, canary
+
+
+def serve(sim: Sim, stable: str, canary: str, totals: tuple[float, float], **canary_kw: Any):
+    sim.revs[stable] = ready(4, counters(totals[0]))
+    sim.revs[canary] = ready(1, counters(totals[1], **canary_kw))
+
+
+# --- pooling ---------------------------------------------------------------------------------
+
+
+def test_thin_intervals_are_pooled_until_min_samples_and_status_says_how_many():
+    sim, stable, canary = canary_at_20()
+    sim.tick(5)
+    serve(sim, stable, canary, (32, 8))
+    out = sim.step()
+    first = out.status["analysis"][-1]
+    assert first["phase"] == "Inconclusive" and "pooledIntervals" not in first
+    assert len(out.status["analysisBaseline"]["pool"]) == 1
+    sim.tick(5)
+    serve(sim, stable, canary, (64, 16))
+    out = sim.step()
+    second = out.status["analysis"][-1]
+    assert second["phase"] == "Successful", second["message"]
+    assert second["samples"] == 16 and second["pooledIntervals"] == 2
+    assert "2 intervals pooled" in second["message"]
+    # A verdict empties the pool: the next interval starts alone.
+    assert "pool" not in out.status["analysisBaseline"]
+
+
+def test_pool_is_bounded_by_its_window_so_old_samples_drop_out():
+    sim, stable, canary = canary_at_20(poolWindow="10s")
+    pooled = []
+    for i in range(1, 9):
+        sim.tick(5)
+        serve(sim, stable, canary, (8 * i, 2 * i))  # 2 canary requests per interval
+        out = sim.step()
+        last = out.status["analysis"][-1]
+        assert last["phase"] == "Inconclusive"
+        pooled.append(last.get("pooledIntervals", 1))
+    # No sample older than 10 s: never more than two 5 s intervals, 4 samples.
+    assert max(pooled) == 2 and pooled[-1] == 2
+    assert out.status["analysis"][-1]["samples"] == 4
+
+
+def test_a_window_shorter_than_the_interval_judges_every_interval_alone():
+    sim, stable, canary = canary_at_20(poolWindow="1s")
+    for i in (1, 2, 3):
+        sim.tick(5)
+        serve(sim, stable, canary, (32 * i, 8 * i))
+        out = sim.step()
+    assert all("pooledIntervals" not in r for r in out.status["analysis"])
+    assert out.status["analysis"][-1]["phase"] == "Inconclusive"
+
+
+def test_pool_never_crosses_a_step():
+    spec = {
+        "steps": [
+            {"setWeight": 20},
+            {"analysis": {"intervals": 1}},
+            {"setWeight": 50},
+            {"analysis": {"intervals": 1}},
+        ],
+        "analysis": {"interval": "5s", "minSamples": 10},
+        "progressDeadlineSeconds": 60,
+    }
+    sim = Sim(make_md(rollout=spec))
+    stable = healthy_stable(sim)
+    sim.set_spec(make_md("s3://models/adapter-b", rollout=spec))
+    canary = revision_of(sim.md).name
+    sim.revs[canary] = ready(1, counters(0))
+    sim.step()
+    sim.tick(5)
+    serve(sim, stable, canary, (16, 4))
+    out = sim.step()
+    assert out.status["analysisBaseline"]["pool"]
+    sim.tick(5)
+    serve(sim, stable, canary, (32, 12))  # 8 more: pooled 12 >= 10, passes, weight -> 50
+    sim.revs[canary] = ready(2, counters(12))  # 50% of 4 replicas needs 2 canary pods
+    out = sim.step()
+    assert out.status["analysis"][-1]["phase"] == "Successful"
+    assert out.status["currentStepIndex"] == 3 and out.status["weights"]["requestedCanary"] == 50
+    assert "pool" not in out.status["analysisBaseline"]
+    assert out.status["analysisBaseline"]["step"] == 3
+
+
+# --- the sequential latency test -------------------------------------------------------------
+
+
+def test_eight_of_eight_slower_than_stables_p99_roll_back_within_the_first_interval():
+    # The issue's run: latency x30 (1.5 s against 0.04 s), 8 canary requests, minSamples 10.
+    sim, stable, canary = canary_at_20(minSamples=10)
+    sim.tick(2)
+    serve(sim, stable, canary, (32, 8), latency=1.5)
+    out = sim.step()
+    assert out.status["phase"] == "RolledBack", out.status["message"]
+    assert "8 of 8 canary requests slower than" in out.status["message"]
+    assert "fast failure: conclusive" in out.status["message"]
+    assert out.status["weights"]["canary"] == 0
+    assert out.status["rejectedRevisions"][0]["reason"].startswith(Reason.ANALYSIS_FAILED)
+
+
+def test_a_few_slow_requests_are_not_conclusive():
+    sim, stable, canary = canary_at_20()
+    sim.tick(2)
+    serve(sim, stable, canary, (32, 4), latency=1.5)
+    out = sim.step()
+    assert out.status["phase"] == "Progressing"
+
+
+def test_a_canary_1_5x_slower_passes_under_max_latency_ratio_2():
+    sim, stable, canary = canary_at_20(thresholds={"maxLatencyRatio": 2})
+    for i in (1, 2, 3, 4):
+        sim.tick(5)
+        serve(sim, stable, canary, (80 * i, 20 * i), latency=0.06)
+        out = sim.step()
+    assert {r["phase"] for r in out.status["analysis"]} == {"Successful"}
+    # Every step passed: the canary is being scaled to full size for its promotion.
+    assert out.status["currentStepIndex"] == 2 and "before promotion" in out.status["message"]
+
+
+def test_absolute_latency_limit_is_sequential_too():
+    sim, stable, canary = canary_at_20(thresholds={"maxP95LatencySeconds": 0.5})
+    sim.tick(2)
+    serve(sim, stable, canary, (0, 7), latency=1.0)  # no stable traffic to compare with
+    out = sim.step()
+    assert out.status["phase"] == "RolledBack"
+    assert "(maxP95LatencySeconds)" in out.status["message"]
+
+
+def test_sprt_bound_and_false_alarms_of_healthy_canaries():
+    bound = an.SPRT_BOUND
+    assert an.sprt_llr(5, 5) < bound + 1e-9 <= an.sprt_llr(6, 6)
+    assert an.sprt_llr(8, 8) > bound and an.sprt_llr(8, 20) < bound
+    # A healthy canary at the null share, looked at after every request, 400 rollouts of
+    # 500 requests: the bound is never crossed (it allows 1e-5 per sequence).
+    rng = random.Random(16)
+    crossings = 0
+    for _ in range(400):
+        slow = 0
+        for n in range(1, 501):
+            slow += rng.random() < an.SLOW_SHARE_OK
+            if an.sprt_llr(slow, n) >= bound:
+                crossings += 1
+                break
+    assert crossings == 0
+
+
+# --- starvation ------------------------------------------------------------------------------
+
+
+def _interval(requests: float, latency: float) -> an.IntervalMetrics:
+    got = an.interval(an.RevisionCounters(), counters(requests, latency))
+    assert got is not None
+    return got
+
+
+def test_starvation_with_slow_requests_fails_early_but_alone_it_is_only_reported():
+    spec = AnalysisSpec(minSamples=10)
+    stable = _interval(200, 0.04)
+    # 4 slow requests: not enough for the sequential test, but the weight promised 40.
+    slow = an.evaluate(an.Measurement("t", _interval(4, 0.3), stable), spec, expected_share=0.2)
+    assert slow.phase == an.FAILED and slow.early, slow.message
+    assert "(starved)" in slow.message and "p95 latency" in slow.message
+    fine = an.evaluate(an.Measurement("t", _interval(4, 0.04), stable), spec, expected_share=0.2)
+    assert fine.phase == an.INCONCLUSIVE and "(starved)" in fine.message
+    assert fine.share is not None and fine.share < 0.02 and fine.expected_share == 0.2
+
+
+def test_idle_traffic_is_never_starvation():
+    spec = AnalysisSpec(minSamples=10)
+    verdict = an.evaluate(
+        an.Measurement("t", _interval(0, 0.3), _interval(12, 0.04)), spec, expected_share=0.2
+    )
+    assert verdict.phase == an.INCONCLUSIVE and "starved" not in verdict.message
+
+
+def test_starvation_is_reported_in_status():
+    sim, stable, canary = canary_at_20()
+    sim.tick(5)
+    serve(sim, stable, canary, (200, 4))
+    out = sim.step()
+    last = out.status["analysis"][-1]
+    assert last["phase"] == "Inconclusive" and last["starved"] is True
+    assert last["expectedCanaryShare"] == 0.2 and last["canaryShare"] < 0.05
+    assert out.status["phase"] == "Progressing"
+
+
+# --- the deadline says why -------------------------------------------------------------------
+
+
+def test_the_progress_deadline_carries_the_last_analysis_summary():
+    # No relative latency check and too little canary traffic for a verdict: only the deadline
+    # ends it, and its message says what analysis saw.
+    sim, stable, canary = canary_at_20(
+        poolWindow="1s", thresholds={"maxLatencyRatio": None}, minSamples=10
+    )
+    total = 0
+    for _ in range(13):
+        sim.tick(5)
+        total += 2
+        serve(sim, stable, canary, (8 * total, total), latency=2.4)
+        out = sim.step()
+        if out.status["phase"] == "RolledBack":
+            break
+    assert out.status["phase"] == "RolledBack"
+    message = out.status["message"]
+    assert "no verdict at step 1 for" in message, message
+    assert "canary p95" in message and "vs stable" in message
+    assert "on 2 samples per interval" in message and "(minSamples 10" in message
+    assert "last analysis Inconclusive" in message
+    assert out.status["rejectedRevisions"][0]["reason"].startswith(
+        Reason.DEADLINE_EXCEEDED + ": no verdict at step 1"
+    )
