@@ -76,7 +76,7 @@ ERROR_RATE_Z = 1.645
 STABLE_QUANTILE = 0.99
 SLOW_SHARE_OK = 0.05
 SLOW_SHARE_BAD = 0.5
-SPRT_ALPHA = 1e-5
+SPRT_ALPHA = 5e-6
 
 # Starvation (``starvation``): the canary's weight promised at least this many requests ...
 STARVATION_MIN_EXPECTED = 10.0
