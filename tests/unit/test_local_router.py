@@ -3,7 +3,9 @@
 Covers: exact traffic split by smooth weighted round-robin; weight 0 takes a backend out at the
 next request; an all-zero table answers 503; an unreachable backend gives 502 and is counted;
 streamed (SSE-like) bodies pass through chunk by chunk; method, path, query and body are kept;
-negative weights and unknown backends are refused with a clear error.
+negative weights and unknown backends are refused with a clear error; a client that hangs up
+before the answer is counted as 499, apart from backend failures, so the router agrees with the
+backend's own count.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from kubetune.local.router import WeightedRouter
 
 async def _backend(name: str, status: int = 200):
     async def handle(request: web.Request) -> web.StreamResponse:
+        if request.path == "/slow":
+            await asyncio.sleep(0.3)
+            return web.json_response({"backend": name})
         if request.path == "/stream":
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
@@ -126,3 +131,19 @@ def test_bad_weights_are_refused():
         router.set_backends({"a": ("http://127.0.0.1:1", -1)})
     with pytest.raises(KeyError, match="no backend 'b'"):
         router.set_weight("b", 1)
+
+
+async def test_client_hanging_up_is_499_not_a_backend_failure(two_backends):
+    router, session, stable_url, canary_url = two_backends
+    router.set_backends({"stable": (stable_url, 100), "canary": (canary_url, 0)})
+    with pytest.raises(asyncio.TimeoutError):
+        async with session.get(
+            router.url + "/slow", timeout=aiohttp.ClientTimeout(total=0.05)
+        ) as resp:
+            await resp.read()
+    for _ in range(50):
+        if router.stats()["stable"]["total"]:
+            break
+        await asyncio.sleep(0.02)
+    # The backend answered 200 after the client left; the router says 499, never 502.
+    assert router.stats()["stable"]["requests"] == {499: 1}

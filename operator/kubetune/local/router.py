@@ -15,6 +15,7 @@ router does, with the weights the rollout state machine asks for. It is delibera
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ import aiohttp
 from aiohttp import web
 
 # Headers that describe one hop, not the message (RFC 9110, section 7.6.1): never forwarded.
+# nginx's status for "client closed the connection before the answer" (never sent on the wire).
+CLIENT_CLOSED = 499
+
 _HOP_HEADERS = {
     "connection",
     "keep-alive",
@@ -108,7 +112,12 @@ class WeightedRouter:
         return best
 
     def stats(self) -> dict[str, dict[str, object]]:
-        """Requests per backend by status code (502 = the backend could not be reached)."""
+        """Requests per backend by status code.
+
+        502: the backend could not be reached or broke off its answer. 499 (nginx's "client
+        closed request"): the client hung up first, whatever the backend answered; the backend
+        counted its own answer (usually a 200), so 499 is not a backend failure.
+        """
         return {
             n: {
                 "url": b.url,
@@ -187,7 +196,15 @@ class WeightedRouter:
                 await response.write_eof()
                 backend.requests[upstream.status] += 1
                 return response
+        except asyncio.CancelledError:
+            # The server cancels a handler whose client went away (handler_cancellation).
+            backend.requests[CLIENT_CLOSED] += 1
+            raise
         except (TimeoutError, aiohttp.ClientError, ConnectionResetError) as exc:
+            if request.transport is None or request.transport.is_closing():
+                # The client hung up (a timeout of its own): writing to it failed, not the backend.
+                backend.requests[CLIENT_CLOSED] += 1
+                return response if response is not None else web.Response(status=CLIENT_CLOSED)
             backend.requests[502] += 1
             if response is not None and response.prepared:
                 # Headers already went out: all we can do is cut the body short.
