@@ -3,7 +3,8 @@
 Covers: a finished process reads as the Job and pod the API server would return, and
 ``observe_job`` (the operator's own reducer) classifies it from that: exit 0 succeeds with the
 termination message parsed; exit 2 with an ``outcome: data_error`` message is a non-retryable
-DataError; a SIGKILL nobody sent reads as exit 137 / OOMKilled; a running process is an active
+DataError; a SIGKILL nobody sent reads as exit 137 / Error saying what is known (OOMKilled only
+when the kernel's OOM counter confirms it); a running process is an active
 Job; the trainer's progress fragment contributes only the trainer-owned status fields; the
 process gets the report and termination-log paths of its run folder; a finished FineTuneJob
 runs again only when its spec changed (a new generation), never on an unchanged re-apply.
@@ -18,7 +19,7 @@ import sys
 import pytest
 
 from kubetune.finetune.reconcile import ACTIVE, FAILED, SUCCEEDED, observe_job
-from kubetune.local.jobs import JobDriver, kubelet_exit_code
+from kubetune.local.jobs import UNEXPLAINED_SIGKILL, JobDriver, kubelet_exit_code, terminated_reason
 from kubetune.local.processes import Supervisor
 from kubetune.local.store import Store
 
@@ -77,11 +78,36 @@ async def test_finished_process_reads_as_a_job_with_its_termination_message(
     assert fragment == {"progress": {"step": 7, "totalSteps": 10}, "metrics": {"evalAccuracy": 0.5}}
 
 
-async def test_unexpected_sigkill_reads_as_exit_137_oomkilled(tmp_path):
+async def test_unexpected_sigkill_reads_as_exit_137_and_says_what_is_known(tmp_path):
     _, obs = await _run(tmp_path, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
     assert obs.state == FAILED
     assert obs.exit_code == 137
-    assert obs.reason == "OOMKilled"
+    # No OOM kill was recorded by the kernel meanwhile: not claimed to be one.
+    assert obs.reason == "Error"
+    assert obs.message == UNEXPLAINED_SIGKILL
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "by_us", "oom", "reason", "needle"),
+    [
+        (0, False, (0, 0), "Completed", None),
+        (137, False, (3, 3), "Error", "not by kubetune; out of memory is one possible cause"),
+        (137, False, (None, None), "Error", "not by kubetune"),
+        (
+            137,
+            False,
+            (3, 4),
+            "OOMKilled",
+            "OOM killer ran while it lived (/proc/vmstat oom_kill +1)",
+        ),
+        (137, True, (3, 4), "Error", None),
+        (1, False, (3, 4), "Error", None),
+    ],
+)
+def test_sigkill_is_oomkilled_only_when_the_kernel_says_so(exit_code, by_us, oom, reason, needle):
+    got_reason, message = terminated_reason(exit_code, by_us, *oom)
+    assert got_reason == reason
+    assert (needle in message) if needle else message is None
 
 
 async def test_running_process_is_an_active_job_and_deleting_it_stops_it(tmp_path):

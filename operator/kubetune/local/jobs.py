@@ -56,13 +56,41 @@ def kubelet_exit_code(returncode: int | None) -> int | None:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _terminated_reason(exit_code: int, killed_by_us: bool) -> str:
+UNEXPLAINED_SIGKILL = "killed by SIGKILL (not by kubetune; out of memory is one possible cause)"
+
+
+def oom_kills() -> int | None:
+    """The kernel's count of OOM kills since boot (``/proc/vmstat`` oom_kill); None if unknown."""
+    try:
+        for line in Path("/proc/vmstat").read_text().splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def terminated_reason(
+    exit_code: int, killed_by_us: bool, oom_before: int | None = None, oom_after: int | None = None
+) -> tuple[str, str | None]:
+    """``(reason, message)`` of a terminated container, saying only what is known.
+
+    A SIGKILL kubetune did not send is ``OOMKilled`` only when the kernel's OOM record confirms
+    it: its oom_kill counter rose while the process lived. Otherwise it is an ``Error`` whose
+    message says what happened and that memory is one possible cause (a user's ``kill -9``, a
+    supervisor or a sandbox are others).
+    """
     if exit_code == 0:
-        return "Completed"
+        return "Completed", None
     if exit_code == 128 + signal.SIGKILL and not killed_by_us:
-        # Locally a SIGKILL we did not send is almost always the kernel's OOM killer.
-        return "OOMKilled"
-    return "Error"
+        if oom_before is not None and oom_after is not None and oom_after > oom_before:
+            return (
+                "OOMKilled",
+                f"killed by SIGKILL; the kernel's OOM killer ran while it lived "
+                f"(/proc/vmstat oom_kill +{oom_after - oom_before})",
+            )
+        return "Error", UNEXPLAINED_SIGKILL
+    return "Error", None
 
 
 @dataclass
@@ -234,13 +262,22 @@ class JobDriver:
             exit_code = kubelet_exit_code(managed.returncode) or 0
             if job.completion_time is None:
                 job.completion_time = _now()
+            if "oomKillsAtExit" not in job.extra:
+                # Read once, when the exit is first seen: later kills are not this process's.
+                job.extra["oomKillsAtExit"] = oom_kills()
+            reason, why = terminated_reason(
+                exit_code,
+                managed.stopping,
+                job.extra.get("oomKillsAtStart"),
+                job.extra.get("oomKillsAtExit"),
+            )
             terminated = {
                 "exitCode": exit_code,
-                "reason": _terminated_reason(exit_code, managed.stopping),
+                "reason": reason,
                 "startedAt": job.start_time,
                 "finishedAt": job.completion_time,
             }
-            message = _read_text(job.termination_log)
+            message = _read_text(job.termination_log) or why
             if message:
                 terminated["message"] = message
             succeeded = exit_code == 0
@@ -320,6 +357,7 @@ class JobDriver:
             },
         )
         job.start_time = _now()
+        job.extra["oomKillsAtStart"] = oom_kills()
         managed: ManagedProcess = await self.supervisor.start(spec)
         job.extra["pid"] = managed.pid
 
