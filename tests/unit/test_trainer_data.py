@@ -1,7 +1,9 @@
 """Dataset checks and cleaning of the trainer (kubetune_trainer.data / encoding / batching).
 
 Covers: every bad line reported as file:line with its reason (bad JSON, missing fields, wrong
-roles, empty answers), format auto-detection, PII masking per kind (with Luhn-checked card
+roles, empty answers, an empty user turn), examples of every kind of error kept and shown grouped
+by kind (bad JSON never hides schema errors), blank lines counted and reported as a warning,
+format auto-detection, PII masking per kind (with Luhn-checked card
 numbers and digit-count-checked phone numbers, so ordinary numbers survive), user regexes,
 exact and normalised dedupe, the content-hash split (stable, disjoint, never empty), the leakage
 check, labels only on assistant/completion tokens, and the deterministic batch order and packing.
@@ -87,6 +89,57 @@ def test_errors_are_capped_but_all_counted():
     parsed = data.parse_jsonl(jsonl(*["nope"] * 120, CHAT), "f", "chat")
     assert parsed.invalid == 120 and len(parsed.errors) == data.MAX_REPORTED_ERRORS
     assert [e.line for e in parsed.errors] == list(range(1, data.MAX_REPORTED_ERRORS + 1))
+
+
+def test_every_kind_of_error_keeps_examples_even_behind_many_json_errors():
+    rows = [*["nope"] * 120, {"text": "wrong schema"}, CHAT, {"prompt": "p", "completion": "c"}]
+    rows.append(
+        {"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "a"}]}
+    )
+    parsed = data.parse_jsonl(jsonl(*rows), "f", "chat")
+    assert parsed.invalid == 123
+    assert parsed.invalid_by_kind == {
+        data.INVALID_JSON: 120,
+        data.WRONG_SCHEMA: 2,
+        data.EMPTY_CONTENT: 1,
+    }
+    by_kind = parsed.errors_by_kind()
+    assert by_kind[data.WRONG_SCHEMA]["count"] == 2
+    assert [e["line"] for e in by_kind[data.WRONG_SCHEMA]["examples"]] == [121, 123]
+    assert by_kind[data.EMPTY_CONTENT]["examples"][0]["reason"].startswith(
+        "messages[0]: user turn with empty content"
+    )
+    assert len(by_kind[data.INVALID_JSON]["examples"]) == data.MAX_REPORTED_ERRORS
+
+
+def test_the_failure_message_shows_examples_of_every_kind_grouped():
+    from kubetune_trainer.validate import describe_errors
+
+    rows = [*["nope"] * 8, {"text": "wrong schema"}, CHAT]
+    message = describe_errors(data.parse_jsonl(jsonl(*rows), "f", "chat"))
+    json_part, schema_part = message.split(" | ")
+    assert json_part.startswith("invalid JSON (8 lines): f:1: invalid JSON")
+    assert json_part.endswith("(and 3 more)")
+    assert schema_part.startswith("wrong record schema (1 line): f:9: missing field 'messages'")
+
+
+def test_blank_lines_are_counted_and_reported_as_a_warning_not_as_lines():
+    parsed = data.parse_jsonl(jsonl(CHAT, "", CHAT, "   ", CHAT), "f", "chat")
+    assert parsed.total_lines == 3 and parsed.invalid == 0 and len(parsed.records) == 3
+    assert parsed.blank == 2 and parsed.blank_lines == [2, 4]
+    assert parsed.warnings() == ["f: 2 blank line(s) skipped (line 2, 4)"]
+    # The newline that ends the last line is no blank line.
+    assert data.parse_jsonl(jsonl(CHAT), "f", "chat").blank == 0
+
+
+def test_a_user_turn_with_empty_content_is_an_invalid_line():
+    empty_user = {
+        "messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "hi"}]
+    }
+    assert data.check_record(empty_user, "chat") == (
+        "messages[0]: user turn with empty content (nothing to answer)"
+    )
+    assert data.check_record(CHAT, "chat") is None
 
 
 def test_non_utf8_is_a_data_error():

@@ -30,20 +30,45 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_REPORTED_ERRORS = 50
 
 
+# Kinds of unusable lines, each reported with its own examples (a file full of bad JSON must not
+# hide the lines whose JSON is fine but whose record is wrong).
+INVALID_JSON = "invalidJson"
+WRONG_SCHEMA = "wrongSchema"
+EMPTY_CONTENT = "emptyContent"
+KIND_NAMES = {
+    INVALID_JSON: "invalid JSON",
+    WRONG_SCHEMA: "wrong record schema",
+    EMPTY_CONTENT: "empty content",
+}
+# Blank lines are skipped (JSONL allows none, but editors leave them): counted and reported as
+# warnings, with the first few line numbers.
+MAX_REPORTED_BLANK = 20
+
+
+def error_kind(reason: str) -> str:
+    """The kind of a ``check_record`` reason (or of a JSON parse error)."""
+    if reason.startswith("invalid JSON"):
+        return INVALID_JSON
+    if "empty" in reason:
+        return EMPTY_CONTENT
+    return WRONG_SCHEMA
+
+
 @dataclass
 class LineError:
-    """One unusable line: where it is and why."""
+    """One unusable line: where it is, why, and the kind of problem."""
 
     file: str
     line: int
     reason: str
+    kind: str = WRONG_SCHEMA
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: {self.reason}"
 
     def dump(self) -> dict[str, Any]:
         """JSON form for the data report."""
-        return {"file": self.file, "line": self.line, "reason": self.reason}
+        return {"file": self.file, "line": self.line, "reason": self.reason, "kind": self.kind}
 
 
 @dataclass
@@ -56,13 +81,50 @@ class Parsed:
     lines: list[int] = field(default_factory=list)  # source line of each record
     total_lines: int = 0
     invalid: int = 0
-    errors: list[LineError] = field(default_factory=list)  # the first MAX_REPORTED_ERRORS
+    errors: list[LineError] = field(default_factory=list)  # the first MAX_REPORTED_ERRORS per kind
+    invalid_by_kind: dict[str, int] = field(default_factory=dict)
+    blank: int = 0
+    blank_lines: list[int] = field(default_factory=list)  # the first MAX_REPORTED_BLANK
 
     def add_error(self, line: int, reason: str) -> None:
-        """Count an invalid line; keep its details while fewer than the cap are kept."""
+        """Count an invalid line; keep its details while fewer than the cap of its kind are kept."""
+        kind = error_kind(reason)
         self.invalid += 1
-        if len(self.errors) < MAX_REPORTED_ERRORS:
-            self.errors.append(LineError(self.file, line, reason))
+        kept = self.invalid_by_kind.get(kind, 0)
+        self.invalid_by_kind[kind] = kept + 1
+        if kept < MAX_REPORTED_ERRORS:
+            self.errors.append(LineError(self.file, line, reason, kind))
+
+    def examples_by_kind(self, limit: int) -> dict[str, list[LineError]]:
+        """Up to ``limit`` kept errors of each kind, kinds in the order of their first line."""
+        out: dict[str, list[LineError]] = {}
+        for err in sorted(self.errors, key=lambda e: e.line):
+            shown = out.setdefault(err.kind, [])
+            if len(shown) < limit:
+                shown.append(err)
+        return out
+
+    def errors_by_kind(self) -> dict[str, dict[str, Any]]:
+        """The report's ``errorsByKind``: count and kept examples of every kind."""
+        return {
+            kind: {
+                "count": self.invalid_by_kind.get(kind, 0),
+                "examples": [e.dump() for e in errs],
+            }
+            for kind, errs in self.examples_by_kind(MAX_REPORTED_ERRORS).items()
+        }
+
+    def warnings(self) -> list[str]:
+        """Problems that do not make a line invalid (blank lines), for the report."""
+        if not self.blank:
+            return []
+        where = ", ".join(str(n) for n in self.blank_lines)
+        more = (
+            f" and {self.blank - len(self.blank_lines)} more"
+            if self.blank > len(self.blank_lines)
+            else ""
+        )
+        return [f"{self.file}: {self.blank} blank line(s) skipped (line {where}{more})"]
 
 
 def detect_format(record: Any) -> str | None:
@@ -98,6 +160,8 @@ def check_record(record: Any, fmt: str) -> str | None:
                 return f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}"
             if not isinstance(msg.get("content"), str):
                 return f"messages[{i}].content must be a string"
+            if role == "user" and not msg["content"].strip():
+                return f"messages[{i}]: user turn with empty content (nothing to answer)"
         if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
             return "no assistant message with content (nothing to learn from)"
         return None
@@ -120,7 +184,11 @@ def check_record(record: Any, fmt: str) -> str | None:
 
 
 def parse_jsonl(data: bytes, file: str, fmt: str = "auto") -> Parsed:
-    """Check every line of a JSONL file (see the module docstring); blank lines are skipped."""
+    """Check every line of a JSONL file (see the module docstring).
+
+    Blank lines are skipped but counted (``Parsed.blank``, reported as a warning); they are not
+    lines of the dataset, so they count neither as valid nor as invalid.
+    """
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -131,6 +199,10 @@ def parse_jsonl(data: bytes, file: str, fmt: str = "auto") -> Parsed:
     parsed = Parsed(file=file, format=fmt)
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
+            # (The newline that ends the last line makes no line of its own: not counted.)
+            parsed.blank += 1
+            if len(parsed.blank_lines) < MAX_REPORTED_BLANK:
+                parsed.blank_lines.append(lineno)
             continue
         parsed.total_lines += 1
         try:

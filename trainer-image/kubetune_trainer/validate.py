@@ -56,23 +56,49 @@ def load_tokenizer(settings: Settings) -> Any:
     return AutoTokenizer.from_pretrained(folder)
 
 
+def describe_errors(parsed: data.Parsed, per_kind: int = ERRORS_IN_MESSAGE) -> str:
+    """Examples of every kind of invalid line, grouped by kind, for a one-line message.
+
+    "invalid JSON (120 lines): f:1: ...; f:2: ... | wrong record schema (30 lines): f:7: ..."
+    """
+    groups = []
+    for kind, errs in parsed.examples_by_kind(per_kind).items():
+        count = parsed.invalid_by_kind.get(kind, len(errs))
+        more = f" (and {count - len(errs)} more)" if count > len(errs) else ""
+        groups.append(
+            f"{data.KIND_NAMES.get(kind, kind)} ({count} line{'s' if count != 1 else ''}): "
+            + "; ".join(str(e) for e in errs)
+            + more
+        )
+    return " | ".join(groups)
+
+
+def file_report(parsed: data.Parsed, **extra: Any) -> dict[str, Any]:
+    """One file's entry of report.json: its errors (grouped by kind too) and warnings."""
+    return {
+        "uri": parsed.file,
+        **extra,
+        "errors": [e.dump() for e in sorted(parsed.errors, key=lambda e: e.line)],
+        "errorsTruncated": parsed.invalid > len(parsed.errors),
+        "errorsByKind": parsed.errors_by_kind(),
+        "blankLines": parsed.blank,
+        "warnings": parsed.warnings(),
+    }
+
+
 def _fail_invalid(parsed: data.Parsed, limit: float, store: Any) -> None:
     """Raise DataError (after writing a failure report) when too many lines are invalid."""
     if parsed.total_lines == 0:
         raise DataError(f"{parsed.file}: the file is empty; it must hold one JSON record per line")
     frac = parsed.invalid / parsed.total_lines
     if parsed.invalid and frac > limit:
-        shown = "; ".join(str(e) for e in parsed.errors[:ERRORS_IN_MESSAGE])
-        more = (
-            f" (and {parsed.invalid - ERRORS_IN_MESSAGE} more)"
-            if parsed.invalid > ERRORS_IN_MESSAGE
-            else ""
-        )
+        shown = describe_errors(parsed)
         summary = {
             "format": parsed.format,
             "totalLines": parsed.total_lines,
             "valid": len(parsed.records),
             "invalid": parsed.invalid,
+            "blankLines": parsed.blank,
             "reportUri": store.uri_for(REPORT_KEY),
         }
         # The full list of bad lines goes to the report, marked failed so that `train` never
@@ -82,18 +108,12 @@ def _fail_invalid(parsed: data.Parsed, limit: float, store: Any) -> None:
             {
                 "outcome": "data_error",
                 "summary": summary,
-                "files": [
-                    {
-                        "uri": parsed.file,
-                        "errors": [e.dump() for e in parsed.errors],
-                        "errorsTruncated": parsed.invalid > len(parsed.errors),
-                    }
-                ],
+                "files": [file_report(parsed)],
             },
         )
         exc = DataError(
             f"{parsed.invalid} of {parsed.total_lines} lines are invalid ({frac:.1%} > "
-            f"dataset.maxInvalidFraction {limit:g}) as {parsed.format} records: {shown}{more}. "
+            f"dataset.maxInvalidFraction {limit:g}) as {parsed.format} records: {shown}. "
             f"Fix these lines or raise dataset.maxInvalidFraction"
         )
         exc.data_report = summary
@@ -192,6 +212,7 @@ def run_validate(settings: Settings, *, tokenizer: Any = None) -> Validated:
         "totalLines": sum(p.total_lines for p in files),
         "valid": sum(len(p.records) for p in files),
         "invalid": sum(p.invalid for p in files),
+        "blankLines": sum(p.blank for p in files),
         "duplicates": exact + norm,
         "piiMasked": dict(masker.counts),
         "trainExamples": len(train),
@@ -204,15 +225,13 @@ def run_validate(settings: Settings, *, tokenizer: Any = None) -> Validated:
         "outcome": "succeeded",
         "summary": summary,
         "files": [
-            {
-                "uri": p.file,
-                "digest": source_digests[p.file],
-                "lines": p.total_lines,
-                "valid": len(p.records),
-                "invalid": p.invalid,
-                "errors": [e.dump() for e in p.errors],
-                "errorsTruncated": p.invalid > len(p.errors),
-            }
+            file_report(
+                p,
+                digest=source_digests[p.file],
+                lines=p.total_lines,
+                valid=len(p.records),
+                invalid=p.invalid,
+            )
             for p in files
         ],
         "duplicates": {"exact": exact, "normalised": norm},
@@ -227,6 +246,9 @@ def run_validate(settings: Settings, *, tokenizer: Any = None) -> Validated:
         "outputs": {"train": store.uri_for(TRAIN_KEY), "validation": store.uri_for(VALIDATION_KEY)},
         "seconds": round(time.time() - started, 3),
     }
+    for p in files:
+        for warning in p.warnings():
+            log.warning("%s", warning)
     store.write_bytes(TRAIN_KEY, train_bytes)
     store.write_bytes(VALIDATION_KEY, val_bytes)
     # Written last: a report proves the cleaned splits beside it are complete.

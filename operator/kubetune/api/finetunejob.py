@@ -339,6 +339,7 @@ class DataReportSummary(Model):
     total_lines: int | None = Field(default=None, description="Lines read.")
     valid: int | None = Field(default=None, description="Valid records.")
     invalid: int | None = Field(default=None, description="Invalid lines (see the report for file:line and reason).")
+    blank_lines: int | None = Field(default=None, description="Blank lines skipped (a warning; neither valid nor invalid).")
     duplicates: int | None = Field(default=None, description="Duplicates removed.")
     pii_masked: dict[str, int] | None = Field(default=None, description="Masked spans by kind.")
     train_examples: int | None = Field(default=None, description="Examples used for training.")
