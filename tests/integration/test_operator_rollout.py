@@ -490,6 +490,13 @@ async def test_crash_looping_canary_is_rolled_back(kube, operator, servers):
                                 "message": "back-off 40s restarting failed container",
                             }
                         },
+                        "lastState": {
+                            "terminated": {
+                                "exitCode": 1,
+                                "reason": "Error",
+                                "message": '{"outcome": "storage_error", "message": "cannot serve: file:///nonexistent/model: not a folder"}',
+                            }
+                        },
                     }
                 ],
             }
@@ -498,6 +505,11 @@ async def test_crash_looping_canary_is_rolled_back(kube, operator, servers):
     )
     obj = await wait_phase(kube, "RolledBack")
     assert "CrashLoopBackOff" in obj["status"]["message"]
+    # The server's start-up error, not the back-off notice or its last log line.
+    assert (
+        "exit code 1: cannot serve: file:///nonexistent/model: not a folder"
+        in obj["status"]["message"]
+    )
     assert obj["status"]["rejectedRevisions"][0]["reason"].startswith("CanaryCrashLooping")
 
 

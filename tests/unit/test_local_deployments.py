@@ -3,7 +3,8 @@
 Covers: each revision keeps its share of traffic whatever its number of ready replicas (one
 backend per ready replica, as an EndpointSlice lists ready pods only); a revision without ready
 replicas gets no backend, so the router never sends it a request; the weights reported back
-are the ones the router really applies.
+are the ones the router really applies; a crash loop quotes the replica's termination message
+(its start-up error), kept across the restart as the kubelet keeps lastState.
 """
 
 from __future__ import annotations
@@ -59,3 +60,19 @@ def test_weight_zero_takes_a_revision_out_of_rotation(tmp_path):
     state.weights = {"stable": 100, "canary": 0}
     driver._apply_router(state)
     assert {state.router.choose().name for _ in range(10)} == {"stable/0"}
+
+
+def test_crash_loop_quotes_the_termination_message_kept_across_a_restart(tmp_path):
+    store = Store(tmp_path)
+    driver = DeploymentDriver(store, Supervisor())
+    replica = Replica(index=0, process_name="server/x-canary-0", port=20001)
+    assert driver._termination_message(replica) is None
+    log = driver._termination_log(replica)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(
+        '{"outcome": "storage_error", "message": "cannot serve: file:///nope: not a folder"}'
+    )
+    assert driver._termination_message(replica) == "cannot serve: file:///nope: not a folder"
+    # Restarted: the message moves aside and is still what the crash loop quotes.
+    log.replace(log.with_name("termination-log.last"))
+    assert driver._termination_message(replica) == "cannot serve: file:///nope: not a folder"

@@ -90,6 +90,29 @@ def test_server_environment_follows_the_contract():
         "secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}
     }
     assert env["KUBETUNE_FAULT_ERROR_RATE"] == "0.2"
+    # A start-up failure lands in the termination message, which a crash loop then quotes.
+    assert env["KUBETUNE_TERMINATION_LOG"] == "/dev/termination-log"
+    container = b.build_server_deployment(MD, REV, role=b.ROLE_STABLE)["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    assert container["terminationMessagePath"] == "/dev/termination-log"
+
+
+@pytest.mark.parametrize(
+    ("raw", "text"),
+    [
+        (
+            '{"outcome": "storage_error", "message": "cannot serve: x: not a folder"}',
+            "cannot serve: x: not a folder",
+        ),
+        ("plain words\n", "plain words"),
+        ('{"outcome": "other"}', '{"outcome": "other"}'),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_termination_text_takes_the_message_of_the_servers_json(raw, text):
+    assert b.termination_text(raw) == text
 
 
 def test_no_adapter_means_no_adapter_env_and_no_owner_without_uid():

@@ -121,7 +121,16 @@ def observe_revision(
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
             waiting = (cs.get("state") or {}).get("waiting") or {}
             if waiting.get("reason") in FATAL_WAITING:
-                failure = f"pod {pod['metadata']['name']}: {waiting['reason']}: {waiting.get('message', '')}".rstrip(
+                # A crash loop's waiting message only says "back-off ... restarting"; the
+                # last termination message says why (the server writes its start-up error).
+                last = ((cs.get("lastState") or {}).get("terminated")) or {}
+                why = builders.termination_text(last.get("message"))
+                detail = (
+                    f"exit code {last.get('exitCode')}: {why}"
+                    if why and waiting["reason"] == "CrashLoopBackOff"
+                    else waiting.get("message", "")
+                )
+                failure = f"pod {pod['metadata']['name']}: {waiting['reason']}: {detail}".rstrip(
                     ": "
                 )
                 failure_reason = (

@@ -263,6 +263,23 @@ class DeploymentDriver:
             local.replicas.append(replica)
             await self._start_replica(local, replica)
 
+    def _termination_log(self, replica: Replica) -> Any:
+        return self.store.run_dir(replica.process_name) / "termination-log"
+
+    def _termination_message(self, replica: Replica) -> str | None:
+        """The replica's last termination message (its start-up error), or None."""
+        from kubetune.rollout.builders import termination_text
+
+        current = self._termination_log(replica)
+        for path in (current, current.with_name("termination-log.last")):
+            try:
+                text = termination_text(path.read_text(errors="replace"))
+            except OSError:
+                continue
+            if text:
+                return text
+        return None
+
     async def _start_replica(self, local: LocalRevision, replica: Replica) -> None:
         manifest = local.manifest
         spec = to_process(
@@ -271,8 +288,18 @@ class DeploymentDriver:
             self.store.run_dir(replica.process_name),
             self.store.cache_dir,
             self.store.secret_value,
-            overrides={"KUBETUNE_PORT": str(replica.port), "KUBETUNE_HOST": "127.0.0.1"},
+            overrides={
+                "KUBETUNE_PORT": str(replica.port),
+                "KUBETUNE_HOST": "127.0.0.1",
+                # The pod's /dev/termination-log, per process as the kubelet keeps it per container.
+                "KUBETUNE_TERMINATION_LOG": str(self._termination_log(replica)),
+            },
         )
+        # A fresh start has no termination message yet; the last one stays beside it as the
+        # kubelet keeps lastState.terminated.message while the restarted container runs.
+        current = self._termination_log(replica)
+        if current.exists():
+            current.replace(current.with_name("termination-log.last"))
         # The pod's own port is irrelevant locally; the probe follows KUBETUNE_PORT.
         _ = container_port(main_container(manifest))
         self.supervisor.forget(replica.process_name)
@@ -414,8 +441,12 @@ class DeploymentDriver:
             if crashing:
                 worst = max(crashing, key=lambda r: r.restarts)
                 log = self.store.run_dir(worst.process_name) / "log.txt"
+                why = self._termination_message(worst)
                 failure = (
                     f"CrashLoopBackOff: server exited with code {kubelet_exit_code(worst.last_exit_code)} "
+                    f"{worst.restarts} times: {why} (log: {log})"
+                    if why
+                    else f"CrashLoopBackOff: server exited with code {kubelet_exit_code(worst.last_exit_code)} "
                     f"{worst.restarts} times (log: {log}){_last_line(log)}"
                 )
                 failure_reason = Reason.CANARY_CRASHLOOP

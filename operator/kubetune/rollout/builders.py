@@ -37,6 +37,10 @@ COMPONENT = "server"
 CONTAINER = "server"
 PORT_NAME = "http"
 CACHE_DIR = "/cache"
+# The server writes a start-up failure here as JSON ({"outcome", "message"}); the kubelet keeps
+# it as the container's termination message, so a crash loop quotes the error rather than the
+# last log line ("Finished server process").
+TERMINATION_LOG = "/dev/termination-log"
 GATEWAY_API_VERSION = "gateway.networking.k8s.io/v1"
 
 # Model loading can take minutes (download + load to GPU). The startup probe gives it up to
@@ -105,6 +109,7 @@ def server_env(md: Mapping[str, Any], revision: Revision) -> list[dict[str, Any]
         {"name": "KUBETUNE_CACHE_DIR", "value": CACHE_DIR},
         {"name": "KUBETUNE_PORT", "value": str(spec.server.port)},
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/hf"},
+        {"name": "KUBETUNE_TERMINATION_LOG", "value": TERMINATION_LOG},
     ]
     if revision.adapter_uri:
         env.append({"name": "KUBETUNE_ADAPTER_URI", "value": revision.adapter_uri})
@@ -184,6 +189,7 @@ def build_server_deployment(
             {"name": "cache", "mountPath": CACHE_DIR},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
+        "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     pod_spec: dict[str, Any] = {
@@ -351,3 +357,21 @@ def build_httproute(md: Mapping[str, Any], weights: Mapping[str, int]) -> dict[s
         "metadata": _object_meta(md, meta["name"], owner_labels(md)),
         "spec": route_spec,
     }
+
+
+def termination_text(raw: str | None) -> str | None:
+    """The message of a server's termination log (JSON ``{"outcome", "message"}`` or plain text).
+
+    Both runtimes quote it in the CrashLoopBackOff message: the start-up error ("cannot serve:
+    file:///nonexistent/model: not a folder") says why, the last log line rarely does.
+    """
+    text = (raw or "").strip()
+    if not text:
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return text[-500:]
+    if isinstance(doc, dict) and isinstance(doc.get("message"), str) and doc["message"].strip():
+        return doc["message"].strip()[:500]
+    return text[-500:]
