@@ -5,7 +5,8 @@ uses every pooled sample and status says how many intervals were pooled; the poo
 ``poolWindow``, emptied by a verdict and by a new step); the sequential latency test ("8 of 8
 slower than stable's p99" is conclusive long before minSamples, a few slow requests are not, a
 1.5x slower canary under maxLatencyRatio 2 passes, and healthy canaries do not cross the bound
-under many looks); weight-aware starvation (reported in status, counts toward failure only with
+under many looks); the p95 ratio judged as the share of requests above the bar with a confidence
+bound (two slow answers in twenty are noise, six are not); weight-aware starvation (reported in status, counts toward failure only with
 latency pointing the same way, never when traffic is simply idle); and the progress deadline
 message that carries the last analysis summary.
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import random
 from typing import Any
+
+import pytest
 
 from kubetune.api.conditions import Reason
 from kubetune.api.modeldeployment import AnalysisSpec
@@ -198,6 +201,50 @@ def test_sprt_bound_and_false_alarms_of_healthy_canaries():
                 crossings += 1
                 break
     assert crossings == 0
+
+
+def _mixed(fast: int, slow: int, slow_latency: float = 0.3) -> an.IntervalMetrics:
+    counts = tuple(float(fast * (b >= 0.04) + slow * (b >= slow_latency)) for b in BOUNDS)
+    hist = an.Histogram(BOUNDS, counts, float(fast + slow))
+    got = an.interval(
+        an.RevisionCounters(),
+        an.RevisionCounters(float(fast + slow), 0.0, hist, hist, pods=1),
+    )
+    assert got is not None
+    return got
+
+
+@pytest.mark.parametrize(
+    ("slow", "phase"),
+    [
+        (0, an.SUCCESSFUL),
+        (2, an.SUCCESSFUL),  # an interpolated p95 of ~0.25 s, but 10% of 20 is not certain
+        (6, an.FAILED),
+    ],
+)
+def test_p95_ratio_is_the_share_above_the_bar_with_a_confidence_bound(slow, phase):
+    spec = AnalysisSpec(minSamples=20)
+    canary = _mixed(20 - slow, slow)
+    verdict = an.evaluate(an.Measurement("t", canary, _interval(400, 0.04)), spec)
+    assert verdict.phase == phase, verdict.message
+    if phase == an.FAILED:
+        assert f"{slow} of 20 requests slower than 0.1s" in verdict.message
+        assert "95% confidence" in verdict.message
+
+
+def test_a_certain_p95_excess_fails_mid_interval_at_99_percent():
+    sim, stable, canary = canary_at_20(minSamples=20)
+    sim.tick(2)
+    sim.revs[stable] = ready(4, counters(96))
+    # 7 of 24 at 0.3 s: too few for the sequential test ("mostly far slower"), but 99% certain
+    # that more than 5% of the canary's requests are above 1.5x stable's p95.
+    counts = tuple(float(17 * (b >= 0.04) + 7 * (b >= 0.3)) for b in BOUNDS)
+    hist = an.Histogram(BOUNDS, counts, 24.0)
+    sim.revs[canary] = ready(1, an.RevisionCounters(24.0, 0.0, hist, hist, pods=1))
+    out = sim.step()
+    assert out.status["phase"] == "RolledBack", out.status["message"]
+    assert "7 of 24 requests slower than 0.1s" in out.status["message"]
+    assert "99% confidence" in out.status["message"] and "fast failure" in out.status["message"]
 
 
 # --- starvation ------------------------------------------------------------------------------

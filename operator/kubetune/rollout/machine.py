@@ -844,26 +844,49 @@ class _Run:
                 return False
             verdict = an.Verdict(an.ERROR, measured, 0)
         else:
+            # Starvation is judged on whole intervals only: just after a weight change the
+            # requests completing were routed under the old weights, which reads as starvation.
             verdict = an.evaluate(
-                measured, spec, expected_share=self.expected_share(), pooled=pooled
+                measured,
+                spec,
+                expected_share=self.expected_share() if due else None,
+                pooled=pooled,
             )
             if not due:
                 # Fast failure on a partial interval: a statistically certain error rate, or
                 # evidence that is conclusive on few samples (sequential latency test,
                 # starvation with latency or errors pointing the same way).
-                c = measured.canary
+                c, s = measured.canary, measured.stable
                 errors = (c.error_rate or 0.0) * c.requests
                 certain_errors = (
                     c.requests >= spec.min_samples
                     and wilson_lower(errors, c.requests) > spec.thresholds.max_error_rate
                 )
-                if not (certain_errors or (verdict.phase == an.FAILED and verdict.early)):
+                # The same for latency: the share of canary requests above maxLatencyRatio x
+                # stable's p95, 99% certain to exceed 5% (an.latency_ratio_exceeded).
+                certain_latency = (
+                    c.requests >= spec.min_samples
+                    and s is not None
+                    and s.requests >= spec.min_samples
+                    and spec.thresholds.max_latency_ratio is not None
+                    and an.latency_ratio_exceeded(
+                        c, s, spec.thresholds.max_latency_ratio, FAST_FAIL_Z
+                    )
+                )
+                early = verdict.phase == an.FAILED and verdict.early
+                if not (certain_errors or certain_latency or early):
                     self.requeue(min(self.check_period(), self.interval - elapsed))
                     return False
+                how = "conclusive" if early and not certain_errors else "99% certain"
+                message = verdict.message
+                if certain_latency and not certain_errors and not early:
+                    message = str(certain_latency) + (
+                        f" ({pooled} intervals pooled)" if pooled > 1 else ""
+                    )
                 verdict = replace(
                     verdict,
                     phase=an.FAILED,
-                    message=f"{verdict.message} (fast failure: {'99% certain' if certain_errors else 'conclusive'} within {elapsed:.1f}s)",
+                    message=f"{message} (fast failure: {how} within {elapsed:.1f}s)",
                 )
         self.record(verdict, canary)
         # An interval too thin to judge joins the pool; any verdict (or an error) empties it.
