@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -210,6 +211,8 @@ class NodeRunner:
         self.api_port = api_port
         self.sync_seconds = sync_seconds
         self.shim = shim
+        # Paths that stand in for the container image: never hidden by a volume mount.
+        self.keep = _outermost([str(Path.cwd()), sys.prefix, str(workdir.resolve())])
         self.supervisor = Supervisor(registry=workdir / "processes.json", grace_seconds=30)
         self.pods: dict[str, PodRun] = {}
         # Pod addresses: 198.18.<subnet+k>.<1..250>; each runner starts at its own subnet.
@@ -505,8 +508,21 @@ class NodeRunner:
         )
         binds.sort(key=lambda b: len(b[1]))
         script = ["set -e"]
+        # What stands in for the image (this checkout, its virtualenv, the runner's folders)
+        # must stay visible even when a volume is mounted over a parent of it: a pod's
+        # emptyDir at /tmp would hide a checkout under /tmp (CI clones may live there). Such a
+        # path is bound aside before the mount and bound back into the new tree after it.
+        stash = STASH_ROOT / f"{run.uid[:8]}-{container['name']}"
+        kept = 0
         for source, target, read_only, is_file in binds:
             q_src, q_dst = shlex.quote(source), shlex.quote(target)
+            hidden = [
+                k for k in self.keep if not is_file and k.startswith(target.rstrip("/") + "/")
+            ]
+            for path in hidden:
+                kept += 1
+                aside = shlex.quote(str(stash / str(kept)))
+                script.append(f"mkdir -p {aside} && mount --bind {shlex.quote(path)} {aside}")
             if is_file:
                 script.append(f"mkdir -p $(dirname {q_dst}) && touch {q_dst}")
             else:
@@ -514,6 +530,11 @@ class NodeRunner:
             script.append(f"mount --bind {q_src} {q_dst}")
             if read_only:
                 script.append(f"mount -o remount,bind,ro {q_dst}")
+            for i, path in enumerate(hidden, start=kept - len(hidden) + 1):
+                aside = shlex.quote(str(stash / str(i)))
+                script.append(
+                    f"mkdir -p {shlex.quote(path)} && mount --bind {aside} {shlex.quote(path)}"
+                )
         script.append('exec "$@"')
         spec.argv = [
             "unshare", "--mount", "--propagation", "private", "--",
@@ -728,6 +749,8 @@ class NodeRunner:
         await asyncio.gather(*(self.supervisor.stop(n, grace_seconds=float(grace)) for n in names))
         for n in names:
             self.supervisor.forget(n)
+        for stash in STASH_ROOT.glob(f"{run.uid[:8]}-*"):
+            shutil.rmtree(stash, ignore_errors=True)  # empty mount points, gone with the namespace
         if final_delete:
             await self._final_delete(run.pod)
         self.pods.pop(run.uid, None)
@@ -755,6 +778,8 @@ class NodeRunner:
 
 
 POD_NETWORK = "198.18.0.0/16"
+# Empty mount points for paths a volume would hide (see _process_spec); /run is a tmpfs.
+STASH_ROOT = Path("/run/kubetune-noderunner")
 
 
 def make_pod_network_local() -> None:
@@ -769,6 +794,15 @@ def make_pod_network_local() -> None:
             f"noderunner: cannot make {POD_NETWORK} local ({result.stderr.strip()}); "
             "the cluster tier needs root (CAP_NET_ADMIN) for pod addresses"
         )
+
+
+def _outermost(paths: list[str]) -> list[str]:
+    """The paths none of which lies inside another (inner ones come along with their parent)."""
+    out: list[str] = []
+    for path in sorted({os.path.realpath(p) for p in paths}, key=len):
+        if not any(path == o or path.startswith(o + "/") for o in out):
+            out.append(path)
+    return out
 
 
 def build_shim(workdir: Path) -> Path:
