@@ -24,7 +24,20 @@ Flagger's default (interval 1m, threshold 5, request-success-rate >= 99%).
    errors) -> whether and when it is caught. The baseline is simulated with Flagger's real
    defaults (1m, 5 checks, 99%).
 
-Run: ``.venv/bin/python bench/canary_detection.py`` (about 3 minutes on 2 cores). Appends a
+3. **Thin traffic** (issue 16), 16 requests/s under closed-loop clients (4 callers that each
+   wait for their answer, the demo's and most real callers' model) and open-loop ones, with a
+   canary that is bad from its first request: latency x30, slow decoding (decode time x4,
+   time to first token unchanged), and a 1.5x slower canary that ``maxLatencyRatio: 2`` must
+   pass, next to healthy canaries. Real HTTP on loopback (``--thin-real-runs`` per scenario:
+   the FakeModelServer with its latency scaled, the local router, real scrapes) and many runs
+   in virtual time (a discrete-event simulation: requests are routed when sent and counted by
+   their server when answered; >= ``--sim-runs`` healthy rollouts per client model). Compared
+   in the same run with the previous analysis, where every interval is judged alone (Argo
+   Rollouts' and Flagger's model): no pooling, no sequential latency test, no starvation.
+   Reported: seconds from the canary's first traffic to weight 0, requests the canary got,
+   rollbacks of canaries that should pass.
+
+Run: ``.venv/bin/python bench/canary_detection.py`` (about 11 minutes on 2 cores). Appends a
 section to bench/RESULTS.md.
 """
 
@@ -143,9 +156,10 @@ class Counters:
 class FakeModelServer:
     """A tiny model server: /v1/completions with injectable errors, /metrics, /readyz."""
 
-    def __init__(self, name: str, error_rate: float, seed: int) -> None:
+    def __init__(self, name: str, error_rate: float, seed: int, slow: float = 1.0) -> None:
         self.name = name
         self.error_rate = error_rate
+        self.slow = slow  # latency factor (thin-traffic scenarios)
         self.rng = random.Random(seed)
         self.counters = Counters()
         self.bad_since: float | None = None
@@ -154,7 +168,7 @@ class FakeModelServer:
         self._runner: web.AppRunner | None = None
 
     async def complete(self, _request: web.Request) -> web.Response:
-        latency = self.rng.lognormvariate(math.log(0.02), 0.3)
+        latency = self.slow * self.rng.lognormvariate(math.log(0.02), 0.3)
         await asyncio.sleep(latency)
         if self.bad_since is not None:
             self.served_while_bad += 1
@@ -206,6 +220,27 @@ async def open_loop_load(url: str, rate: float, stop: asyncio.Event) -> int:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
         await asyncio.gather(*tasks, return_exceptions=True)
+    return sent
+
+
+async def closed_loop_load(url: str, clients: int, think: float, stop: asyncio.Event) -> int:
+    """``clients`` callers that each send the next request only after the last one answered."""
+    sent = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
+
+        async def client() -> None:
+            nonlocal sent
+            while not stop.is_set():
+                sent += 1
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                    async with session.post(
+                        url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4}
+                    ) as r:
+                        await r.read()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), think)
+
+        await asyncio.gather(*(client() for _ in range(clients)))
     return sent
 
 
@@ -334,6 +369,73 @@ async def _drive_baseline(session, router, canary_name, canary, bad_error_rate, 
                 "phase": "RolledBack",
                 "why": f"{failed} failed checks",
             }
+
+
+async def real_thin_run(slow: float, closed: bool, baseline: bool, rate: float, seed: int) -> dict:
+    """A canary ``slow`` times slower than stable from its first request, real HTTP on loopback.
+
+    Default steps, interval 10s, minSamples 20; ``baseline``: the previous analysis (each
+    interval alone). Returns seconds from the canary's first traffic to weight 0 (None: not
+    within THIN_REAL_CAP_S) and the requests the canary served.
+    """
+    stable = await FakeModelServer("stable", 0.0, seed).start()
+    canary = await FakeModelServer("canary", 0.0, seed + 1, slow=slow).start()
+    router = WeightedRouter()
+    await router.start()
+    mds = []
+    for adapter in ("file:///models/a", "file:///models/b"):
+        md = make_md(adapter, DEFAULT_STEPS)
+        if baseline:
+            md["spec"]["rollout"]["analysis"]["poolWindow"] = "0s"
+        mds.append(md)
+    rev_a, rev_b = revision_of(mds[0]), revision_of(mds[1])
+    servers = {rev_a.name: stable, rev_b.name: canary}
+    router.set_backends({rev_a.name: (stable.url, 100), rev_b.name: (canary.url, 0)})
+    stop = asyncio.Event()
+    # Closed loop sized like the virtual-time one: CLIENTS callers, ``rate`` req/s when healthy.
+    load = asyncio.create_task(
+        closed_loop_load(router.url, CLIENTS, max(0.0, CLIENTS / rate - 0.02), stop)
+        if closed
+        else open_loop_load(router.url, rate, stop)
+    )
+    result: dict[str, Any] = {"seconds": None}
+    try:
+        async with aiohttp.ClientSession() as session:
+            with previous_analysis() if baseline else contextlib.nullcontext():
+                md = dict(mds[0])
+                md["status"] = m.step(
+                    md, await _observe(session, servers, rev_a), datetime.datetime.now(UTC)
+                ).status
+                md = {**mds[1], "status": md["status"]}
+                first = None
+                end = time.monotonic() + THIN_REAL_CAP_S + 5
+                while time.monotonic() < end:
+                    decided = m.step(
+                        md, await _observe(session, servers, rev_b), datetime.datetime.now(UTC)
+                    )
+                    md["status"] = decided.status
+                    wait = _apply(router, decided)
+                    weight = router.backends[rev_b.name].weight
+                    if first is None and weight > 0:
+                        first = time.monotonic()
+                    elif first is not None and weight == 0:
+                        result["seconds"] = time.monotonic() - first
+                        result["why"] = decided.status.get("message", "")
+                        break
+                    if first is not None and time.monotonic() - first > THIN_REAL_CAP_S:
+                        break
+                    await asyncio.sleep(min(wait, 1.0))
+    finally:
+        stop.set()
+        await load
+        result["served"] = canary.counters.total
+        await router.stop()
+        await stable.stop()
+        await canary.stop()
+    return result
+
+
+THIN_REAL_CAP_S = 60.0
 
 
 # --- part 2: virtual time ------------------------------------------------------------------------
@@ -478,6 +580,225 @@ def sim_baseline(
     return {"rolled_back": False, "detect_s": None, "bad_requests": bad_requests}
 
 
+# --- part 3: thin traffic, open- and closed-loop clients (issue 16) ------------------------------
+
+# kubetune_server's real buckets (server-image/kubetune_server/metrics.py).
+LAT_BOUNDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+TTFT_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# A healthy request: time to first token plus decoding, whose length varies with the answer.
+TTFT_MEDIAN, DECODE_MEDIAN = 0.02, 0.08
+# Closed loop: CLIENTS callers, each waits THINK seconds after an answer; sized so that healthy
+# revisions see ``rate`` requests/s in total.
+CLIENTS = 4
+# (ttft factor, decode factor, maxLatencyRatio, should it be rolled back?)
+SCENARIOS = {
+    "slow canary (latency x30)": (30.0, 30.0, None, True),
+    "slow decoding (decode x4, TTFT same)": (1.0, 4.0, None, True),
+    "1.5x slower canary, maxLatencyRatio 2": (1.5, 1.5, 2.0, False),
+    "healthy canary": (1.0, 1.0, None, False),
+}
+
+
+class _Server:
+    """Cumulative counters of one revision with separate latency and TTFT histograms."""
+
+    def __init__(self) -> None:
+        self.lat = [0] * len(LAT_BOUNDS)
+        self.ttft = [0] * len(TTFT_BOUNDS)
+        self.total = 0
+
+    def observe(self, latency: float, ttft: float) -> None:
+        self.total += 1
+        for i, b in enumerate(LAT_BOUNDS):
+            if latency <= b:
+                self.lat[i] += 1
+        for i, b in enumerate(TTFT_BOUNDS):
+            if ttft <= b:
+                self.ttft[i] += 1
+
+    def counters(self) -> an.RevisionCounters:
+        t = float(self.total)
+        return an.RevisionCounters(
+            t,
+            0.0,
+            an.Histogram(LAT_BOUNDS, tuple(float(c) for c in self.lat), t),
+            an.Histogram(TTFT_BOUNDS, tuple(float(c) for c in self.ttft), t),
+            pods=1,
+        )
+
+
+class EventTraffic:
+    """Discrete-event clients in virtual time: open loop (Poisson) or closed loop (CLIENTS).
+
+    A request is routed by the weights at the moment it is sent and counted by its server when
+    it completes, like kubetune_server's /metrics; a closed-loop client waits for the answer.
+    """
+
+    def __init__(self, rng: random.Random, closed: bool, rate: float, factors: dict) -> None:
+        import heapq
+
+        self.heapq = heapq
+        self.rng, self.closed, self.rate, self.factors = rng, closed, rate, factors
+        self.servers = {name: _Server() for name in factors}
+        self.routed = dict.fromkeys(factors, 0)
+        mean = math.exp(math.log(TTFT_MEDIAN) + 0.3**2 / 2) + math.exp(
+            math.log(DECODE_MEDIAN) + 0.5**2 / 2
+        )
+        self.think = max(0.0, CLIENTS / rate - mean)
+        self.events: list[tuple[float, int, str, str]] = []
+        self.seq = 0
+        if closed:
+            for _ in range(CLIENTS):
+                self._push(rng.random() * CLIENTS / rate, "send", "")
+        else:
+            self._push(rng.expovariate(rate), "send", "")
+
+    def _push(self, at: float, kind: str, data: str) -> None:
+        self.seq += 1
+        self.heapq.heappush(self.events, (at, self.seq, kind, data))
+
+    def latency(self, name: str) -> tuple[float, float]:
+        tf, df = self.factors[name]
+        ttft = tf * self.rng.lognormvariate(math.log(TTFT_MEDIAN), 0.3)
+        return ttft + df * self.rng.lognormvariate(math.log(DECODE_MEDIAN), 0.5), ttft
+
+    def run_until(self, until: float, weights: dict[str, int]) -> None:
+        names = [n for n in self.factors if weights.get(n, 0) > 0]
+        w = [weights[n] for n in names]
+        while self.events and self.events[0][0] <= until:
+            at, _, kind, data = self.heapq.heappop(self.events)
+            if kind == "send":
+                name = self.rng.choices(names, w)[0]
+                self.routed[name] += 1
+                lat, ttft = self.latency(name)
+                self._push(at + lat, "done", f"{name}|{lat}|{ttft}")
+                if not self.closed:
+                    self._push(at + self.rng.expovariate(self.rate), "send", "")
+            else:
+                name, lat, ttft = data.split("|")
+                self.servers[name].observe(float(lat), float(ttft))
+                if self.closed:
+                    self._push(at + self.think, "send", "")
+
+
+@contextlib.contextmanager
+def previous_analysis():
+    """The analysis before issue 16: every interval judged alone (Argo Rollouts' and Flagger's
+    model), latency only as p95 at minSamples, no starvation evidence."""
+    saved = an.sequential_latency, an.starvation
+    an.sequential_latency = lambda *_a, **_k: []  # type: ignore[assignment]
+    an.starvation = lambda *_a, **_k: None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        an.sequential_latency, an.starvation = saved
+
+
+def sim_scenario(
+    rng: random.Random, closed: bool, rate: float, scenario: str, baseline: bool = False
+) -> dict:
+    """One rollout of a canary that is like ``scenario`` from its first request."""
+    tf, df, ratio, _bad = SCENARIOS[scenario]
+    analysis: dict[str, Any] = {"interval": "10s", "minSamples": 20, "failureLimit": 1}
+    if ratio is not None:
+        analysis["thresholds"] = {"maxLatencyRatio": ratio}
+    if baseline:
+        analysis["poolWindow"] = "0s"
+    mds = []
+    for adapter in ("file:///models/a", "file:///models/b"):
+        md = make_md(adapter, DEFAULT_STEPS)
+        md["spec"]["rollout"]["analysis"] = analysis
+        md["spec"]["rollout"]["progressDeadlineSeconds"] = 600
+        mds.append(md)
+    rev_a, rev_b = revision_of(mds[0]), revision_of(mds[1])
+    traffic = EventTraffic(rng, closed, rate, {rev_a.name: (1.0, 1.0), rev_b.name: (tf, df)})
+    now = datetime.datetime(2026, 1, 1, tzinfo=UTC)
+    md = {**mds[0]}
+    md["status"] = m.step(
+        md, m.Observed(rev_a, {rev_a.name: m.RevisionObservation(1, 1, True)}, "local"), now
+    ).status
+    md = {**mds[1], "status": md["status"]}
+    weights = {rev_a.name: 100, rev_b.name: 0}
+    t, first = 0.0, None
+    with previous_analysis() if baseline else contextlib.nullcontext():
+        while t < 900:
+            traffic.run_until(t, weights)
+            obs = m.Observed(
+                rev_b,
+                {
+                    n: m.RevisionObservation(1, 1, True, counters=s.counters())
+                    for n, s in traffic.servers.items()
+                },
+                "local",
+            )
+            decided = m.step(md, obs, now + datetime.timedelta(seconds=t))
+            md["status"] = st = decided.status
+            wait = 1.0
+            for a in decided.actions:
+                if isinstance(a, m.SetWeights):
+                    weights = dict(a.weights)
+                elif isinstance(a, m.Requeue):
+                    wait = a.seconds
+            if first is None and weights.get(rev_b.name, 0) > 0:
+                first = t
+            if st.get("phase") in ("RolledBack", "Healthy") and "canary" not in st:
+                return {
+                    "rolled_back": st["phase"] == "RolledBack",
+                    "seconds": t - (first or 0.0),
+                    "exposed": traffic.routed[rev_b.name],
+                    "why": st.get("message", ""),
+                }
+            t += max(0.1, min(wait, 5.0))
+    return {"rolled_back": False, "seconds": None, "exposed": traffic.routed[rev_b.name]}
+
+
+def thin_traffic_section(args: argparse.Namespace) -> list[str]:
+    """Issue 16's table: bad canaries caught (seconds, requests), healthy ones not rolled back."""
+    rng = random.Random(args.seed + 16)
+    t0 = time.perf_counter()
+    rows = []
+    for scenario, (_tf, _df, _ratio, bad) in SCENARIOS.items():
+        runs = args.thin_bad_runs if bad else args.sim_runs
+        for closed in (True, False):
+            for baseline in (False, True):
+                n = runs if not baseline or bad else max(args.thin_bad_runs, runs // 4)
+                got = [
+                    sim_scenario(rng, closed, args.thin_rate, scenario, baseline) for _ in range(n)
+                ]
+                rows.append((scenario, closed, baseline, bad, got))
+    wall = time.perf_counter() - t0
+    out = [
+        f"thin traffic (issue 16), virtual time ({wall:.0f}s wall): {args.thin_rate:g} req/s, "
+        f"closed loop = {CLIENTS} clients that wait for each answer, open loop = Poisson; "
+        "default steps (10%, 2 intervals, 50%, 2 intervals), interval 10s, minSamples 20, "
+        "maxLatencyRatio 1.5 unless said; the canary is what the scenario says from its first request",
+        "",
+        "| scenario | clients | analysis | runs | rolled back | seconds first traffic -> weight 0 (rolled back) | requests to the canary |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    verdict_ok = True
+    for scenario, closed, baseline, bad, got in rows:
+        rb = [r for r in got if r["rolled_back"]]
+        secs = [r["seconds"] for r in rb if r["seconds"] is not None]
+        exposed = [float(r["exposed"]) for r in (rb if bad else got)]
+        who = "previous (each interval alone)" if baseline else "kubetune (pooled, sequential)"
+        out.append(
+            f"| {scenario} | {'closed' if closed else 'open'} | {who} | {len(got)} | "
+            f"{len(rb)} ({len(rb) / max(1, len(got)):.1%}) | {_fmt(secs)} | {_fmt(exposed)} |"
+        )
+        if not baseline:
+            if bad:
+                verdict_ok &= len(rb) == len(got) and (not closed or max(secs or [1e9]) <= 30)
+            else:
+                verdict_ok &= not rb
+    out.append("")
+    out.append(
+        "goal (every bad canary at weight 0 within 30 s closed-loop, 0 false rollbacks): "
+        + ("met" if verdict_ok else "NOT met")
+    )
+    return out
+
+
 # --- reporting -----------------------------------------------------------------------------------
 
 
@@ -603,6 +924,41 @@ async def main_async(args: argparse.Namespace) -> str:
         )
     target = bool(o_det) and max(o_det) < 30 and o_fr == 0 and h_fr == 0
     say(f"target (< 30 s to weight 0, no false rollbacks): {'met' if target else 'NOT met'}")
+    if args.thin_real_runs:
+        say("")
+        say(
+            f"thin traffic (issue 16), real HTTP on loopback through the local router: "
+            f"{args.thin_rate:g} req/s, closed loop = {CLIENTS} clients that wait for each answer, "
+            "open loop = fixed schedule; default steps, interval 10s, minSamples 20; the canary is "
+            f"slow from its first request; runs end at weight 0 or after {THIN_REAL_CAP_S:.0f}s"
+        )
+        say("")
+        say(
+            "| slow canary, real traffic | clients | analysis | runs | at weight 0 | "
+            "seconds first traffic -> weight 0 | requests the canary served |"
+        )
+        say("|---|---|---|---|---|---|---|")
+        for slow in (30.0, 4.0):
+            for closed in (True, False):
+                for baseline in (False, True):
+                    got = [
+                        await real_thin_run(slow, closed, baseline, args.thin_rate, 200 + i)
+                        for i in range(args.thin_real_runs)
+                    ]
+                    secs = [r["seconds"] for r in got if r["seconds"] is not None]
+                    who = (
+                        "previous (each interval alone)"
+                        if baseline
+                        else "kubetune (pooled, sequential)"
+                    )
+                    say(
+                        f"| latency x{slow:g} | {'closed' if closed else 'open'} | {who} | {len(got)} | "
+                        f"{len(secs)} | {_fmt(secs) if secs else f'none within {THIN_REAL_CAP_S:.0f}s'} | "
+                        f"{_fmt([float(r['served']) for r in got])} |"
+                    )
+    if args.thin_bad_runs:
+        say("")
+        lines.extend(thin_traffic_section(args))
     return "\n".join(lines)
 
 
@@ -621,6 +977,18 @@ def main() -> int:
     parser.add_argument("--sim-runs", type=int, default=400)
     parser.add_argument(
         "--slow-factor", type=float, default=10.0, help="latency multiple of a slow canary"
+    )
+    parser.add_argument(
+        "--thin-rate", type=float, default=16.0, help="req/s of the thin-traffic scenarios"
+    )
+    parser.add_argument(
+        "--thin-bad-runs", type=int, default=50, help="runs per bad thin-traffic scenario (0: skip)"
+    )
+    parser.add_argument(
+        "--thin-real-runs",
+        type=int,
+        default=1,
+        help="real-traffic runs per thin scenario (0: skip)",
     )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
