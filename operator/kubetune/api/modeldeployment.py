@@ -337,8 +337,8 @@ class AnalysisSpec(Model):
         default="1m",
         description=(
             "Consecutive inconclusive intervals at the same step pool their samples while the oldest"
-            " pooled sample is at most this old (builtin provider); a window shorter than interval"
-            " judges every interval alone."
+            " pooled sample is at most this old, and at most 20 intervals (builtin provider); a"
+            " window shorter than interval judges every interval alone."
         ),
         pattern=DURATION_PATTERN,
     )

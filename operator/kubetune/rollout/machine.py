@@ -60,8 +60,9 @@ from kubetune.rollout.revisions import ModelProblem, Revision
 # How many analysis results status keeps (newest last); failureLimit counts within them.
 MAX_ANALYSIS_RESULTS = 30
 MAX_REJECTED = 10
-# Most interval starts a pool keeps (poolWindow bounds it first in any sane spec).
-MAX_POOLED = 60
+# Most interval starts a pool keeps: each holds both revisions' counters in status, so a short
+# interval with a long poolWindow must not grow the object without bound.
+MAX_POOLED = 20
 # Requeue periods (seconds).
 STEADY_REQUEUE = 30.0
 WAIT_REQUEUE = 2.0
