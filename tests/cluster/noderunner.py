@@ -697,7 +697,6 @@ class NodeRunner:
             "podIP": run.ip,
             "podIPs": [{"ip": run.ip}],
             "startTime": run.start_time,
-            "qosClass": "Burstable",
             "conditions": [
                 cond("PodScheduled", True),
                 cond(

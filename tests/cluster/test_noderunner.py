@@ -1,0 +1,152 @@
+"""The node runner does what a kubelet does for the pods the tier runs (plain Pods, no operator).
+
+- two pods serving the same port each get their own address, are Ready by their readiness
+  probe, and answer on ``podIP:port``; the EndpointSlice controller publishes them;
+- a container that fails is restarted under ``OnFailure``: ``restartCount``, ``lastState`` with
+  the exit code and the termination message, then Succeeded;
+- deleting a pod sends SIGTERM and waits the grace period before the pod is gone.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from kubetune.k8s.client import KubeClient
+from tests.cluster.controlplane import ControlPlane
+from tests.plugins.kube import wait_for, wait_for_object
+
+
+def pod(namespace: str, name: str, script: str, **spec: Any) -> dict[str, Any]:
+    container = {
+        "name": "main",
+        "image": "python:3.11-slim",  # the runner runs the command on the host's interpreter
+        "command": ["python", "-c", textwrap.dedent(script)],
+        **spec.pop("container", {}),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app": "probe-test"}},
+        "spec": {"containers": [container], "restartPolicy": "Never", **spec},
+    }
+
+
+def ready(obj: dict[str, Any]) -> bool:
+    conds = {c["type"]: c["status"] for c in (obj.get("status") or {}).get("conditions") or []}
+    return conds.get("Ready") == "True"
+
+
+async def test_pods_on_the_same_port_get_their_own_address_and_readiness(
+    cluster_nodes: Any, cluster_kube: KubeClient, cluster_namespace: str
+) -> None:
+    ns, kube = cluster_namespace, cluster_kube
+    serve = "import http.server as h; h.ThreadingHTTPServer(('0.0.0.0', 8000), h.SimpleHTTPRequestHandler).serve_forever()"
+    probe = {"readinessProbe": {"httpGet": {"path": "/", "port": 8000}, "periodSeconds": 1}}
+    await kube.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "same-port", "namespace": ns},
+            "spec": {
+                "selector": {"app": "probe-test"},
+                "ports": [{"port": 80, "targetPort": 8000}],
+            },
+        }
+    )
+    for name in ("a", "b"):
+        await kube.create(
+            pod(ns, name, serve, container={"ports": [{"containerPort": 8000}], **probe})
+        )
+    ips = []
+    for name in ("a", "b"):
+        obj = await wait_for_object(kube, "v1", "Pod", ns, name, ready, timeout=60)
+        ips.append(obj["status"]["podIP"])
+        with urllib.request.urlopen(f"http://{obj['status']['podIP']}:8000/", timeout=10) as resp:
+            assert resp.status == 200
+    assert len(set(ips)) == 2, ips
+
+    async def published() -> list[str]:
+        slices = await kube.list(
+            "discovery.k8s.io/v1",
+            "EndpointSlice",
+            ns,
+            labels={"kubernetes.io/service-name": "same-port"},
+        )
+        found = sorted(a for s in slices for e in s.get("endpoints") or [] for a in e["addresses"])
+        return found if found == sorted(ips) else []
+
+    await wait_for(published, timeout=30, what="both pods in the Service's EndpointSlice")
+
+
+async def test_failed_container_is_restarted_with_its_last_state_and_termination_message(
+    control_plane: ControlPlane,
+    cluster_nodes: Any,
+    cluster_kube: KubeClient,
+    cluster_namespace: str,
+) -> None:
+    ns, kube = cluster_namespace, cluster_kube
+    counter = control_plane.workdir / f"{ns}-attempts"
+    script = f"""
+        import pathlib, sys
+        counter = pathlib.Path({str(counter)!r})
+        attempt = int(counter.read_text()) + 1 if counter.exists() else 1
+        counter.write_text(str(attempt))
+        pathlib.Path('/dev/termination-log').write_text(f'attempt {{attempt}}')
+        sys.exit(3 if attempt == 1 else 0)
+    """
+    await kube.create(pod(ns, "flaky", script, restartPolicy="OnFailure"))
+    obj = await wait_for_object(
+        kube,
+        "v1",
+        "Pod",
+        ns,
+        "flaky",
+        lambda o: (o.get("status") or {}).get("phase") == "Succeeded",
+        timeout=60,
+    )
+    status = obj["status"]["containerStatuses"][0]
+    assert status["restartCount"] == 1
+    assert status["lastState"]["terminated"]["exitCode"] == 3
+    assert status["lastState"]["terminated"]["message"] == "attempt 1"
+    assert status["state"]["terminated"] == {
+        **status["state"]["terminated"],
+        "exitCode": 0,
+        "message": "attempt 2",
+    }
+
+
+async def test_deleted_pod_gets_sigterm_and_its_grace_period(
+    control_plane: ControlPlane,
+    cluster_nodes: Any,
+    cluster_kube: KubeClient,
+    cluster_namespace: str,
+) -> None:
+    ns, kube = cluster_namespace, cluster_kube
+    marker = control_plane.workdir / f"{ns}-term"
+    script = f"""
+        import pathlib, signal, sys, time
+        def term(*_):
+            time.sleep(1)  # a short drain, well inside the grace period
+            pathlib.Path({str(marker)!r}).write_text('drained after SIGTERM')
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, term)
+        pathlib.Path('/dev/termination-log').write_text('started')
+        while True:
+            time.sleep(0.1)
+    """
+    await kube.create(pod(ns, "drains", script, terminationGracePeriodSeconds=20))
+    await wait_for_object(
+        kube, "v1", "Pod", ns, "drains", lambda o: (o.get("status") or {}).get("phase") == "Running"
+    )
+    await kube.delete("v1", "Pod", ns, "drains")
+
+    async def gone() -> bool:
+        return await kube.get("v1", "Pod", ns, "drains") is None
+
+    await wait_for(
+        gone, timeout=30, interval=0.2, what="the pod removed after its processes stopped"
+    )
+    assert Path(marker).read_text() == "drained after SIGTERM"
