@@ -286,6 +286,17 @@ class Component:
             os.killpg(pgid, signal.SIGKILL)
 
 
+def _client_flags(kubeconfig: Path) -> list[str]:
+    """What the controller-manager and the scheduler share: who they are, where they serve."""
+    return [
+        f"--kubeconfig={kubeconfig}",
+        f"--authentication-kubeconfig={kubeconfig}",
+        f"--authorization-kubeconfig={kubeconfig}",
+        "--bind-address=127.0.0.1",
+        f"--secure-port={free_port()}",
+    ]
+
+
 @dataclass
 class ControlPlane:
     """etcd + kube-apiserver + kube-controller-manager + kube-scheduler on loopback."""
@@ -400,11 +411,7 @@ class ControlPlane:
             "kube-controller-manager",
             [
                 str(self.bin_dir / "kube-controller-manager"),
-                f"--kubeconfig={kcm_config}",
-                f"--authentication-kubeconfig={kcm_config}",
-                f"--authorization-kubeconfig={kcm_config}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={free_port()}",
+                *_client_flags(kcm_config),
                 f"--service-account-private-key-file={sa_private}",
                 f"--root-ca-file={ca}",
                 f"--cluster-signing-cert-file={ca}",
@@ -424,11 +431,7 @@ class ControlPlane:
             "kube-scheduler",
             [
                 str(self.bin_dir / "kube-scheduler"),
-                f"--kubeconfig={sched_config}",
-                f"--authentication-kubeconfig={sched_config}",
-                f"--authorization-kubeconfig={sched_config}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={free_port()}",
+                *_client_flags(sched_config),
                 "--leader-elect=false",
                 "--profiling=false",
                 "--v=1",

@@ -367,61 +367,43 @@ class NodeRunner:
         return []
 
     async def _fill_volume(self, run: PodRun, volume: dict[str, Any], target: Path) -> str | None:
-        """Write one volume's files; returns what is missing (retry later) or None."""
-        ns = run.namespace
+        """Write one volume's files; returns what is missing (retry later) or None.
+
+        Secret and ConfigMap sources are the same whether a volume or a projection names them
+        (a volume's Secret says ``secretName``, a projection's ``name``).
+        """
+        sources: list[tuple[str, dict[str, Any]]] = []
         if "secret" in volume:
-            src = volume["secret"]
-            secret = await self.client.get("v1", "Secret", ns, src["secretName"])
-            if secret is None:
-                return None if src.get("optional") else f'secret "{src["secretName"]}" not found'
-            self._write_items(
-                target,
-                {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()},
-                src.get("items"),
-            )
+            sources.append(("Secret", {**volume["secret"], "name": volume["secret"]["secretName"]}))
         elif "configMap" in volume:
-            src = volume["configMap"]
-            cm = await self.client.get("v1", "ConfigMap", ns, src["name"])
-            if cm is None:
-                return None if src.get("optional") else f'configmap "{src["name"]}" not found'
-            self._write_items(
-                target, {k: v.encode() for k, v in (cm.get("data") or {}).items()}, src.get("items")
+            sources.append(("ConfigMap", volume["configMap"]))
+        for source in (volume.get("projected") or {}).get("sources") or []:
+            if "serviceAccountToken" in source:
+                sat = source["serviceAccountToken"]
+                (target / sat.get("path", "token")).write_text(await self._token(run, sat))
+            elif "downwardAPI" in source:
+                for item in source["downwardAPI"].get("items") or []:
+                    path = item.get("fieldRef", {}).get("fieldPath", "")
+                    value = {"metadata.namespace": run.namespace, "metadata.name": run.name}.get(
+                        path, ""
+                    )
+                    (target / item["path"]).write_text(value)
+            elif "secret" in source or "configMap" in source:
+                kind = "Secret" if "secret" in source else "ConfigMap"
+                sources.append((kind, source["secret" if kind == "Secret" else "configMap"]))
+        for kind, src in sources:
+            obj = await self.client.get("v1", kind, run.namespace, src["name"])
+            if obj is None:
+                if src.get("optional"):
+                    continue
+                return f'{kind.lower()} "{src["name"]}" not found'
+            data = obj.get("data") or {}
+            decoded = (
+                {k: base64.b64decode(v) for k, v in data.items()}
+                if kind == "Secret"
+                else {k: v.encode() for k, v in data.items()}
             )
-        elif "projected" in volume:
-            for source in volume["projected"].get("sources") or []:
-                if "serviceAccountToken" in source:
-                    sat = source["serviceAccountToken"]
-                    token = await self._token(run, sat)
-                    (target / sat.get("path", "token")).write_text(token)
-                elif "configMap" in source:
-                    src = source["configMap"]
-                    cm = await self.client.get("v1", "ConfigMap", ns, src["name"])
-                    if cm is None:
-                        if src.get("optional"):
-                            continue
-                        return f'configmap "{src["name"]}" not found'
-                    self._write_items(
-                        target,
-                        {k: v.encode() for k, v in (cm.get("data") or {}).items()},
-                        src.get("items"),
-                    )
-                elif "downwardAPI" in source:
-                    for item in source["downwardAPI"].get("items") or []:
-                        path = item.get("fieldRef", {}).get("fieldPath", "")
-                        value = {"metadata.namespace": ns, "metadata.name": run.name}.get(path, "")
-                        (target / item["path"]).write_text(value)
-                elif "secret" in source:
-                    src = source["secret"]
-                    secret = await self.client.get("v1", "Secret", ns, src["name"])
-                    if secret is None:
-                        if src.get("optional"):
-                            continue
-                        return f'secret "{src["name"]}" not found'
-                    self._write_items(
-                        target,
-                        {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()},
-                        src.get("items"),
-                    )
+            self._write_items(target, decoded, src.get("items"))
         # emptyDir: the folder itself; hostPath and others are not supported by this runner.
         return None
 
