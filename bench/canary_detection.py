@@ -65,7 +65,6 @@ from kubetune.local.router import WeightedRouter
 from kubetune.rollout import analysis as an
 from kubetune.rollout import machine as m
 from kubetune.rollout.revisions import Revision, resolve
-from kubetune_server.metrics import LATENCY_BUCKETS
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -584,7 +583,7 @@ def sim_baseline(
 # --- part 3: thin traffic, open- and closed-loop clients (issue 16) ------------------------------
 
 # kubetune_server's real buckets (server-image/kubetune_server/metrics.py).
-LAT_BOUNDS = LATENCY_BUCKETS
+LAT_BOUNDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 TTFT_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # A healthy request: time to first token plus decoding, whose length varies with the answer.
 TTFT_MEDIAN, DECODE_MEDIAN = 0.02, 0.08
