@@ -311,7 +311,7 @@ class Cluster:
 
     def _start_kwok(self) -> None:
         from kubetune.local.containers import free_port
-        from kubetune.local.processes import _child_setup
+        from kubetune.local.processes import die_with_parent
 
         stages = kwok_stage_dir(self.cp.bin_dir)
         config = self.workdir / "kwok-stages.yaml"
@@ -334,7 +334,7 @@ class Cluster:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_child_setup,
+                preexec_fn=die_with_parent(),
             )
 
     def _nodes(self, timeout: float = 90.0) -> None:
@@ -617,7 +617,7 @@ class Watcher:
 
 async def run_cluster(n: int, timeout: float, keep: bool = False) -> dict:
     """The wave of N FineTuneJobs against a fresh real control plane with kwok nodes."""
-    from kubetune.local.processes import _child_setup
+    from kubetune.local.processes import die_with_parent
 
     workdir = REPO / ".kubetune" / f"bench-cluster-{os.getpid()}" / f"n{n}"
     t_start = time.monotonic()
@@ -634,7 +634,7 @@ async def run_cluster(n: int, timeout: float, keep: bool = False) -> dict:
         stdout=op_log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        preexec_fn=_child_setup,
+        preexec_fn=die_with_parent(),
     )
     client = KubeClient.from_kubeconfig(str(cluster.cp.kubeconfig))
     watcher = Watcher(cluster)

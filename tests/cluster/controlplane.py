@@ -19,8 +19,6 @@ etcd, kube-apiserver, kube-controller-manager and kube-scheduler are the binarie
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import datetime
 import ipaddress
 import json
@@ -28,7 +26,6 @@ import os
 import signal
 import ssl
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -43,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kubetune.local.containers import free_port
-from kubetune.local.processes import group_alive
+from kubetune.local.processes import die_with_parent, group_alive
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "tests" / "cluster" / "controlplane" / "build.sh"
@@ -233,17 +230,6 @@ def write_kubeconfig(
 # --------------------------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
-    """SIGKILL this component when the test process dies (PR_SET_PDEATHSIG).
-
-    SIGKILL, not SIGTERM: a kube-apiserver whose etcd is already gone hangs in its graceful
-    shutdown and outlived a killed test run (seen here).
-    """
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-
-
 @dataclass
 class Component:
     """One control-plane process."""
@@ -262,7 +248,9 @@ class Component:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                # SIGKILL, not SIGTERM: a kube-apiserver whose etcd is already gone hangs in
+                # its graceful shutdown and outlived a killed test run (seen here).
+                preexec_fn=die_with_parent(signal.SIGKILL),
             )
 
     def check(self) -> None:
@@ -442,7 +430,11 @@ class ControlPlane:
         try:
             etcd.start()
             apiserver.start()
-            self._wait_ready(apiserver, etcd, deadline=time.monotonic() + timeout)
+            self._wait_until(
+                lambda: self.request("GET", "/readyz")[0] == 200,
+                "/readyz",
+                time.monotonic() + timeout,
+            )
             controller_manager.start()
             scheduler.start()
             # The controller-manager is working once it has created the default ServiceAccount.
@@ -476,13 +468,6 @@ class ControlPlane:
                     f"control plane: no {what} in time (logs: {self.workdir / 'logs'})"
                 )
             time.sleep(0.2)
-
-    def _wait_ready(self, apiserver: Component, etcd: Component, deadline: float) -> None:
-        def ready() -> bool:
-            status, _ = self.request("GET", "/readyz")
-            return status == 200
-
-        self._wait_until(ready, "/readyz", deadline)
 
     # --- plain admin requests (fixtures and setup; tests use KubeClient or kubectl) -----------
 

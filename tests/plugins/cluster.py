@@ -37,7 +37,7 @@ import pytest
 import yaml
 
 from kubetune.k8s.client import KubeClient
-from kubetune.local.processes import _child_setup, group_alive, read_registry
+from kubetune.local.processes import die_with_parent, group_alive, read_registry
 from tests.cluster.controlplane import ControlPlane
 
 REPO = Path(__file__).resolve().parents[2]
@@ -147,7 +147,7 @@ class NodeRunnerProcess:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_child_setup,
+                preexec_fn=die_with_parent(),
             )
 
     def wait_ready(self, timeout: float = 60.0) -> None:

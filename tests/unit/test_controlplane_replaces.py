@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -66,7 +67,7 @@ def test_committed_replace_block_is_what_the_script_generates(tmp_path: Path) ->
         capture_output=True,
         text=True,
         check=True,
-        env={**__import__("os").environ, "GOFLAGS": "", "GO111MODULE": "on"},
+        env={**os.environ, "GOFLAGS": "", "GO111MODULE": "on"},
     )
     upstream = Path(json.loads(info.stdout)["GoMod"]).read_text()
     committed = (CONTROLPLANE / "go.mod").read_text()

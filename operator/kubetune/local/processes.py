@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,19 @@ from typing import Any
 _PR_SET_PDEATHSIG = 1
 
 
-def _child_setup() -> None:  # pragma: no cover - runs in the forked child
-    """Ask the kernel to SIGTERM this child when its parent dies (Linux only; best effort)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A ``preexec_fn``: the kernel sends ``sig`` to the child when its parent dies.
+
+    ``PR_SET_PDEATHSIG`` (Linux only; best effort elsewhere). SIGTERM lets a trainer save a
+    checkpoint; processes with nothing to save may ask for SIGKILL.
+    """
+
+    def setup() -> None:  # pragma: no cover - runs in the forked child
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(Exception):
+                ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
+
+    return setup
 
 
 def process_start_time(pid: int) -> int | None:
@@ -154,7 +163,7 @@ class Supervisor:
                 stdout=stdout,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_child_setup,
+                preexec_fn=die_with_parent(),
             )
         except FileNotFoundError as exc:
             raise RuntimeError(
