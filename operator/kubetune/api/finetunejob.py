@@ -178,6 +178,14 @@ class HyperParameters(Model):
         default="auto", description="auto picks bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU."
     )
     seed: int = Field(default=42, ge=0, description="Seed for initialisation, data order and dropout.")
+    gradient_checkpointing: bool | None = Field(
+        default=None,
+        description=(
+            "Recompute each decoder layer's activations in the backward pass instead of keeping "
+            "them (less memory, about a third more compute). Unset (auto): on when the memory "
+            "estimate of the validation step says the job needs it to fit resources.gpuMemory."
+        ),
+    )
 
 
 class EarlyStopping(Model):
@@ -226,6 +234,16 @@ class TrainResources(Model):
         default="32Gi", description="Memory request and limit per pod (Kubernetes quantity).", pattern=r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?|[eE][0-9]+)?$"
     )
     priority_class_name: str | None = name_ref_field("PriorityClass of the trainer pods.")
+    gpu_memory: str | None = Field(
+        default=None,
+        description=(
+            "Memory of one GPU (Kubernetes quantity, e.g. 80Gi) for the memory pre-flight: the "
+            "validation step fails the job when the estimated peak per GPU exceeds it. Unset: "
+            "taken from gpuNodeSelector's nvidia.com/gpu.product when that names a known GPU "
+            "(docs/training.md lists them), else the pre-flight only reports the estimate."
+        ),
+        pattern=r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?|[eE][0-9]+)?$",
+    )
 
 
 class RetrySpec(Model):
@@ -349,6 +367,22 @@ class DataReportSummary(Model):
     report_uri: str | None = Field(default=None, description="Full data report (JSON).")
 
 
+class MemoryEstimate(Model):
+    """Peak memory per GPU estimated by the validation step from the base model's config.json."""
+
+    per_gpu_gib: float = Field(description="Estimated peak per GPU (GiB): the sum of the parts below plus overhead.")
+    gpu_memory_gib: float | None = Field(default=None, description="Memory of one GPU (GiB), from resources.gpuMemory or the GPU product; null when unknown.")
+    fits: bool | None = Field(default=None, description="Whether the estimate fits gpuMemoryGiB; null when it is unknown.")
+    parameters: int | None = Field(default=None, description="Parameters of the base model (from its config).")
+    world_size: int | None = Field(default=None, description="Training processes (nodes x GPUs per node).")
+    sharded: bool | None = Field(default=None, description="Whether weights, gradients and optimizer state are sharded over worldSize (FSDP).")
+    gradient_checkpointing: bool | None = Field(default=None, description="Whether the estimate assumes gradient checkpointing (auto resolves to what fits).")
+    parts_gib: dict[str, float] | None = Field(
+        default=None, description="The estimate by part (GiB): weights, gradients, optimizer, activations, logits, overhead."
+    )
+    message: str | None = Field(default=None, description="The verdict in words, with what to change when it does not fit.")
+
+
 class Artifact(Model):
     """The published model."""
 
@@ -376,6 +410,9 @@ class FineTuneJobStatus(Model):
     last_failure_reason: str | None = Field(default=None, description="Reason of the last failed attempt.")
     last_failure_time: str | None = Field(default=None, description="When the last attempt failed.")
     data_report: DataReportSummary | None = Field(default=None, description="Summary of the data validation.")
+    memory_estimate: MemoryEstimate | None = Field(
+        default=None, description="Peak GPU memory estimated by the validation step (docs/training.md)."
+    )
     artifact: Artifact | None = Field(default=None, description="The published model, once Succeeded.")
     start_time: str | None = Field(default=None, description="When the job started.")
     completion_time: str | None = Field(default=None, description="When the job finished.")
