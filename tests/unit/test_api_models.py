@@ -45,3 +45,30 @@ def test_crd_schema_is_structural(name):
     """No $ref, anyOf or additionalProperties:false survive: the API server would refuse them."""
     text = str(all_crds()[name])
     assert "$ref" not in text and "anyOf" not in text and "'additionalProperties': False" not in text
+
+
+@pytest.mark.parametrize(
+    ("method", "strategy", "resolved"),
+    [
+        ("full", "auto", "fsdp"),
+        ("lora", "auto", "ddp"),
+        ("qlora", "auto", "ddp"),
+        ("lora", "fsdp", "fsdp"),
+        ("full", "ddp", "ddp"),
+    ],
+)
+def test_distributed_strategy_auto_follows_the_method_only(method, strategy, resolved):
+    from kubetune.api.finetunejob import resolve_strategy
+
+    # nodes and gpus never enter: a job resized between attempts keeps its checkpoint layout.
+    for nodes, gpus in ((1, 0), (4, 8)):
+        spec = FineTuneJob.model_validate(
+            _ftj(method={"type": method}, distributed={"strategy": strategy}, nodes=nodes, resources={"gpus": gpus})
+        ).spec
+        assert resolve_strategy(spec) == resolved
+
+
+def test_gradient_checkpointing_defaults_to_unset_meaning_auto():
+    spec = FineTuneJob.model_validate(_ftj()).spec
+    assert spec.hyperparameters.gradient_checkpointing is None
+    assert spec.distributed.strategy == "auto"

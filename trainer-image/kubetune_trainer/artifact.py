@@ -106,6 +106,7 @@ def publish(trainer: Trainer) -> dict[str, Any]:
         "resumedFromStep": trainer.resumed_from,
         "tokensSeen": trainer.state.tokens_seen,
         "precision": trainer.precision,
+        "gradientCheckpointing": trainer.gradient_checkpointing,
         "worldSize": settings.dist.world_size,
         "image": settings.image,
         "packages": package_versions(),

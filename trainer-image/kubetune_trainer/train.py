@@ -178,6 +178,30 @@ def load_model(settings: Settings, base_dir: Path, device, load_dtype):
     return model
 
 
+def wants_gradient_checkpointing(spec) -> bool:
+    """``hyperparameters.gradientCheckpointing`` with unset resolved.
+
+    Unset means "where the memory needs it"; until the pre-flight memory estimate can say so for
+    this pod, unset is off (recomputing every layer costs about a third more compute).
+    """
+    flag = spec.hyperparameters.gradient_checkpointing
+    return bool(flag) if flag is not None else False
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant checkpoints).
+
+    NB: the non-reentrant form needs no ``requires_grad`` on the inputs (frozen embeddings under
+    LoRA), works under FSDP2, and restores the RNG state for the recompute, so dropout masks --
+    and therefore losses -- are the same as without checkpointing.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    except ValueError as exc:
+        raise ConfigError(f"hyperparameters.gradientCheckpointing: {exc}") from exc
+
+
 def trainable_state(model) -> dict[str, Any]:
     """The trainable parameters by name (what a checkpoint must keep)."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -354,6 +378,9 @@ class Trainer:
 
         seed_everything(hp.seed)
         self.model = load_model(self.settings, self.base_dir, self.device, load_dtype)
+        self.gradient_checkpointing = wants_gradient_checkpointing(spec)
+        if self.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         self.ddp = None
         if self.settings.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -367,10 +394,11 @@ class Trainer:
         n_train = sum(p.numel() for p in trainable_state(self.model).values())
         n_all = sum(p.numel() for p in self.model.parameters())
         log.info(
-            "%s on %s (%s): %d rows (%s), %d steps, %d/%d trainable parameters",
+            "%s on %s (%s%s): %d rows (%s), %d steps, %d/%d trainable parameters",
             spec.method.type,
             self.device,
             self.precision,
+            ", gradient checkpointing" if self.gradient_checkpointing else "",
             len(self.rows),
             "packed" if spec.dataset.packing else "padded",
             self.total_steps,

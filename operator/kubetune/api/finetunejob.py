@@ -246,6 +246,32 @@ class TrainResources(Model):
     )
 
 
+Strategy = Literal["auto", "ddp", "fsdp"]
+
+
+class DistributedSpec(Model):
+    """How the trainer processes (nodes x GPUs) share the model."""
+
+    strategy: Strategy = Field(
+        default="auto",
+        description=(
+            "ddp: every process holds the whole model and averages gradients (DistributedDataParallel). "
+            "fsdp: parameters, gradients and optimizer state are sharded across the processes "
+            "(PyTorch FSDP2, one unit per decoder layer; bf16 parameters with fp32 gradient reduction "
+            "on GPU) and checkpoints are written by every process (torch.distributed.checkpoint). "
+            "auto: fsdp for method.type full, ddp for lora and qlora. The choice depends on the spec "
+            "only, never on the process count, so a job resumes after nodes or gpus change."
+        ),
+    )
+
+
+def resolve_strategy(spec: FineTuneJobSpec) -> Literal["ddp", "fsdp"]:
+    """``distributed.strategy`` with auto resolved (fsdp for full fine-tuning, ddp otherwise)."""
+    if spec.distributed.strategy != "auto":
+        return spec.distributed.strategy
+    return "fsdp" if spec.method.type == "full" else "ddp"
+
+
 class RetrySpec(Model):
     """What happens when a trainer pod or node is lost."""
 
@@ -262,6 +288,12 @@ class FineTuneJobSpec(Model):
                 "self.method.type != 'qlora' || self.resources.gpus > 0",
                 "method.type qlora needs resources.gpus >= 1 (4-bit quantisation runs on GPUs only)",
                 ".resources.gpus",
+            ),
+            cel(
+                "self.method.type != 'qlora' || self.distributed.strategy != 'fsdp'",
+                "distributed.strategy fsdp applies to method.type full and lora; qlora's 4-bit base "
+                "trains with ddp (set distributed.strategy to auto or ddp)",
+                ".distributed.strategy",
             ),
             cel(
                 "self.nodes == 1 || self.resources.gpus > 0",
@@ -296,6 +328,9 @@ class FineTuneJobSpec(Model):
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Object-store endpoint and credentials.")
     resources: TrainResources = Field(default_factory=TrainResources, description="GPUs, CPU, memory and placement.")
     nodes: int = Field(default=1, ge=1, le=MAX_NODES, description="Trainer pods (nodes); > 1 runs an Indexed Job with torchrun rendezvous.")
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec, description="How the trainer processes share the model: ddp or fsdp."
+    )
     image: str = Field(default=DEFAULT_TRAINER_IMAGE, description="Trainer container image.", min_length=1)
     retry: RetrySpec = Field(default_factory=RetrySpec, description="Automatic restart policy.")
     suspend: bool = Field(default=False, description="Stop the pods, keep the checkpoints; set back to false to resume.")
