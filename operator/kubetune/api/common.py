@@ -21,6 +21,8 @@ LABEL_OWNER = "kubetune.io/owner"
 LABEL_KIND = "kubetune.io/kind"
 LABEL_COMPONENT = "kubetune.io/component"
 LABEL_REVISION = "kubetune.io/revision"
+# Serving engine of a revision's pods (builtin, vllm): which metric map reads their /metrics.
+LABEL_ENGINE = "kubetune.io/engine"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 ANNOTATION_PROMOTE = "kubetune.io/promote"
 ANNOTATION_ABORT = "kubetune.io/abort"

@@ -292,7 +292,7 @@ class PrometheusProvider(Model):
     )
     error_rate_query: str | None = Field(
         default=None,
-        description="PromQL template; {{revision}} and {{namespace}} are substituted. Default uses kubetune_server metrics.",
+        description="PromQL template; {{revision}}, {{namespace}} and {{interval}} are substituted. Default: the error share from the metric map of the revision's engine (kubetune_server_requests_total for builtin, vLLM's http_requests_total for vllm).",
     )
     latency_p95_query: str | None = Field(
         default=None, description="PromQL template for p95 latency (seconds)."
@@ -528,10 +528,10 @@ class AnalysisResult(Model):
 
 
 class CounterSnapshot(Model):
-    """Cumulative kubetune_server counters of one revision, summed over its pods (built-in provider)."""
+    """Cumulative counters of one revision, summed over its pods (built-in provider; read through the engine's metric map)."""
 
     requests: float = Field(default=0.0, description="Requests served.")
-    errors: float = Field(default=0.0, description="5xx responses.")
+    errors: float = Field(default=0.0, description="Server errors (5xx responses).")
     latency_bounds: list[float] = Field(
         default_factory=list, description="Finite latency bucket bounds (seconds)."
     )
@@ -547,6 +547,8 @@ class CounterSnapshot(Model):
     )
     ttft_total: float = Field(default=0.0, description="TTFT observations (the +Inf bucket).")
     pods: int = Field(default=0, description="Pods scraped.")
+    generated_tokens: float = Field(default=0.0, description="Completion tokens generated.")
+    prompt_tokens: float = Field(default=0.0, description="Prompt tokens processed.")
 
 
 class PooledInterval(Model):

@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 from pydantic import ValidationError
 
-from kubetune.api.common import API_VERSION, LABEL_KIND, LABEL_OWNER, LABEL_REVISION
+from kubetune.api.common import API_VERSION, LABEL_ENGINE, LABEL_KIND, LABEL_OWNER, LABEL_REVISION
 from kubetune.api.conditions import Reason
 from kubetune.api.modeldeployment import KIND, ModelDeploymentSpec
 from kubetune.k8s import scraping
@@ -171,10 +171,13 @@ async def observe(client: KubeClient, md: Mapping[str, Any]) -> machine.Observed
         if rev:
             pods_by_rev.setdefault(rev, []).append(pod)
     observations: dict[str, machine.RevisionObservation] = {}
+    engines: dict[str, str | None] = {}
     for dep in deployments:
-        rev = ((dep.get("metadata") or {}).get("labels") or {}).get(LABEL_REVISION)
+        labels = (dep.get("metadata") or {}).get("labels") or {}
+        rev = labels.get(LABEL_REVISION)
         if rev:
             observations[rev] = observe_revision(dep, pods_by_rev.get(rev, []))
+            engines[rev] = labels.get(LABEL_ENGINE)
 
     # Metrics only while a canary runs (nothing to compare otherwise), for stable and canary.
     status = md.get("status") or {}
@@ -190,7 +193,7 @@ async def observe(client: KubeClient, md: Mapping[str, Any]) -> machine.Observed
                     continue
                 try:
                     interval_metrics[rev] = await scraping.query_prometheus(
-                        _session(), analysis.prometheus, ns, rev, analysis.interval
+                        _session(), analysis.prometheus, ns, rev, analysis.interval, engines.get(rev)
                     )
                 except (
                     aiohttp.ClientError,

@@ -5,8 +5,9 @@ Only the fetching lives here; the arithmetic (parsing, summing, interval deltas,
 
 Built-in provider: every *ready* pod of a revision is scraped at ``http://<podIP>:<port>/metrics``
 where the port is the pod's own container port named ``http`` (read from the pod, not the
-ModelDeployment spec, so a scrape always matches what the pod really listens on). The pods'
-cumulative counters are summed. When a ready pod cannot be scraped the whole revision is
+ModelDeployment spec, so a scrape always matches what the pod really listens on), and read
+through the metric map of the pod's own engine (its ``kubetune.io/engine`` label; none means
+builtin). The pods' cumulative counters are summed. When a ready pod cannot be scraped the whole revision is
 reported as not scraped: a sum over fewer pods than the baseline would go backwards and be
 discarded anyway, and an explicit error is clearer.
 """
@@ -20,8 +21,10 @@ from typing import Any
 
 import aiohttp
 
+from kubetune.api.common import LABEL_ENGINE
 from kubetune.rollout import analysis as an
 from kubetune.rollout import evalgate
+from kubetune.rollout.metricmaps import metric_map
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,11 @@ def pod_url(pod: Mapping[str, Any], port_name: str = "http") -> str | None:
     return None
 
 
+def pod_engine(pod: Mapping[str, Any]) -> str | None:
+    """The serving engine a pod runs (label ``kubetune.io/engine``; None: builtin)."""
+    return ((pod.get("metadata") or {}).get("labels") or {}).get(LABEL_ENGINE)
+
+
 def metrics_url(pod: Mapping[str, Any], port_name: str = "http") -> str | None:
     """``<pod_url>/metrics``; None without IP or port."""
     base = pod_url(pod, port_name)
@@ -69,16 +77,20 @@ async def scrape_revision(
     session: aiohttp.ClientSession, pods: Iterable[Mapping[str, Any]]
 ) -> tuple[an.RevisionCounters | None, str | None]:
     """Sum the counters of a revision's ready pods: ``(counters, None)`` or ``(None, error)``."""
-    urls = [u for u in (metrics_url(p) for p in pods if pod_is_ready(p)) if u]
-    if not urls:
+    targets = [
+        (url, pod_engine(p)) for p in pods if pod_is_ready(p) and (url := metrics_url(p))
+    ]
+    if not targets:
         return None, "no ready pods to scrape"
-    results = await asyncio.gather(*(_fetch(session, u) for u in urls), return_exceptions=True)
+    results = await asyncio.gather(
+        *(_fetch(session, url) for url, _ in targets), return_exceptions=True
+    )
     counters = []
-    for url, result in zip(urls, results, strict=True):
+    for (url, engine), result in zip(targets, results, strict=True):
         if isinstance(result, BaseException):
             return None, f"scraping {url} failed: {result}"
         try:
-            counters.append(an.counters_from_text(result))
+            counters.append(an.counters_from_text(result, metric_map(engine)))
         except ValueError as exc:
             return None, f"{url}: {exc}"
     return an.sum_counters(counters), None
@@ -110,13 +122,18 @@ async def query_prometheus(
     namespace: str,
     revision: str,
     interval_text: str,
+    engine: str | None = None,
 ) -> an.IntervalMetrics:
-    """Interval figures of one revision from Prometheus (``analysis.prometheus`` templates)."""
+    """Interval figures of one revision from Prometheus (``analysis.prometheus`` templates).
+
+    A template left unset defaults to the query of the revision's ``engine`` metric map.
+    """
+    defaults = an.default_queries(metric_map(engine))
     templates = {
-        "requests": provider.requests_query or an.DEFAULT_QUERIES["requests"],
-        "errorRate": provider.error_rate_query or an.DEFAULT_QUERIES["errorRate"],
-        "latencyP95": provider.latency_p95_query or an.DEFAULT_QUERIES["latencyP95"],
-        "ttftP95": provider.ttft_p95_query or an.DEFAULT_QUERIES["ttftP95"],
+        "requests": provider.requests_query or defaults["requests"],
+        "errorRate": provider.error_rate_query or defaults["errorRate"],
+        "latencyP95": provider.latency_p95_query or defaults["latencyP95"],
+        "ttftP95": provider.ttft_p95_query or defaults["ttftP95"],
     }
     values = {}
     for key, template in templates.items():

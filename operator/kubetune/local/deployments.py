@@ -34,7 +34,13 @@ from typing import Any
 
 import aiohttp
 
-from kubetune.local.containers import container_port, free_port, main_container, to_process
+from kubetune.local.containers import (
+    container_port,
+    free_port,
+    main_container,
+    pod_metadata_of,
+    to_process,
+)
 from kubetune.local.jobs import kubelet_exit_code
 from kubetune.local.processes import Supervisor
 from kubetune.local.router import WeightedRouter
@@ -374,11 +380,15 @@ class DeploymentDriver:
 
     async def scrape(self, state: MdepState, rev_name: str) -> Any:
         """Cumulative counters of a revision: every ready replica's /metrics, summed."""
+        from kubetune.api.common import LABEL_ENGINE
         from kubetune.rollout.analysis import counters_from_text, sum_counters
+        from kubetune.rollout.metricmaps import metric_map
 
         local = state.revisions.get(rev_name)
         if local is None:
             return None
+        # The same map the operator picks: the engine label of the revision's pod template.
+        metrics = metric_map(pod_metadata_of(local.manifest).get("labels", {}).get(LABEL_ENGINE))
         texts = []
         for replica in local.replicas:
             if not replica.ready:
@@ -391,7 +401,7 @@ class DeploymentDriver:
                 continue
         if not texts:
             return None
-        return sum_counters(counters_from_text(t) for t in texts)
+        return sum_counters(counters_from_text(t, metrics) for t in texts)
 
     # --- the router (HTTPRoute) ----------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Canary analysis math: Prometheus text parsing, interval deltas, quantiles and the verdict.
 
-The built-in provider scrapes every pod of a revision (``/metrics`` of kubetune_server, the
-names in docs/contracts.md) and sums them into ``RevisionCounters`` — cumulative counters since
+The built-in provider scrapes every pod of a revision (``/metrics`` of its serving engine, read
+through the engine's ``MetricMap``: kubetune.rollout.metricmaps) and sums them into ``RevisionCounters`` — cumulative counters since
 the pods started. An analysis interval is the *difference* of two such snapshots, the way
 Prometheus' ``increase()`` works, so the verdict is about the last interval only and a bad
 minute is not diluted by an hour of good history. The Prometheus provider skips all that: its
@@ -47,10 +47,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from kubetune.api.modeldeployment import AnalysisSpec
+from kubetune.rollout.metricmaps import BUILTIN_MAP, MetricMap
 
-REQUESTS = "kubetune_server_requests_total"
-LATENCY = "kubetune_server_request_duration_seconds"
-TTFT = "kubetune_server_time_to_first_token_seconds"
+# The built-in server's names (kept for readers of older code; the maps are the source).
+REQUESTS = BUILTIN_MAP.requests.name
+LATENCY = BUILTIN_MAP.latency
+TTFT = BUILTIN_MAP.ttft
 
 SUCCESSFUL = "Successful"
 FAILED = "Failed"
@@ -214,13 +216,15 @@ class Histogram:
 
 @dataclass(frozen=True)
 class RevisionCounters:
-    """Cumulative kubetune_server counters of one revision (summed over its pods)."""
+    """Cumulative counters of one revision (summed over its pods), whatever its engine."""
 
     requests: float = 0.0
     errors: float = 0.0
     latency: Histogram = field(default_factory=Histogram)
     ttft: Histogram = field(default_factory=Histogram)
     pods: int = 0
+    generated_tokens: float = 0.0
+    prompt_tokens: float = 0.0
 
     def __add__(self, other: RevisionCounters) -> RevisionCounters:
         return RevisionCounters(
@@ -229,6 +233,8 @@ class RevisionCounters:
             self.latency + other.latency,
             self.ttft + other.ttft,
             self.pods + other.pods,
+            self.generated_tokens + other.generated_tokens,
+            self.prompt_tokens + other.prompt_tokens,
         )
 
     def to_dict(self) -> dict:
@@ -243,6 +249,8 @@ class RevisionCounters:
             "ttftCounts": list(self.ttft.counts),
             "ttftTotal": self.ttft.total,
             "pods": self.pods,
+            "generatedTokens": self.generated_tokens,
+            "promptTokens": self.prompt_tokens,
         }
 
     @classmethod
@@ -262,6 +270,8 @@ class RevisionCounters:
                 float(data.get("ttftTotal", 0)),
             ),
             pods=int(data.get("pods", 0)),
+            generated_tokens=float(data.get("generatedTokens", 0)),
+            prompt_tokens=float(data.get("promptTokens", 0)),
         )
 
 
@@ -282,17 +292,39 @@ def _histogram(samples: Iterable[Sample], name: str) -> Histogram:
     return Histogram(tuple(finite), counts, total)
 
 
-def counters_from_text(text: str) -> RevisionCounters:
-    """Cumulative counters of ONE pod from its /metrics text (all models summed)."""
+def counters_from_text(text: str, metrics: MetricMap = BUILTIN_MAP) -> RevisionCounters:
+    """Cumulative counters of ONE pod from its /metrics text (all models and engines summed).
+
+    ``metrics`` is the map of the engine the pod runs (kubetune.rollout.metricmaps). When its
+    request counter has no sample at all and the map has a fallback, the fallback counters are
+    read instead (an older vLLM without HTTP metrics).
+    """
     samples = parse_exposition(text)
-    requests = errors = 0.0
+    requests_rule, errors_rule = metrics.requests, metrics.errors
+    if (
+        metrics.fallback_requests is not None
+        and metrics.fallback_errors is not None
+        and not any(s.name == requests_rule.name for s in samples)
+    ):
+        requests_rule, errors_rule = metrics.fallback_requests, metrics.fallback_errors
+    requests = errors = generated = prompt = 0.0
     for s in samples:
-        if s.name == REQUESTS:
+        if requests_rule.matches(s.name, s.labels):
             requests += s.value
-            if s.labels.get("code", "").startswith("5"):
-                errors += s.value
+        if errors_rule.matches(s.name, s.labels):
+            errors += s.value
+        if s.name == metrics.generated_tokens:
+            generated += s.value
+        elif s.name == metrics.prompt_tokens:
+            prompt += s.value
     return RevisionCounters(
-        requests, errors, _histogram(samples, LATENCY), _histogram(samples, TTFT), pods=1
+        requests,
+        errors,
+        _histogram(samples, metrics.latency),
+        _histogram(samples, metrics.ttft),
+        pods=1,
+        generated_tokens=generated,
+        prompt_tokens=prompt,
     )
 
 
@@ -318,6 +350,8 @@ class IntervalMetrics:
     # The interval's latency histogram (built-in provider only): the sequential latency test
     # counts requests above a bound, which a p95 figure alone cannot give.
     latency: Histogram | None = None
+    # Tokens generated in the interval (built-in provider only; None when unknown).
+    generated_tokens: float | None = None
 
     def as_status(self) -> dict[str, float]:
         """The figures for status.analysis[].canary/stable (camelCase; unknowns left out)."""
@@ -328,6 +362,8 @@ class IntervalMetrics:
             out["p95LatencySeconds"] = round(self.p95_latency_seconds, 6)
         if self.ttft_p95_seconds is not None:
             out["ttftP95Seconds"] = round(self.ttft_p95_seconds, 6)
+        if self.generated_tokens is not None:
+            out["generatedTokens"] = float(self.generated_tokens)
         return out
 
 
@@ -340,6 +376,7 @@ def interval(before: RevisionCounters, after: RevisionCounters) -> IntervalMetri
     """
     requests = after.requests - before.requests
     errors = after.errors - before.errors
+    generated = after.generated_tokens - before.generated_tokens
     latency = (
         after.latency.minus(before.latency)
         if after.latency.bounds == before.latency.bounds or not before.latency.bounds
@@ -365,6 +402,7 @@ def interval(before: RevisionCounters, after: RevisionCounters) -> IntervalMetri
         p95_latency_seconds=latency.quantile(0.95),
         ttft_p95_seconds=ttft.quantile(0.95),
         latency=latency,
+        generated_tokens=generated if generated >= 0 else None,
     )
 
 
@@ -678,25 +716,42 @@ def evaluate(
 
 # --- Prometheus query provider (pure part: the query text) -------------------------------
 
-_SEL = '{namespace="{{namespace}}",revision="{{revision}}"}'
-_SEL_5XX = '{namespace="{{namespace}}",revision="{{revision}}",code=~"5.."}'
-DEFAULT_QUERIES = {
-    "requests": "sum(increase(" + REQUESTS + _SEL + "[{{interval}}]))",
-    "errorRate": (
-        "sum(increase(" + REQUESTS + _SEL_5XX + "[{{interval}}]))"
-        " / sum(increase(" + REQUESTS + _SEL + "[{{interval}}]))"
-    ),
-    "latencyP95": "histogram_quantile(0.95, sum by (le) (increase("
-    + LATENCY
-    + "_bucket"
-    + _SEL
-    + "[{{interval}}])))",
-    "ttftP95": "histogram_quantile(0.95, sum by (le) (increase("
-    + TTFT
-    + "_bucket"
-    + _SEL
-    + "[{{interval}}])))",
-}
+# Inside the braces of every default query; {{...}} are substituted by ``render_query``.
+_SEL_INNER = 'namespace="{{namespace}}",revision="{{revision}}"'
+_SEL = "{" + _SEL_INNER + "}"
+
+
+def _increase(selector: str) -> str:
+    return "sum(increase(" + selector + "[{{interval}}]))"
+
+
+def _p95(histogram: str) -> str:
+    return (
+        "histogram_quantile(0.95, sum by (le) (increase("
+        + histogram
+        + "_bucket"
+        + _SEL
+        + "[{{interval}}])))"
+    )
+
+
+def default_queries(metrics: MetricMap = BUILTIN_MAP) -> dict[str, str]:
+    """The Prometheus provider's default PromQL templates for an engine's metric map.
+
+    The same quantities as the built-in provider reads from a scrape: requests and errors from
+    the map's counter rules, p95 from its histograms. A map's fallback counters (an old vLLM
+    without HTTP metrics) have no default query: set ``requestsQuery``/``errorRateQuery``.
+    """
+    requests = _increase(metrics.requests.selector(_SEL_INNER))
+    return {
+        "requests": requests,
+        "errorRate": _increase(metrics.errors.selector(_SEL_INNER)) + " / " + requests,
+        "latencyP95": _p95(metrics.latency),
+        "ttftP95": _p95(metrics.ttft),
+    }
+
+
+DEFAULT_QUERIES = default_queries(BUILTIN_MAP)
 
 
 def render_query(template: str, namespace: str, revision: str, interval_text: str) -> str:
