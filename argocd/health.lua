@@ -93,6 +93,15 @@ local function modeldeployment(o)
     local reason = (degraded and degraded.reason) or phase
     return "Degraded", reason .. ": " .. message_of(status, (degraded and degraded.message) or "rollout failed")
   end
+  if phase == "ScaledToZero" then
+    -- spec.replicas 0 is a state someone chose (kubectl scale, KEDA): Healthy, as Argo CD shows
+    -- a Deployment scaled to 0; a new revision held until replicas come back is Suspended.
+    local progressing = condition(status, "Progressing")
+    if progressing ~= nil and progressing.reason == "RolloutNeedsReplicas" then
+      return "Suspended", message_of(status, "Scaled to zero; the new revision waits for replicas")
+    end
+    return "Healthy", message_of(status, "Scaled to zero")
+  end
   if phase == "Paused" or status.paused == true then
     return "Suspended", message_of(status, "Rollout paused; annotate kubetune.io/promote=true to continue")
   end

@@ -36,7 +36,15 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 KINDS = ("FineTuneJob", "ModelDeployment")
 FTJ_PHASES = ("Pending", "Validating", "Running", "Succeeded", "Failed", "Suspended")
-MDEP_PHASES = ("Pending", "Progressing", "Paused", "Healthy", "Degraded", "RolledBack")
+MDEP_PHASES = (
+    "Pending",
+    "Progressing",
+    "Paused",
+    "Healthy",
+    "Degraded",
+    "RolledBack",
+    "ScaledToZero",
+)
 PHASES = {"FineTuneJob": FTJ_PHASES, "ModelDeployment": MDEP_PHASES}
 
 RECONCILES = Counter(

@@ -9,7 +9,8 @@ Covers:
   Failed -> Degraded with the reason, suspended -> Suspended, unknown phase -> Unknown;
 - ModelDeployment: Healthy (Ready=True) -> Healthy, Healthy with Ready=False -> Progressing,
   Progressing canary -> Progressing with the weight, Paused -> Suspended, Degraded/RolledBack ->
-  Degraded, FineTuneJob not found -> Missing;
+  Degraded, FineTuneJob not found -> Missing; ScaledToZero -> Healthy, or Suspended while a new
+  revision waits for replicas (RolloutNeedsReplicas);
 - observedGeneration: no status, or a status computed for an older generation, is Progressing
   whatever the old phase said (a new spec never shows a stale Healthy or Degraded);
 - the custom actions (promote/abort/pause/resume, suspend/resume) and their discovery;
@@ -179,6 +180,29 @@ CASES = [
         "AnalysisFailed: error rate 0.31 > 0.05",
     ),
     ("mdep degraded", mdep("Degraded"), "Degraded", "Degraded"),
+    (
+        "mdep scaled to zero",
+        mdep(
+            "ScaledToZero",
+            message="scaled to zero (spec.replicas 0)",
+            conditions=[
+                cond("Ready", "False", "ScaledToZero"),
+                cond("Progressing", "False", "ScaledToZero"),
+            ],
+        ),
+        "Healthy",
+        "scaled to zero",
+    ),
+    (
+        "mdep scaled to zero with a revision waiting",
+        mdep(
+            "ScaledToZero",
+            message="scaled to zero; revision b waits",
+            conditions=[cond("Progressing", "False", "RolloutNeedsReplicas")],
+        ),
+        "Suspended",
+        "revision b waits",
+    ),
     (
         "mdep finetunejob missing",
         mdep(

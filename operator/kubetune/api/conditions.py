@@ -70,6 +70,9 @@ class Reason:
     PROMOTED = "Promoted"
     ROLLED_BACK = "RolledBack"
     TOO_FEW_REPLICAS = "TooFewReplicasForWeight"
+    SCALED_TO_ZERO = "ScaledToZero"
+    # A new revision waits at spec.replicas 0: a canary needs stable pods to be compared with.
+    ROLLOUT_NEEDS_REPLICAS = "RolloutNeedsReplicas"
 
 
 def set_condition(

@@ -121,6 +121,7 @@ def _crd(
     columns: list[dict[str, Any]],
     description: str,
     root_rules: tuple[dict[str, Any], ...] = (),
+    scale: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     spec_schema = _schema_of(spec_model)
     status_schema = _schema_of(status_model)
@@ -150,6 +151,11 @@ def _crd(
     if root_rules:
         # Rules on metadata.name: CEL can read metadata.name (and generateName) only at the root.
         open_api["x-kubernetes-validations"] = [dict(rule) for rule in root_rules]
+    subresources: dict[str, Any] = {"status": {}}
+    if scale is not None:
+        for path in scale.values():
+            _require_status_or_spec_field(status_schema, spec_schema, path)
+        subresources["scale"] = dict(scale)
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -173,13 +179,27 @@ def _crd(
                     "name": VERSION,
                     "served": True,
                     "storage": True,
-                    "subresources": {"status": {}},
+                    "subresources": subresources,
                     "additionalPrinterColumns": columns,
                     "schema": {"openAPIV3Schema": open_api},
                 }
             ],
         },
     }
+
+
+def _require_status_or_spec_field(
+    status_schema: dict[str, Any], spec_schema: dict[str, Any], path: str
+) -> None:
+    """A scale path must name a field the schema declares (the API server only checks the syntax).
+
+    A typo in ``statusReplicasPath`` would make every ``GET .../scale`` answer 0 replicas and
+    an HPA scale from a wrong count, without any error anywhere.
+    """
+    section, _, field = path.removeprefix(".").partition(".")
+    schema = {"spec": spec_schema, "status": status_schema}.get(section)
+    if schema is None or field not in schema.get("properties", {}):
+        raise ValueError(f"scale subresource path {path} names no field of the schema")
 
 
 def finetunejob_crd() -> dict[str, Any]:
@@ -215,6 +235,7 @@ def modeldeployment_crd() -> dict[str, Any]:
         mdep.ModelDeploymentStatus,
         [
             {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas", "description": "Pods of the stable revision"},
             {"name": "Stable", "type": "string", "jsonPath": ".status.stable.name"},
             {"name": "Canary", "type": "string", "jsonPath": ".status.canary.name"},
             {"name": "Weight", "type": "integer", "jsonPath": ".status.weights.canary", "description": "Canary traffic percent"},
@@ -224,6 +245,9 @@ def modeldeployment_crd() -> dict[str, Any]:
         "ModelDeployment serves a base model plus adapter through an OpenAI-compatible server and "
         "rolls every new revision out as a canary with analysis and automatic rollback.",
         mdep.NAME_RULES,
+        # kubectl scale, an HPA or a KEDA ScaledObject write spec.replicas through /scale; the
+        # operator splits it between the revisions' Deployments (docs/operations.md, Autoscaling).
+        scale=mdep.SCALE_SUBRESOURCE,
     )
 
 

@@ -35,6 +35,14 @@ SHORT_NAMES = ["mdep"]
 DEFAULT_SERVER_IMAGE = "ghcr.io/kubetune/server:0.1.0"
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
 
+# The scale subresource (kubectl scale, HPA, KEDA): spec.replicas is the desired count of the
+# stable revision; status.replicas its pods now; status.selector every serving pod's labels.
+SCALE_SUBRESOURCE = {
+    "specReplicasPath": ".spec.replicas",
+    "statusReplicasPath": ".status.replicas",
+    "labelSelectorPath": ".status.selector",
+}
+
 # --- names of the children ----------------------------------------------------------------
 #
 # Children are named from metadata.name (kubetune.rollout.builders): per revision a Deployment,
@@ -448,7 +456,15 @@ class ModelDeploymentSpec(Model):
 
     model: ModelSource = Field(description="What to serve.")
     replicas: int = Field(
-        default=1, ge=0, le=1000, description="Serving pods of the stable revision."
+        default=1,
+        ge=0,
+        le=1000,
+        description=(
+            "Serving pods of the stable revision; a canary gets its pods on top, sized from this "
+            "count. The scale subresource writes it (kubectl scale, an HPA or a KEDA ScaledObject "
+            "targeting the ModelDeployment). 0 scales to zero: no pods, and no canary starts "
+            "until it is raised again."
+        ),
     )
     resources: ServeResources = Field(
         default_factory=ServeResources, description="Compute per pod."
@@ -465,7 +481,9 @@ class ModelDeploymentSpec(Model):
 
 # --- status -------------------------------------------------------------------------------
 
-MdepPhase = Literal["Pending", "Progressing", "Paused", "Healthy", "Degraded", "RolledBack"]
+MdepPhase = Literal[
+    "Pending", "Progressing", "Paused", "Healthy", "Degraded", "RolledBack", "ScaledToZero"
+]
 
 
 class RevisionStatus(Model):
@@ -598,7 +616,8 @@ class ModelDeploymentStatus(Model):
     """Observed state of a ModelDeployment."""
 
     phase: MdepPhase | None = Field(
-        default=None, description="Pending, Progressing, Paused, Healthy, Degraded or RolledBack."
+        default=None,
+        description="Pending, Progressing, Paused, Healthy, Degraded, RolledBack or ScaledToZero (spec.replicas 0).",
     )
     message: str | None = Field(default=None, description="Human-readable summary.")
     observed_generation: int | None = Field(
@@ -606,6 +625,14 @@ class ModelDeploymentStatus(Model):
     )
     conditions: list[Condition] = Field(
         default_factory=list, description="Ready, Progressing, Degraded."
+    )
+    replicas: int | None = Field(
+        default=None,
+        description="Pods of the stable revision now (the scale subresource's status.replicas, what an HPA reads as its current replicas).",
+    )
+    selector: str | None = Field(
+        default=None,
+        description="Label selector of every serving pod of this ModelDeployment, stable and canary (the scale subresource's selector: an HPA averages pod metrics over these pods).",
     )
     stable: RevisionStatus | None = Field(default=None, description="The stable revision.")
     canary: RevisionStatus | None = Field(

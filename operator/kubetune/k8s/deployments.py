@@ -137,7 +137,8 @@ def observe_revision(
                     Reason.IMAGE_PULL if "Image" in waiting["reason"] else Reason.CANARY_CRASHLOOP
                 )
     return machine.RevisionObservation(
-        replicas=replicas,
+        # Pods that exist now (what status.replicas reports to a scaler), not the desired count.
+        replicas=int(status.get("replicas") or 0),
         ready_replicas=ready,
         available=available,
         failure=failure,

@@ -72,6 +72,15 @@ def owner_labels(md: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
+def scale_selector(md: Mapping[str, Any]) -> str:
+    """``status.selector`` for the scale subresource: every serving pod of the ModelDeployment.
+
+    The same labels the shared Service selects (stable and canary pods), as the string form an
+    HPA parses (``key=value,...``, sorted so that the status does not change between steps).
+    """
+    return ",".join(f"{k}={v}" for k, v in sorted(owner_labels(md).items()))
+
+
 def revision_labels(md: Mapping[str, Any], revision: str) -> dict[str, str]:
     """Labels of one revision's pods (and its Deployment's immutable selector)."""
     return {**owner_labels(md), LABEL_REVISION: revision}

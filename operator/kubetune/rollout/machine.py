@@ -16,7 +16,10 @@ The recipe (reads like Argo Rollouts' ``rolloutCanary()``):
 2. No stable yet: the first revision is deployed straight as stable.
 3. Desired revision == stable: steady state, Healthy when available.
 4. Desired revision was rejected before: hold at stable, phase RolledBack, until the spec changes.
-5. Otherwise canary: start it (or restart it when the spec changed mid-rollout), wait for its
+5. ``spec.replicas`` 0 (scaled to zero): phase ScaledToZero, no pods. A canary needs stable pods
+   to be compared with, so a new revision waits (a running canary is stopped, not rejected) and
+   starts once the count is raised again.
+6. Otherwise canary: start it (or restart it when the spec changed mid-rollout), wait for its
    pods, then walk the steps. Analysis runs in the background on every interval while the canary
    takes traffic; analysis steps wait for N successful intervals. Failure, crash-looping pods, a
    progress deadline or an abort annotation roll back: weight 0 FIRST, then the pods go after
@@ -30,6 +33,13 @@ limit, or when the sequential latency test (or starvation with latency or errors
 same way) is conclusive. That turns "rollback after interval x failureLimit" (Flagger: 5
 minutes by default) into seconds for a canary that returns errors or is far slower than stable,
 without failing a healthy canary on noise.
+
+Scalers: ``spec.replicas`` is written by people and by scalers alike (``kubectl scale``, an HPA
+or a KEDA ScaledObject through the scale subresource). The machine never writes it; it derives
+every Deployment's size from it on each step (stable: the count itself; canary: its share, see
+``weights.canary_replicas``), so a new count reaches both revisions at the next reconcile and
+nothing resets it. ``status.replicas`` (the stable revision's pods now) and ``status.selector``
+(every serving pod) are what the scale subresource reports back.
 
 Thin traffic: intervals too thin to judge are pooled (``analysisBaseline.pool``: the starts of
 the consecutive inconclusive intervals at this step, bounded by ``analysis.poolWindow``), so the
@@ -52,7 +62,7 @@ from kubetune.api.common import ANNOTATION_ABORT, ANNOTATION_PAUSE, ANNOTATION_P
 from kubetune.api.conditions import Reason
 from kubetune.api.modeldeployment import ModelDeploymentSpec
 from kubetune.rollout import analysis as an
-from kubetune.rollout import evalgate
+from kubetune.rollout import builders, evalgate
 from kubetune.rollout import weights as wt
 from kubetune.rollout.builders import ROLE_CANARY, ROLE_STABLE
 from kubetune.rollout.revisions import ModelProblem, Revision
@@ -81,6 +91,7 @@ WARNING = "Warning"
 class RevisionObservation:
     """What a runtime sees of one revision's pods right now."""
 
+    # Pods the revision has now (not yet terminated; a Deployment's status.replicas).
     replicas: int = 0
     ready_replicas: int = 0
     available: bool = False
@@ -414,6 +425,8 @@ class _Run:
                 # No router: a canary could neither get traffic nor lose it. Hold at stable.
                 self.cancel_canary("traffic routing is unavailable")
                 self.steady()
+            elif self.spec.replicas == 0 or self.waking_with_pending_revision():
+                self.hold_for_stable_pods(model)
             else:
                 self.canary_rollout(model)
             if self.obs.traffic_problem:
@@ -485,12 +498,20 @@ class _Run:
         obs = self.ensure_stable()
         stable = self.stable()
         assert stable is not None
-        first = (
+        if self.spec.replicas == 0:
+            self.scaled_to_zero(stable["name"], obs)
+            return
+        waking = self.old.get("phase") == "ScaledToZero"
+        if waking:
+            # Scaled up from zero: the pods start like a first deploy's, Progressing within the
+            # progress deadline (counted from now), not Degraded at once for being unready.
+            self.st["stepStartedAt"] = self.ts
+        first = waking or (
             not self.old.get("stable")
             or self.old.get("phase") in (None, "Pending", "Progressing")
             and not self.old.get("canary")
         )
-        if obs.available or self.spec.replicas == 0:
+        if obs.available:
             self.phase, self.reason = "Healthy", Reason.STABLE_READY
             self.message = f"revision {stable['name']} serving ({obs.ready_replicas}/{self.spec.replicas} ready)"
             if self.old.get("phase") != "Healthy" and first:
@@ -513,6 +534,52 @@ class _Run:
         if self.old.get("phase") != "Degraded":
             self.event(WARNING, self.reason, self.message)
         self.requeue(WAIT_REQUEUE * 5)
+
+    def scaled_to_zero(self, stable: str, obs: RevisionObservation) -> None:
+        """spec.replicas 0: the stable revision keeps its place but has no pods (ScaledToZero)."""
+        self.phase, self.reason = "ScaledToZero", Reason.SCALED_TO_ZERO
+        stopping = f"; {obs.replicas} pods still stopping" if obs.replicas else ""
+        self.message = (
+            f"scaled to zero (spec.replicas 0): revision {stable} has no pods and serves nothing"
+            f"{stopping}; scale up to serve (kubectl scale mdep {self.name} --replicas 1)"
+        )
+        self.st["stepStartedAt"] = None
+        if self.old.get("phase") != "ScaledToZero":
+            self.event(NORMAL, Reason.SCALED_TO_ZERO, self.message)
+        self.requeue(STEADY_REQUEUE)
+
+    def waking_with_pending_revision(self) -> bool:
+        """Scaled up from zero with a revision waiting, and stable has no ready pods yet."""
+        return (
+            self.canary() is None
+            and _has_reason(self.old, Reason.ROLLOUT_NEEDS_REPLICAS)
+            and not self.rev_obs((self.stable() or {}).get("name")).available
+        )
+
+    def hold_for_stable_pods(self, target: Revision) -> None:
+        """A new revision while stable has no pods (scaled to zero, or just scaled up): wait.
+
+        A canary is judged against stable; with no stable pods there is nothing to compare it
+        with. A canary under way when the count drops to 0 is stopped (its pods go too: zero
+        means zero), not rejected: it is not at fault, and its rollout starts over from the
+        first step once stable serves again. Should stable fail to come back (Degraded at its
+        deadline), the wait ends: the next step starts the canary, which may be the fix.
+        """
+        self.cancel_canary("scaled to zero (spec.replicas 0) during the rollout")
+        self.steady()
+        if self.phase == "Degraded":
+            return
+        self.reason = Reason.ROLLOUT_NEEDS_REPLICAS
+        if self.spec.replicas == 0:
+            why = "its rollout starts when spec.replicas is above 0"
+        else:
+            why = "its rollout starts once the stable pods are ready"
+        self.message = (
+            f"{self.message}. Revision {target.name} waits: a canary needs stable pods to be "
+            f"compared with, so {why}"
+        )
+        if not _has_reason(self.old, Reason.ROLLOUT_NEEDS_REPLICAS):
+            self.event(NORMAL, Reason.ROLLOUT_NEEDS_REPLICAS, self.message)
 
     def hold_rejected(self, target: Revision) -> None:
         self.steady()
@@ -594,7 +661,7 @@ class _Run:
                 return
             if step.set_weight is not None:
                 need = self.size_for(step.set_weight)
-                canary["replicas"] = max(need, int(canary.get("replicas") or 0))
+                canary["replicas"] = need
                 self.ups.append(
                     EnsureRevision(canary["name"], canary["replicas"], ROLE_CANARY, target)
                 )
@@ -787,9 +854,11 @@ class _Run:
         return wt.canary_replicas(self.mode, self.spec.replicas, weight)
 
     def keep_canary_size(self, target: Revision) -> None:
+        # Derived from spec.replicas on every step, both ways: when a scaler changes the count
+        # mid-rollout, the canary keeps its share of it (never more pods than the share needs).
         canary = self.canary()
         assert canary is not None
-        size = max(self.size_for(self.canary_weight), int(canary.get("replicas") or 0))
+        size = self.size_for(self.canary_weight)
         canary["replicas"] = size
         self.ups.append(EnsureRevision(canary["name"], size, ROLE_CANARY, target))
 
@@ -1048,6 +1117,10 @@ class _Run:
         self.st["phase"] = self.phase
         self.st["message"] = self.message
         self.st["observedGeneration"] = self.generation
+        # The scale subresource's status half: the stable revision's pods now, and the selector
+        # of every serving pod (an HPA averages pod metrics over them).
+        self.st["replicas"] = self.rev_obs(stable_name).replicas if stable_name else 0
+        self.st["selector"] = builders.scale_selector(self.md)
         self.set_conditions()
         status = {k: v for k, v in self.st.items() if v is not None and v != []}
         if "analysis" not in status and self.st.get("analysis"):
@@ -1060,10 +1133,18 @@ class _Run:
     def set_conditions(self) -> None:
         conds = self.st.get("conditions") or []
         stable = self.stable()
-        stable_ok = bool(stable) and (
-            self.rev_obs(stable["name"]).available or self.spec.replicas == 0
-        )
-        if stable_ok:
+        stable_ok = bool(stable) and self.rev_obs(stable["name"]).available
+        if self.phase == "ScaledToZero":
+            conds = cond.set_condition(
+                conds,
+                cond.READY,
+                False,
+                Reason.SCALED_TO_ZERO,
+                self.message,
+                self.ts,
+                self.generation,
+            )
+        elif stable_ok:
             conds = cond.set_condition(
                 conds,
                 cond.READY,
@@ -1104,6 +1185,10 @@ class _Run:
             self.generation,
         )
         self.st["conditions"] = conds
+
+
+def _has_reason(status: Mapping[str, Any], reason: str) -> bool:
+    return any(c.get("reason") == reason for c in status.get("conditions") or [])
 
 
 def step(md: Mapping[str, Any], observed: Observed, now: datetime.datetime) -> Step:
