@@ -66,6 +66,11 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
             continue
         if key == "additionalProperties" and value is False:
             continue
+        if key == "additionalProperties" and value is True:
+            # An open object (a core/v1 sub-object passed as written, a sidecar's other
+            # Container fields): structural schemas say so with preserve-unknown-fields.
+            out["x-kubernetes-preserve-unknown-fields"] = True
+            continue
         if key == "properties":
             out[key] = {k: _inline(v, defs) for k, v in value.items()}
             continue

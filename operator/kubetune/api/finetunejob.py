@@ -29,6 +29,7 @@ from kubetune.api.common import (
     name_ref_field,
     validations,
 )
+from kubetune.api.pods import LocalObjectReference, PodTemplate, spec_problems, spec_rules
 
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
@@ -310,6 +311,13 @@ class FineTuneJobSpec(Model):
                 "evaluation.earlyStopping needs evaluation data: set dataset.validation or a dataset.validationSplit above 0",
                 ".evaluation.earlyStopping",
             ),
+            cel(
+                "!has(self.serviceAccountName) || !has(self.storage.serviceAccountName) || "
+                "self.serviceAccountName == self.storage.serviceAccountName",
+                "serviceAccountName and storage.serviceAccountName differ; set serviceAccountName only",
+                ".serviceAccountName",
+            ),
+            *spec_rules("gpuNodeSelector"),
         )
     }
     base_model: BaseModelRef = Field(
@@ -346,6 +354,48 @@ class FineTuneJobSpec(Model):
     ttl_seconds_after_finished: int | None = Field(
         default=None, ge=0, description="Delete the FineTuneJob this long after it finished (its artifact stays)."
     )
+    image_pull_secrets: list[LocalObjectReference] | None = Field(
+        default=None,
+        max_length=16,
+        description=(
+            "Secrets in the namespace holding registry credentials for the trainer image (and "
+            "sidecars); replaces the operator's default list (chart value defaults.imagePullSecrets)."
+        ),
+    )
+    service_account_name: str | None = name_ref_field(
+        "ServiceAccount whose imagePullSecrets and workload-identity annotations (IRSA, GKE WI) "
+        "the per-job ServiceAccount <name>-trainer copies; the pods run as <name>-trainer, whose "
+        "Role lets the trainer report progress. Replaces storage.serviceAccountName."
+    )
+    pod_template: PodTemplate | None = Field(
+        default=None,
+        description=(
+            "Changes to the validate and train pods: labels, annotations, placement, volumes, "
+            "env, sidecars. Added to what kubetune builds; never replaces what it sets "
+            "(docs/operations.md, Pod overrides)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _pod_rules(self) -> FineTuneJobSpec:
+        problems = spec_problems(
+            self.pod_template,
+            dict(self.resources.gpu_node_selector),
+            self.resources.priority_class_name,
+            "gpuNodeSelector",
+        )
+        sa, legacy = self.service_account_name, self.storage.service_account_name
+        if sa and legacy and sa != legacy:
+            problems.append(
+                f"serviceAccountName {sa!r} and storage.serviceAccountName {legacy!r} differ; set serviceAccountName only"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def account(self) -> str | None:
+        """The ServiceAccount the pods' identity comes from (serviceAccountName, else storage's)."""
+        return self.service_account_name or self.storage.service_account_name
 
 
 # --- status -------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from kubetune.api.common import (
     name_ref_field,
     validations,
 )
+from kubetune.api.pods import LocalObjectReference, PodTemplate, spec_problems, spec_rules
 
 KIND = "ModelDeployment"
 PLURAL = "modeldeployments"
@@ -451,9 +452,35 @@ class RolloutSpec(Model):
     )
 
 
+# The serving pods' scrape annotations (kubetune.rollout.builders) and the server env's names are
+# kubetune's too: a podTemplate may not set them.
+SCRAPE_ANNOTATION_PREFIX = "prometheus.io/"
+
+
 class ModelDeploymentSpec(Model):
     """Desired state of a ModelDeployment."""
 
+    model_config = Model.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "!has(self.serviceAccountName) || !has(self.storage.serviceAccountName) || "
+                "self.serviceAccountName == self.storage.serviceAccountName",
+                "serviceAccountName and storage.serviceAccountName differ; set serviceAccountName only",
+                ".serviceAccountName",
+            ),
+            *spec_rules("nodeSelector"),
+            cel(
+                f"!has(self.podTemplate) || self.podTemplate.annotations.all(k, !k.startsWith('{SCRAPE_ANNOTATION_PREFIX}'))",
+                f"kubetune sets the serving pods' {SCRAPE_ANNOTATION_PREFIX}* annotations (scrape, port, path)",
+                ".podTemplate.annotations",
+            ),
+            cel(
+                "!has(self.podTemplate) || self.podTemplate.env.all(e, !self.server.env.exists(s, s.name == e.name))",
+                "podTemplate.env sets a variable server.env also sets; set it in one place",
+                ".podTemplate.env",
+            ),
+        )
+    }
     model: ModelSource = Field(description="What to serve.")
     replicas: int = Field(
         default=1,
@@ -477,6 +504,60 @@ class ModelDeploymentSpec(Model):
     rollout: RolloutSpec = Field(
         default_factory=RolloutSpec, description="Canary steps and analysis."
     )
+    image_pull_secrets: list[LocalObjectReference] | None = Field(
+        default=None,
+        max_length=16,
+        description=(
+            "Secrets in the namespace holding registry credentials for the server image (and "
+            "sidecars); replaces the operator's default list (chart value defaults.imagePullSecrets). "
+            "Part of the revision."
+        ),
+    )
+    service_account_name: str | None = name_ref_field(
+        "ServiceAccount the serving pods run as (its imagePullSecrets and workload identity "
+        "apply). Replaces storage.serviceAccountName."
+    )
+    pod_template: PodTemplate | None = Field(
+        default=None,
+        description=(
+            "Changes to the serving pods: labels, annotations, placement, volumes, env, "
+            "sidecars. Added to what kubetune builds; never replaces what it sets "
+            "(docs/operations.md, Pod overrides). Part of the revision: a change rolls out as a canary."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _pod_rules(self) -> ModelDeploymentSpec:
+        problems = spec_problems(
+            self.pod_template,
+            dict(self.resources.node_selector),
+            self.resources.priority_class_name,
+            "nodeSelector",
+        )
+        sa, legacy = self.service_account_name, self.storage.service_account_name
+        if sa and legacy and sa != legacy:
+            problems.append(
+                f"serviceAccountName {sa!r} and storage.serviceAccountName {legacy!r} differ; set serviceAccountName only"
+            )
+        if self.pod_template is not None:
+            problems += [
+                f"podTemplate.annotations[{k!r}]: kubetune sets the serving pods' {SCRAPE_ANNOTATION_PREFIX}* annotations"
+                for k in self.pod_template.annotations
+                if k.startswith(SCRAPE_ANNOTATION_PREFIX)
+            ]
+            server_env = {e.name for e in self.server.env}
+            problems += [
+                f"podTemplate.env[{i}].name: server.env also sets {e.name}; set it in one place"
+                for i, e in enumerate(self.pod_template.env)
+                if e.name in server_env
+            ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def account(self) -> str | None:
+        """The ServiceAccount the serving pods run as (serviceAccountName, else storage's)."""
+        return self.service_account_name or self.storage.service_account_name
 
 
 # --- status -------------------------------------------------------------------------------

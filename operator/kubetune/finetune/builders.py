@@ -28,6 +28,7 @@ from kubetune.api.common import (
     LABEL_OWNER,
 )
 from kubetune.api.finetunejob import KIND, PLURAL, FineTuneJobSpec
+from kubetune.api.pods import merge_pod_template
 
 # --- names, labels, annotations ----------------------------------------------------------------
 
@@ -214,6 +215,16 @@ def _service_account_fields(ftj: dict[str, Any], report: str) -> dict[str, Any]:
     return {"automountServiceAccountToken": False}
 
 
+def _platform_pod(
+    spec: FineTuneJobSpec, template: dict[str, Any], container: str
+) -> dict[str, Any]:
+    # The platform team's part of the pod, last: image pull secrets, then spec.podTemplate
+    # merged by the one function both kinds share (it refuses to change what was built above).
+    if spec.image_pull_secrets:
+        template["spec"]["imagePullSecrets"] = [s.dump() for s in spec.image_pull_secrets]
+    return merge_pod_template(template, spec.pod_template, container=container)
+
+
 # --- Jobs ----------------------------------------------------------------------------------------
 
 
@@ -277,7 +288,9 @@ def build_validate_job(
                     },
                 ]
             },
-            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+            "template": _platform_pod(
+                spec, {"metadata": {"labels": labels}, "spec": pod_spec}, "validate"
+            ),
         },
     }
 
@@ -410,6 +423,7 @@ def build_train_job(
     if spec.nodes > 1:
         pod_spec["subdomain"] = train_job_name(ftj)
         job_spec.update(completionMode="Indexed", completions=spec.nodes, parallelism=spec.nodes)
+    job_spec["template"] = _platform_pod(spec, job_spec["template"], "trainer")
     if spec.queue_name:
         # Kueue admits a queued Job by flipping suspend to false.
         job_spec["suspend"] = True
@@ -439,26 +453,39 @@ def build_train_service(ftj: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def check_pod_template(ftj: dict[str, Any]) -> None:
+    """Raise PodTemplateError when ``spec.podTemplate`` cannot be merged into either Job's pod."""
+    build_validate_job(ftj)
+    build_train_job(ftj, attempt=0)
+
+
 # --- RBAC of the progress channel ----------------------------------------------------------------
 
 
 def build_trainer_rbac(
-    ftj: dict[str, Any], *, service_account_annotations: dict[str, str] | None = None
+    ftj: dict[str, Any],
+    *,
+    service_account_annotations: dict[str, str] | None = None,
+    image_pull_secrets: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """ServiceAccount, Role and RoleBinding ``<ftj>-trainer`` (cluster only).
 
     The Role allows ``get`` and ``patch`` of exactly this FineTuneJob's ``status`` (DESIGN.md,
     progress channel): a compromised trainer can touch nothing else. Workload-identity
-    annotations (IRSA, GKE WI) of ``spec.storage.serviceAccountName`` are passed in by the
-    caller, which reads that ServiceAccount.
+    annotations (IRSA, GKE WI) and the ``imagePullSecrets`` of ``spec.serviceAccountName`` are
+    passed in by the caller, which reads that ServiceAccount: the per-job account stands in for
+    it, so what a platform team attached to its account (a registry secret) applies here too.
     """
     name = trainer_account_name(ftj)
     sa_meta = _metadata(ftj, name, COMPONENT_TRAINER_RBAC)
     if service_account_annotations:
         sa_meta["annotations"] = dict(service_account_annotations)
+    account: dict[str, Any] = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": sa_meta}
+    if image_pull_secrets:
+        account["imagePullSecrets"] = [{"name": s["name"]} for s in image_pull_secrets if s.get("name")]
     group = API_VERSION.split("/")[0]
     return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": sa_meta},
+        account,
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",

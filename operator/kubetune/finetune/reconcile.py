@@ -37,6 +37,7 @@ from pydantic import ValidationError
 from kubetune.api import conditions as c
 from kubetune.api.actions import Event, Requeue  # noqa: F401  (re-exported: part of Action)
 from kubetune.api.conditions import Reason
+from kubetune.api.pods import PodTemplateError
 from kubetune.finetune import builders
 
 # --- observations ----------------------------------------------------------------------------------
@@ -363,6 +364,9 @@ class _Builder:
         self.image = image
         self.report = report
         self.spec = builders.parse_spec(ftj)
+        # Merging spec.podTemplate into the pods can still refuse an override the schema could
+        # not judge alone: find out now (InvalidSpec) rather than while creating a Job.
+        builders.check_pod_template(ftj)
         self.old: dict[str, Any] = dict(ftj.get("status") or {})
         # Start from the old status: the trainer-owned fields (progress, metrics, checkpoints,
         # resumedFromStep) pass through untouched, so the diff never fights the trainer.
@@ -501,7 +505,7 @@ def plan(
         return Plan(dict(ftj.get("status") or {}), [])
     try:
         b = _Builder(ftj, now, image, report)
-    except ValidationError as exc:
+    except (ValidationError, PodTemplateError) as exc:
         return _invalid_spec(ftj, exc, now)
     st = b.status
     phase = b.old.get("phase")
@@ -570,13 +574,20 @@ def plan(
 INVALID_SPEC = "InvalidSpec"
 
 
-def _invalid_spec(ftj: dict[str, Any], exc: ValidationError, now: datetime.datetime) -> Plan:
+def _invalid_spec(
+    ftj: dict[str, Any], exc: ValidationError | PodTemplateError, now: datetime.datetime
+) -> Plan:
     # A real API server rejects such a spec through the CRD schema; this is the defence for
     # servers without validation (kmock, an outdated CRD) and names the field like kubectl would.
-    errors = "; ".join(
-        "spec." + ".".join(str(p) for p in err["loc"]) + ": " + err["msg"]
-        for err in exc.errors()[:5]
-    )
+    # A PodTemplateError is an override the merge refused against the built pods (its message
+    # names spec.podTemplate.<field> already).
+    if isinstance(exc, PodTemplateError):
+        errors = str(exc)
+    else:
+        errors = "; ".join(
+            "spec." + ".".join(str(p) for p in err["loc"]) + ": " + err["msg"]
+            for err in exc.errors()[:5]
+        )
     old = dict(ftj.get("status") or {})
     status = json.loads(json.dumps(old))
     stamp = _ts(now)

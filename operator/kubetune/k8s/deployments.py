@@ -161,7 +161,7 @@ async def observe(client: KubeClient, md: Mapping[str, Any]) -> machine.Observed
     ftj = None
     if spec.model.fine_tune_job_ref is not None:
         ftj = await client.get(API_VERSION, "FineTuneJob", ns, spec.model.fine_tune_job_ref.name)
-    model = revisions.resolve(spec, name, ftj)
+    model = builders.check_pod_template(md, revisions.resolve(spec, name, ftj))
 
     selector = {LABEL_OWNER: name, LABEL_KIND: KIND}
     deployments = await client.list("apps/v1", "Deployment", ns, selector)

@@ -140,10 +140,12 @@ class FineTuneJobReconciler:
         key = (str(meta.get("uid")), manifest["metadata"]["name"])
         if key not in self._ensured:
             if self.report == "k8s":
-                annotations = await self._workload_identity(ns, spec.storage.service_account_name)
+                annotations, pull_secrets = await self._account_identity(ns, spec.account())
                 # Independent objects: one round trip instead of three.
                 rbac = builders.build_trainer_rbac(
-                    dict(ftj), service_account_annotations=annotations
+                    dict(ftj),
+                    service_account_annotations=annotations,
+                    image_pull_secrets=pull_secrets,
                 )
                 await asyncio.gather(*(self.client.apply(obj) for obj in rbac))
             is_train = manifest["metadata"]["name"] == builders.train_job_name(dict(ftj))
@@ -167,14 +169,16 @@ class FineTuneJobReconciler:
                 )
                 await self.client.delete("batch/v1", "Job", ns, job_name, propagation="Background")
 
-    async def _workload_identity(
+    async def _account_identity(
         self, namespace: str | None, account: str | None
-    ) -> dict[str, str]:
+    ) -> tuple[dict[str, str], list[dict[str, Any]]]:
+        """Workload-identity annotations and imagePullSecrets of ``spec.serviceAccountName``."""
         if not account:
-            return {}
+            return {}, []
         sa = await self.client.get("v1", "ServiceAccount", namespace, account)
         have = ((sa or {}).get("metadata") or {}).get("annotations") or {}
-        return {k: v for k, v in have.items() if k in WORKLOAD_IDENTITY_ANNOTATIONS}
+        annotations = {k: v for k, v in have.items() if k in WORKLOAD_IDENTITY_ANNOTATIONS}
+        return annotations, list((sa or {}).get("imagePullSecrets") or [])
 
 
 def owner_of(obj: Mapping[str, Any]) -> str | None:

@@ -132,6 +132,7 @@ class DeploymentDriver:
         """Observe the revisions, ask the state machine, act, write status once."""
         from kubetune.api.modeldeployment import ModelDeploymentSpec
         from kubetune.rollout import revisions
+        from kubetune.rollout.builders import check_pod_template
         from kubetune.rollout.machine import step
 
         name = obj["metadata"]["name"]
@@ -140,7 +141,7 @@ class DeploymentDriver:
         ftj = None
         if spec.model.fine_tune_job_ref is not None:
             ftj = self.store.get("FineTuneJob", spec.model.fine_tune_job_ref.name)
-        resolved = revisions.resolve(spec, name, ftj)
+        resolved = check_pod_template(obj, revisions.resolve(spec, name, ftj))
 
         await self._tend_processes(state)
         await self._probe(state)

@@ -26,7 +26,8 @@ from kubetune.api.common import (
     LABEL_REVISION,
 )
 from kubetune.api.modeldeployment import KIND, ModelDeploymentSpec
-from kubetune.rollout.revisions import Revision, resource_name
+from kubetune.api.pods import PodTemplateError, merge_pod_template
+from kubetune.rollout.revisions import ModelProblem, Revision, resource_name
 
 # Role of a revision's Deployment (object label only, never in the pod template; see above).
 LABEL_ROLE = "kubetune.io/role"
@@ -214,8 +215,10 @@ def build_server_deployment(
         "terminationGracePeriodSeconds": 30,
         "enableServiceLinks": False,
     }
-    if spec.storage.service_account_name:
-        pod_spec["serviceAccountName"] = spec.storage.service_account_name
+    if spec.account():
+        pod_spec["serviceAccountName"] = spec.account()
+    if spec.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [s.dump() for s in spec.image_pull_secrets]
     if res.node_selector:
         pod_spec["nodeSelector"] = dict(res.node_selector)
     if res.tolerations:
@@ -238,19 +241,46 @@ def build_server_deployment(
                 "type": "RollingUpdate",
                 "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
             },
-            "template": {
-                "metadata": {
-                    "labels": pod_labels,
-                    "annotations": {
-                        "prometheus.io/scrape": "true",
-                        "prometheus.io/port": str(spec.server.port),
-                        "prometheus.io/path": "/metrics",
+            # The platform team's podTemplate last, merged by the function both kinds share
+            # (it refuses to change anything built above).
+            "template": merge_pod_template(
+                {
+                    "metadata": {
+                        "labels": pod_labels,
+                        "annotations": {
+                            "prometheus.io/scrape": "true",
+                            "prometheus.io/port": str(spec.server.port),
+                            "prometheus.io/path": "/metrics",
+                        },
                     },
+                    "spec": pod_spec,
                 },
-                "spec": pod_spec,
-            },
+                spec.pod_template,
+                container=CONTAINER,
+            ),
         },
     }
+
+
+def check_pod_template(
+    md: Mapping[str, Any], resolved: Revision | ModelProblem
+) -> Revision | ModelProblem:
+    """``resolved`` unless ``spec.podTemplate`` cannot be merged into its pods (then InvalidSpec).
+
+    Both runtimes call this right after ``revisions.resolve``: the state machine then reports a
+    refused override as a terminal InvalidSpec problem instead of a Deployment that fails to build.
+    """
+    if not isinstance(resolved, Revision):
+        return resolved
+    try:
+        build_server_deployment(md, resolved, role=ROLE_CANARY)
+    except PodTemplateError as exc:
+        return ModelProblem(INVALID_SPEC, f"invalid spec: {exc}", terminal=True)
+    return resolved
+
+
+# The machine's reason for a spec it cannot act on (kubetune.rollout.machine.INVALID_SPEC).
+INVALID_SPEC = "InvalidSpec"
 
 
 def build_revision_service(md: Mapping[str, Any], revision: str) -> dict[str, Any]:

@@ -64,6 +64,7 @@ from kubetune.api.modeldeployment import ModelDeploymentSpec
 from kubetune.rollout import analysis as an
 from kubetune.rollout import builders, evalgate
 from kubetune.rollout import weights as wt
+from kubetune.rollout.builders import INVALID_SPEC as INVALID_SPEC_REASON
 from kubetune.rollout.builders import ROLE_CANARY, ROLE_STABLE
 from kubetune.rollout.revisions import ModelProblem, Revision
 
@@ -1204,7 +1205,7 @@ def step(md: Mapping[str, Any], observed: Observed, now: datetime.datetime) -> S
     return _Run(md, observed, now).run()
 
 
-INVALID_SPEC = "InvalidSpec"
+INVALID_SPEC = INVALID_SPEC_REASON
 
 
 def eval_gate_due(md: Mapping[str, Any]) -> tuple[str, bool] | None:

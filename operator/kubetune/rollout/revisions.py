@@ -53,12 +53,22 @@ class ModelProblem:
 
 def _serving_fingerprint(spec: ModelDeploymentSpec, resolved: dict[str, Any]) -> dict[str, Any]:
     """The part of the spec that changes serving pods, in wire form (stable key order below)."""
-    return {
+    out = {
         "model": resolved,
         "server": spec.server.dump(),
         "resources": spec.resources.dump(),
         "storage": spec.storage.dump(),
     }
+    # Pod-level settings join the fingerprint only when set, so that the revisions of
+    # ModelDeployments written before these fields existed keep their names (no new canary).
+    for key, value in (
+        ("podTemplate", spec.pod_template.dump() if spec.pod_template else None),
+        ("imagePullSecrets", [s.dump() for s in spec.image_pull_secrets or []]),
+        ("serviceAccountName", spec.service_account_name),
+    ):
+        if value:
+            out[key] = value
+    return out
 
 
 def revision_hash(spec: ModelDeploymentSpec, resolved: dict[str, Any]) -> str:
