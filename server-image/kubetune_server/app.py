@@ -45,6 +45,9 @@ from kubetune_server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIError,
+    chat_logprobs,
+    completion_logprobs,
+    unsupported_message,
 )
 
 log = logging.getLogger("kubetune_server")
@@ -70,6 +73,7 @@ class ServerState:
         #: Called (from the loader thread) when loading failed; main() stops uvicorn.
         self.on_fatal = lambda: None
         self._rng = random.Random()
+        self._token_texts: dict[int, str] = {}
 
     # --- loading ------------------------------------------------------------------------
 
@@ -157,10 +161,34 @@ class ServerState:
                 headers={"Retry-After": "5"},
             )
 
+    def token_text(self, token: int) -> str:
+        """One token's text (cached: log-probabilities name the same tokens over and over)."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self.loaded.tokenizer.decode([token])
+            if len(self._token_texts) < 65536:
+                self._token_texts[token] = text
+        return text
+
     def should_fail(self) -> bool:
         """Fault injection: whether this request gets an injected 500."""
         rate = self.settings.fault_error_rate
         return rate > 0 and self._rng.random() < rate
+
+
+def _logprobs_wanted(body, *, chat: bool) -> int | None:
+    """The engine's ``logprobs`` setting for a request (None: none); 400 for bad combinations."""
+    if chat:
+        if body.top_logprobs is not None and not body.logprobs:
+            raise OpenAIError(400, "top_logprobs: requires logprobs: true", param="top_logprobs")
+        return (body.top_logprobs or 0) if body.logprobs else None
+    if body.logprobs is not None and body.echo:
+        raise OpenAIError(
+            400,
+            "logprobs: with echo the prompt's log-probabilities would be needed, which this server does not compute; drop echo or logprobs",
+            param="logprobs",
+        )
+    return body.logprobs
 
 
 def _write_termination(path: str | None, outcome: str, message: str) -> None:
@@ -267,8 +295,17 @@ def create_app(
                     400, f"Invalid JSON body: {first.get('ctx', {}).get('error', first['msg'])}"
                 )
             )
+        # An unsupported field is named first: it is the one error that fixing the others
+        # would not reveal (the request would "work" and the field be ignored).
+        extra = [e for e in errors if e.get("type") == "extra_forbidden"]
+        if extra:
+            first = extra[0]
         param = _param(tuple(first.get("loc", ())))
-        message = f"{param}: {first['msg']}" if param else str(first["msg"])
+        if first.get("type") == "extra_forbidden" and param:
+            prefix, _, field = param.rpartition(".")
+            message = (prefix + "." if prefix else "") + unsupported_message(field)
+        else:
+            message = f"{param}: {first['msg']}" if param else str(first["msg"])
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more)"
         return _error_response(OpenAIError(400, message, param=param))
@@ -441,6 +478,7 @@ async def _serve(state: ServerState, request: Request, body, kind: str, prompts,
     stops = body.stops()
     if len(stops) > 4:
         raise OpenAIError(400, "stop: at most 4 stop sequences", param="stop")
+    logprobs = _logprobs_wanted(body, chat=messages is not None)
 
     # --- fault injection (demo "bad revision", chaos drills) ---
     if s.fault_latency_ms > 0:
@@ -472,6 +510,7 @@ async def _serve(state: ServerState, request: Request, body, kind: str, prompts,
                 seed=None if body.seed is None else body.seed + index,
                 stop=stops,
                 ignore_eos=body.ignore_eos,
+                logprobs=logprobs,
             )
 
             def emit(chunk: Chunk, index: int = index) -> None:
@@ -509,6 +548,13 @@ async def _serve(state: ServerState, request: Request, body, kind: str, prompts,
         if first is not None:
             metrics.ttft.labels(model=name).observe(max(0.0, first - started))
 
+    def format_logprobs(entries, offset: int = 0) -> dict[str, Any] | None:
+        if logprobs is None:
+            return None
+        if messages is not None:
+            return chat_logprobs(entries, state.token_text)
+        return completion_logprobs(entries, state.token_text, offset)
+
     def count_tokens() -> int:
         done = sum(len(q.generated) for q in seqs)
         metrics.generated_tokens.labels(model=name).inc(done)
@@ -532,12 +578,14 @@ async def _serve(state: ServerState, request: Request, body, kind: str, prompts,
                 include_usage,
                 observe_ttft,
                 count_tokens,
+                format_logprobs,
             ),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
     texts_out = [""] * len(seqs)
+    entries: list[list] = [[] for _ in seqs]
     finish: list[str | None] = [None] * len(seqs)
     try:
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
@@ -565,6 +613,7 @@ async def _serve(state: ServerState, request: Request, body, kind: str, prompts,
                         500, chunk.error, type="server_error", code="generation_failed"
                     )
                 texts_out[index] += chunk.text
+                entries[index].extend(chunk.logprobs)
                 if chunk.finish_reason:
                     finish[index] = chunk.finish_reason
     except TimeoutError:
@@ -589,7 +638,7 @@ async def _serve(state: ServerState, request: Request, body, kind: str, prompts,
             {
                 "index": i,
                 "message": {"role": "assistant", "content": texts_out[i]},
-                "logprobs": None,
+                "logprobs": format_logprobs(entries[i]),
                 "finish_reason": finish[i],
             }
             for i in range(len(seqs))
@@ -599,7 +648,7 @@ async def _serve(state: ServerState, request: Request, body, kind: str, prompts,
             {
                 "index": i,
                 "text": (echo[i] if echo else "") + texts_out[i],
-                "logprobs": None,
+                "logprobs": format_logprobs(entries[i]),
                 "finish_reason": finish[i],
             }
             for i in range(len(seqs))
@@ -633,21 +682,34 @@ async def _stream(
     include_usage,
     observe_ttft,
     count_tokens,
+    format_logprobs,
 ) -> AsyncIterator[bytes]:
     """SSE chunks as OpenAI sends them, ``data: [DONE]`` last."""
     chat = kind == "chat.completion"
     chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+    # Completions' text_offset counts from the start of the choice's text (echo included).
+    offsets = [len(echo[i]) if echo else 0 for i in range(len(seqs))]
 
-    def frame(index: int, text: str | None, finish: str | None, first: bool = False) -> bytes:
+    def frame(
+        index: int, text: str | None, finish: str | None, first: bool = False, entries=()
+    ) -> bytes:
+        logprobs = format_logprobs(entries, offsets[index]) if entries else None
+        if logprobs and not chat:
+            offsets[index] += sum(len(t) for t in logprobs["tokens"])
         if chat:
             delta: dict[str, Any] = {}
             if first:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {
+                "index": index,
+                "text": text or "",
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }
         return _sse(
             {
                 "id": rid,
@@ -685,8 +747,8 @@ async def _stream(
                     ).body()
                 )
                 break
-            if chunk.text:
-                yield frame(index, chunk.text, None)
+            if chunk.text or chunk.logprobs:
+                yield frame(index, chunk.text, None, entries=chunk.logprobs)
             if chunk.finish_reason:
                 pending.discard(index)
                 yield frame(index, None if chat else "", chunk.finish_reason)

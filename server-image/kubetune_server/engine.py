@@ -52,6 +52,22 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    #: Log-probabilities wanted: None = none, k >= 0 = the chosen token's and the top k.
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the ``top`` most likely alternatives.
+
+    Log-probabilities of the model's distribution for that position (log-softmax of the raw
+    logits, before temperature and top_p), as OpenAI and vLLM report them: they do not depend
+    on the sampling settings, and under greedy decoding the chosen token is the top one.
+    """
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,6 +78,8 @@ class Chunk:
     finish_reason: str | None = None
     tokens: int = 0
     error: str | None = None
+    #: Log-probabilities of the tokens generated since the previous chunk (when asked for).
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(eq=False)
@@ -81,6 +99,9 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     emitted: int = 0
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    #: How many of ``logprobs`` went out in chunks already.
+    logprobs_emitted: int = 0
 
     def cancel(self) -> None:
         """Stop generating (client gone, timeout); the worker drops the row at its next step."""
@@ -248,7 +269,7 @@ class Engine:
             rows = list(range(len(batch)))  # batch index of each live row
             while True:
                 tokens = self._sample(logits, [batch[i] for i in rows], [gens[i] for i in rows])
-                keep = self._step(batch, rows, tokens)
+                keep = self._step(batch, rows, tokens, logits)
                 rows, next_ids = [rows[j] for j in keep], [tokens[j] for j in keep]
                 if len(keep) < len(tokens) and keep:
                     index = torch.tensor(keep, device=device)
@@ -262,7 +283,7 @@ class Engine:
                     gens.extend(self._generator(seq, device) for seq in joiners)
                     j_cache, j_mask, j_pos, j_logits = self._prefill(joiners)
                     j_tokens = self._sample(j_logits, joiners, gens[first:])
-                    j_keep = self._step(batch, list(range(first, len(batch))), j_tokens)
+                    j_keep = self._step(batch, list(range(first, len(batch))), j_tokens, j_logits)
                     if j_keep:
                         if len(j_keep) < len(joiners):
                             index = torch.tensor(j_keep, device=device)
@@ -318,10 +339,14 @@ class Engine:
         )
         return cache, mask, positions[:, -1], out.logits[:, -1, :].float()
 
-    def _step(self, batch: list[Sequence], rows: list[int], tokens: list[int]) -> list[int]:
+    def _step(
+        self, batch: list[Sequence], rows: list[int], tokens: list[int], logits=None
+    ) -> list[int]:
         """Advance each row by its token; the positions (in ``rows``) of those still running."""
         keep: list[int] = []
         now = time.monotonic()
+        if logits is not None:
+            _record_logprobs(logits, [batch[i] for i in rows], tokens)
         for j, i in enumerate(rows):
             seq = batch[i]
             if seq.first_token_at is None:
@@ -422,8 +447,40 @@ class Engine:
             delta = text[seq.emitted : safe] if safe > seq.emitted else ""
             seq.emitted = max(seq.emitted, safe)
             seq.finish_reason = finish
-            seq.emit(Chunk(text=delta, finish_reason=finish, tokens=len(seq.generated)))
+            # The tokens generated since the last chunk go with its text (held-back text holds
+            # back its tokens' log-probabilities too, so they arrive with the text they make).
+            logprobs = tuple(seq.logprobs[seq.logprobs_emitted :])
+            seq.logprobs_emitted = len(seq.logprobs)
+            seq.emit(
+                Chunk(
+                    text=delta,
+                    finish_reason=finish,
+                    tokens=len(seq.generated),
+                    logprobs=logprobs,
+                )
+            )
         return finish is not None
+
+
+def _record_logprobs(logits, seqs: list[Sequence], tokens: list[int]) -> None:
+    """Append each asking row's :class:`TokenLogprob` for its chosen token (one softmax per batch)."""
+    wanted = [j for j, seq in enumerate(seqs) if seq.params.logprobs is not None]
+    if not wanted:
+        return
+    import torch
+
+    index = torch.tensor(wanted, device=logits.device)
+    logp = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor([[tokens[j]] for j in wanted], device=logits.device))
+    k = max(seqs[j].params.logprobs or 0 for j in wanted)
+    top_vals, top_ids = logp.topk(k, dim=-1) if k else (None, None)
+    chosen = chosen[:, 0].tolist()
+    top_vals = top_vals.tolist() if k else None
+    top_ids = top_ids.tolist() if k else None
+    for r, j in enumerate(wanted):
+        n = seqs[j].params.logprobs or 0
+        top = tuple(zip(top_ids[r][:n], top_vals[r][:n], strict=True)) if n else ()
+        seqs[j].logprobs.append(TokenLogprob(tokens[j], chosen[r], top))
 
 
 def _stack_caches(cache, mask, other, other_mask):

@@ -1,16 +1,75 @@
 """OpenAI wire format: request models (validated by FastAPI) and the error body.
 
-Fields follow the OpenAI API; the few extras follow vLLM (``ignore_eos``). Unknown fields are
-ignored, as OpenAI does, so newer clients keep working. Every error, including FastAPI's own
-validation errors, is answered as ``{"error": {"message", "type", "param", "code"}}`` with
-``param`` naming the offending field (``max_tokens``, ``messages.0.role``).
+Fields follow the OpenAI API; the few extras follow vLLM (``ignore_eos``). Every error,
+including FastAPI's own validation errors, is answered as ``{"error": {"message", "type",
+"param", "code"}}`` with ``param`` naming the offending field (``max_tokens``,
+``messages.0.role``).
+
+Strict where clients notice: a field this server does not implement is a 400 naming it, never
+silently ignored (OpenAI itself answers "Unrecognized request argument"). A client that asks
+for ``tools`` or ``response_format: json_schema`` and gets plain text back would otherwise
+misread the answer. The supported set is explicit, per endpoint (the models below, nothing
+else); the OpenAI fields in :data:`NEUTRAL` are accepted only with the value that means "off"
+(``frequency_penalty: 0``, ``tool_choice: "none"``, ``null`` for any of them), because common
+SDKs send those defaults on every request.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+#: OpenAI fields this server does not implement, each with the values that mean "not used"
+#: (accepted and dropped; ``None`` always is). Any other value is a 400 naming the field.
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (0, 0.0),
+    "presence_penalty": (0, 0.0),
+    "logit_bias": ({},),
+    "best_of": (1,),
+    "suffix": ("",),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "parallel_tool_calls": (),
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "store": (False,),
+    "metadata": ({},),
+    "service_tier": ("auto", "default"),
+    "modalities": (["text"],),
+    "audio": (),
+    "prediction": (),
+    "reasoning_effort": (),
+    "web_search_options": (),
+    "verbosity": (),
+    "prompt_cache_key": (),
+    "safety_identifier": (),
+}
+
+#: Why a known OpenAI field is refused (the 400 message); unknown fields get a generic one.
+UNSUPPORTED_WHY: dict[str, str] = {
+    "tools": "tool calling is not supported by this server",
+    "tool_calls": "tool calling is not supported by this server",
+    "tool_choice": "tool calling is not supported by this server",
+    "parallel_tool_calls": "tool calling is not supported by this server",
+    "functions": "function calling is not supported by this server",
+    "function_call": "function calling is not supported by this server",
+    "response_format": 'structured output (JSON mode, json_schema) is not supported by this server; only {"type": "text"}',
+    "frequency_penalty": "penalties are not supported by this server; only 0",
+    "presence_penalty": "penalties are not supported by this server; only 0",
+    "logit_bias": "logit_bias is not supported by this server",
+    "best_of": "best_of is not supported by this server; use n",
+    "suffix": "suffix (insertion) is not supported by this server",
+}
+
+
+def unsupported_message(field: str) -> str:
+    """The 400 message for a request field outside an endpoint's supported set."""
+    why = UNSUPPORTED_WHY.get(field)
+    if why is None and field in NEUTRAL:
+        why = f"{field} is not supported by this server"
+    return f"{field}: {why or 'unrecognised request argument'}; remove the field"
 
 
 class OpenAIError(Exception):
@@ -46,6 +105,11 @@ class OpenAIError(Exception):
         }
 
 
+# OpenAI's own limits.
+MAX_COMPLETION_LOGPROBS = 5
+MAX_CHAT_TOP_LOGPROBS = 20
+
+
 class ErrorDetail(BaseModel):
     """The ``error`` object of an error response."""
 
@@ -76,7 +140,21 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # NB: "forbid" also tells the OpenAPI document (additionalProperties: false); the
+    # validation error handler turns "extra_forbidden" into unsupported_message(field).
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_neutral(cls, data: Any) -> Any:
+        """Accept (and drop) unimplemented OpenAI fields sent with their "off" value."""
+        if not isinstance(data, dict):
+            return data
+        return {
+            k: v
+            for k, v in data.items()
+            if k in cls.model_fields or k not in NEUTRAL or not (v is None or v in NEUTRAL[k])
+        }
 
     model: str | None = Field(
         default=None, description="Served model name (see /v1/models); default: the default model."
@@ -117,6 +195,12 @@ class CompletionRequest(_Request):
     )
     max_tokens: int | None = Field(default=16, ge=1, description="Most tokens to generate.")
     echo: bool = Field(default=False, description="Prepend the prompt to the text.")
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_COMPLETION_LOGPROBS,
+        description="Log-probabilities of each generated token and of this many most likely alternatives.",
+    )
 
 
 class TextPart(BaseModel):
@@ -128,11 +212,24 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One chat message."""
+    """One chat message (tool calls in a message are refused, like ``tools``)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    name: str | None = Field(default=None, description="Accepted; not shown to the model.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_neutral(cls, data: Any) -> Any:
+        # SDKs echo an assistant turn back with "tool_calls": null / [] and "refusal": null.
+        if not isinstance(data, dict):
+            return data
+        return {
+            k: v
+            for k, v in data.items()
+            if not (k in ("tool_calls", "function_call", "refusal", "audio") and not v)
+        }
 
     def text(self) -> str:
         """The content as one string."""
@@ -150,8 +247,65 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(
         default=None, ge=1, description="Alias of max_tokens (newer clients)."
     )
+    logprobs: bool = Field(
+        default=False, description="Return the log-probability of each generated token."
+    )
+    top_logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_CHAT_TOP_LOGPROBS,
+        description="With logprobs: this many most likely alternatives per token.",
+    )
 
 
 StreamOptions.model_rebuild()
 CompletionRequest.model_rebuild()
 ChatCompletionRequest.model_rebuild()
+
+
+# --- log-probabilities in the OpenAI shapes ------------------------------------------------
+# ``entries`` are kubetune_server.engine.TokenLogprob; ``text_of`` turns a token id into its
+# text (the tokenizer's decode of that one token, so a token that is half a UTF-8 character
+# reads as U+FFFD, as in vLLM); ``bytes`` are that text's UTF-8 bytes.
+
+
+def chat_logprobs(entries, text_of) -> dict[str, Any]:
+    """``choices[].logprobs`` of a chat completion (or of one stream chunk)."""
+
+    def item(token: int, logprob: float) -> dict[str, Any]:
+        text = text_of(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {
+        "content": [
+            {**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+            for e in entries
+        ],
+        "refusal": None,
+    }
+
+
+def completion_logprobs(entries, text_of, offset: int = 0) -> dict[str, Any]:
+    """``choices[].logprobs`` of a (legacy) completion; ``offset`` = text before the first token.
+
+    As OpenAI documents it: ``top_logprobs`` holds the ``logprobs`` most likely tokens *and*
+    the chosen one, so up to ``logprobs + 1`` entries.
+    """
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for e in entries:
+        text = text_of(e.token)
+        tokens.append(text)
+        token_logprobs.append(e.logprob)
+        alternatives: dict[str, float] = {}
+        for t, lp in e.top:  # best first; two ids with one text keep the better
+            alternatives.setdefault(text_of(t), lp)
+        alternatives.setdefault(text, e.logprob)
+        top.append(alternatives)
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }

@@ -9,12 +9,19 @@ Aspects covered:
   greedy text as the same requests sent one by one
 - errors: OpenAI-shaped bodies with ``param`` for bad fields, limits, unknown model, bad JSON,
   oversized body; none of them hurts the process
+- strictness (issue 13): a field outside an endpoint's supported set (``tools``,
+  ``response_format``, unknown names, tool calls inside messages) is a 400 naming it; the
+  "off" values SDKs send by default are accepted
+- log-probabilities: legacy ``logprobs: k`` on completions, ``logprobs``/``top_logprobs`` on
+  chat, streamed and not; the values are the model's own (checked against a plain
+  transformers forward pass), normalised, best-first, and the same streamed or not
 - metrics: every contract name present, counters moving, info metric with the adapter digest
 """
 
 from __future__ import annotations
 
 import json
+import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -359,6 +366,250 @@ def test_openai_client_raises_bad_request_with_param(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=MODEL, prompt="x", max_tokens=1000)
     assert info.value.body["param"] == "max_tokens"
+
+
+# --- strict API: unsupported fields (issue 13) --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "param"),
+    [
+        (
+            "/v1/chat/completions",
+            {"tools": [{"type": "function", "function": {"name": "f"}}]},
+            "tools",
+        ),
+        ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
+        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/chat/completions", {"frequency_penalty": 0.5}, "frequency_penalty"),
+        ("/v1/chat/completions", {"echo": True}, "echo"),
+        ("/v1/chat/completions", {"flavour": "vanilla"}, "flavour"),
+        ("/v1/completions", {"best_of": 3}, "best_of"),
+        ("/v1/completions", {"suffix": "end"}, "suffix"),
+        ("/v1/completions", {"top_logprobs": 2}, "top_logprobs"),
+        ("/v1/completions", {"max_completion_tokens": 2}, "max_completion_tokens"),
+    ],
+)
+def test_unsupported_fields_are_400_naming_the_field_not_ignored(server, path, extra, param):
+    """Bug (issue 13): tools, response_format and logprobs were silently ignored."""
+    body = {"model": MODEL, "max_tokens": 2, **extra}
+    body.update(
+        {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"}
+    )
+    err = _error(post(server, path, body), 400)
+    assert err["param"] == param
+    assert err["message"].startswith(f"{param}: ")
+    assert err["type"] == "invalid_request_error"
+
+
+def test_tool_calls_inside_a_message_are_400_naming_the_message(server):
+    body = {
+        "model": MODEL,
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": "c1", "type": "function"}],
+            },
+        ],
+    }
+    err = _error(post(server, "/v1/chat/completions", body), 400)
+    assert err["param"] == "messages.1.tool_calls"
+    assert "tool calling is not supported" in err["message"]
+
+
+def test_the_off_values_sdks_send_by_default_are_accepted(server):
+    body = {
+        "model": MODEL,
+        "messages": [
+            {"role": "user", "content": "hi", "name": "ann"},
+            {"role": "assistant", "content": "hello", "tool_calls": None, "refusal": None},
+            {"role": "user", "content": "again"},
+        ],
+        "max_tokens": 2,
+        "frequency_penalty": 0,
+        "presence_penalty": 0.0,
+        "tools": None,
+        "tool_choice": "none",
+        "response_format": {"type": "text"},
+        "logit_bias": {},
+        "store": False,
+    }
+    resp = post(server, "/v1/chat/completions", body)
+    assert resp.status_code == 200, resp.text
+
+
+def test_openai_client_gets_bad_request_for_tools(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "weather?"}],
+            tools=[{"type": "function", "function": {"name": "weather", "parameters": {}}}],
+        )
+    assert info.value.body["param"] == "tools"
+
+
+def test_openapi_document_declares_no_additional_properties(server):
+    schemas = httpx.get(f"{server.url}/openapi.json").json()["components"]["schemas"]
+    for name in ("CompletionRequest", "ChatCompletionRequest", "ChatMessage"):
+        assert schemas[name]["additionalProperties"] is False, name
+
+
+# --- log-probabilities ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_base_model: Path):
+    """Greedy decoding with plain transformers (full forward each step, no KV cache): the truth."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_model, dtype=torch.float32).eval()
+
+    def greedy(ids: list[int], steps: int, top: int) -> list[tuple[int, float, list]]:
+        out = []
+        ids = list(ids)
+        with torch.inference_mode():
+            for _ in range(steps):
+                logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+                logp = torch.log_softmax(logits, -1)
+                values, index = logp.topk(top)
+                token = int(index[0])
+                out.append(
+                    (
+                        token,
+                        float(logp[token]),
+                        list(zip(index.tolist(), values.tolist(), strict=True)),
+                    )
+                )
+                ids.append(token)
+        return out
+
+    return tok, greedy
+
+
+BASE = f"{MODEL}-base"
+
+
+def test_completion_logprobs_are_the_models_own_under_greedy(client, reference):
+    tok, greedy = reference
+    prompt = "The code word is"
+    resp = client.completions.create(
+        model=BASE,
+        prompt=prompt,
+        max_tokens=6,
+        temperature=0,
+        logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
+    lp = resp.choices[0].logprobs
+    truth = greedy(tok(prompt)["input_ids"], 6, 3)
+    assert len(lp.tokens) == len(lp.token_logprobs) == resp.usage.completion_tokens == 6
+    for i, (token, logprob, top) in enumerate(truth):
+        assert lp.tokens[i] == tok.decode([token])
+        assert lp.token_logprobs[i] == pytest.approx(logprob, abs=1e-4)
+        # the 3 best plus the chosen one (here among them): best first, the chosen one the max
+        assert list(lp.top_logprobs[i]) == list(dict.fromkeys(tok.decode([t]) for t, _ in top))
+        assert max(lp.top_logprobs[i].values()) == pytest.approx(lp.token_logprobs[i])
+        assert sum(math.exp(v) for v in lp.top_logprobs[i].values()) <= 1 + 1e-6
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+
+
+def test_chat_logprobs_streamed_equal_non_streamed_and_are_normalised(client):
+    kwargs = dict(
+        model=BASE,
+        messages=[{"role": "user", "content": "Say something."}],
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=4,
+        extra_body={"ignore_eos": True},
+    )
+    resp = client.chat.completions.create(**kwargs)
+    content = resp.choices[0].logprobs.content
+    assert len(content) == resp.usage.completion_tokens == 8
+    for item in content:
+        assert item.logprob <= 0
+        assert len(item.top_logprobs) == 4
+        values = [t.logprob for t in item.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        assert sum(math.exp(v) for v in values) <= 1 + 1e-6
+        assert item.logprob == pytest.approx(values[0])  # greedy: the chosen one is the best
+        assert item.bytes == list(item.token.encode())
+    streamed = []
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed.extend(chunk.choices[0].logprobs.content)
+    assert [(t.token, round(t.logprob, 4)) for t in streamed] == [
+        (t.token, round(t.logprob, 4)) for t in content
+    ]
+
+
+def test_streamed_completion_logprobs_cover_every_token(client):
+    kwargs = dict(
+        model=BASE,
+        prompt="Once",
+        max_tokens=5,
+        temperature=0,
+        logprobs=0,
+        extra_body={"ignore_eos": True},
+    )
+    whole = client.completions.create(**kwargs).choices[0].logprobs
+    tokens, offsets = [], []
+    for chunk in client.completions.create(**kwargs, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            tokens += chunk.choices[0].logprobs.tokens
+            offsets += chunk.choices[0].logprobs.text_offset
+    assert tokens == whole.tokens
+    assert offsets == whole.text_offset
+    # logprobs: 0 still returns the chosen token (OpenAI: up to logprobs + 1 entries)
+    assert all(len(top) == 1 for top in whole.top_logprobs)
+
+
+def test_sampled_tokens_get_their_logprob_whatever_the_temperature(client):
+    resp = client.completions.create(
+        model=BASE,
+        prompt="Once",
+        max_tokens=8,
+        temperature=1.5,
+        seed=3,
+        logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    lp = resp.choices[0].logprobs
+    assert len(lp.token_logprobs) == 8
+    for chosen, token, top in zip(lp.token_logprobs, lp.tokens, lp.top_logprobs, strict=True):
+        assert chosen <= 0
+        # The sampled token is always listed (two ids that decode alike, e.g. halves of UTF-8
+        # characters, share one key in this legacy shape: the better logprob is kept).
+        assert top[token] >= chosen
+        assert max(top.values()) >= chosen
+
+
+def test_no_logprobs_unless_asked(client):
+    resp = client.chat.completions.create(
+        model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert resp.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "param"),
+    [
+        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ("/v1/completions", {"logprobs": 6}, "logprobs"),
+        ("/v1/completions", {"logprobs": 1, "echo": True}, "logprobs"),
+    ],
+)
+def test_bad_logprobs_requests_are_400(server, path, extra, param):
+    body = {"model": MODEL, "max_tokens": 2, **extra}
+    body.update(
+        {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"}
+    )
+    assert _error(post(server, path, body), 400)["param"] == param
 
 
 # --- metrics -----------------------------------------------------------------------------
