@@ -247,6 +247,9 @@ class MetricsMiddleware:
                 code="request_too_large",
             )
             return await _error_response(err)(scope, receive, send_wrapper)
+        # In flight until the app returns: after the last byte, a client gone mid-stream, or
+        # an error (a finally, so that no path leaks a count an autoscaler would act on).
+        metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_wrapper)
         except Exception:
@@ -255,6 +258,8 @@ class MetricsMiddleware:
                 model=info.get("kubetune_model", UNKNOWN_MODEL), code="500"
             ).inc()
             raise
+        finally:
+            metrics.in_flight.dec()
 
 
 def create_app(

@@ -56,6 +56,14 @@ class Metrics:
         self.queue_depth = Gauge(
             "kubetune_server_queue_depth", "Sequences waiting for a batch.", registry=r
         )
+        # The two autoscaling signals (docs/operations.md, "Autoscaling"): the queue says the
+        # pod is saturated; in-flight requests say how much work it holds (queued + generating
+        # + streaming), a per-pod figure an HPA or KEDA can target as an average.
+        self.in_flight = Gauge(
+            "kubetune_server_requests_in_flight",
+            "Generation requests received and not yet answered (queued, generating or streaming).",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "kubetune_server_batch_size",
             "Sequences per generation batch.",
