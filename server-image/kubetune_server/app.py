@@ -57,6 +57,9 @@ MAX_BODY_BYTES = 4 << 20
 DISCONNECT_POLL_SECONDS = 0.25
 WARMUP_PROMPT = "Hello"
 UNKNOWN_MODEL = "unknown"
+# Seconds the engine's worker gets to stop after the HTTP drain (within the pod's exit margin,
+# kubetune.rollout.builders.EXIT_MARGIN_SECONDS).
+ENGINE_STOP_SECONDS = 5
 
 
 class ServerState:
@@ -275,7 +278,9 @@ def create_app(
         yield
         state.draining = True
         if state.engine is not None:
-            await asyncio.to_thread(state.engine.stop, settings.server.request_timeout_seconds)
+            # uvicorn already waited up to drain_seconds for requests in flight; what is left
+            # belongs to requests it cancelled, so the worker only gets the pod's exit margin.
+            await asyncio.to_thread(state.engine.stop, ENGINE_STOP_SECONDS)
 
     app = FastAPI(
         title="kubetune inference server",
@@ -829,7 +834,7 @@ def main() -> int:
         log_level="info",
         access_log=False,
         # In-flight requests may take up to the request timeout; after that, stop anyway.
-        timeout_graceful_shutdown=settings.server.request_timeout_seconds + 5,
+        timeout_graceful_shutdown=settings.server.drain_seconds,
     )
     server = DrainingServer(config)
 

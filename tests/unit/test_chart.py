@@ -27,6 +27,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from kubetune.api.security import IMAGE_UID
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "kubetune"
 KUBE_VERSION = "1.30"
@@ -289,7 +291,7 @@ def test_packaged_chart_carries_the_crd_contents(tmp_path: Path) -> None:
 
 
 def test_operator_image_runs_what_the_chart_runs() -> None:
-    """operator-image/Dockerfile: same entrypoint and modules as the chart, same non-root UID."""
+    """operator-image/Dockerfile: same entrypoint and modules as the chart, the non-root UID the pod relies on."""
     dockerfile = (REPO / "operator-image" / "Dockerfile").read_text()
     entrypoint = json.loads(
         next(line for line in dockerfile.splitlines() if line.startswith("ENTRYPOINT"))[
@@ -303,5 +305,8 @@ def test_operator_image_runs_what_the_chart_runs() -> None:
     container = pod["containers"][0]
     assert entrypoint == container["command"]
     assert cmd[:3] == container["args"][:3]
+    # No fixed UID in the chart: runAsNonRoot relies on the image's numeric USER.
     user = next(line for line in dockerfile.splitlines() if line.startswith("USER")).split()[1]
-    assert user == f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
+    assert user == f"{IMAGE_UID}:{IMAGE_UID}"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert "runAsUser" not in pod["securityContext"]

@@ -127,6 +127,10 @@ class EnvVar(Model):
     value: str = Field(default="", description="Value.")
 
 
+# Seconds the server's SIGTERM drain waits past requestTimeoutSeconds (ServerSpec.drain_seconds).
+DRAIN_MARGIN_SECONDS = 5
+
+
 class ServerSpec(Model):
     """Inference server settings (kubetune_server, OpenAI-compatible)."""
 
@@ -149,7 +153,10 @@ class ServerSpec(Model):
         default=512, ge=1, description="Largest max_tokens a request may ask for."
     )
     request_timeout_seconds: int = Field(
-        default=60, ge=1, le=3600, description="Per-request timeout."
+        default=60,
+        ge=1,
+        le=3600,
+        description="Per-request timeout. It also bounds the drain on SIGTERM (requests in flight get this long plus 5 s), so serving pods get terminationGracePeriodSeconds = requestTimeoutSeconds + 15.",
     )
     merge_adapter: bool = Field(
         default=False,
@@ -166,6 +173,15 @@ class ServerSpec(Model):
         max_length=64,
         description="Extra environment of the server container (fault injection for drills: KUBETUNE_FAULT_ERROR_RATE, KUBETUNE_FAULT_LATENCY_MS). Part of the revision.",
     )
+
+    @property
+    def drain_seconds(self) -> int:
+        """Longest SIGTERM drain of the server: the request timeout plus a margin.
+
+        The server's graceful shutdown waits this long for requests in flight; the serving
+        pod's grace period is derived from it (rollout.builders.termination_grace_seconds).
+        """
+        return self.request_timeout_seconds + DRAIN_MARGIN_SECONDS
 
 
 class ServeResources(Model):

@@ -29,6 +29,7 @@ from kubetune.api.common import (
 )
 from kubetune.api.finetunejob import KIND, PLURAL, FineTuneJobSpec
 from kubetune.api.pods import merge_pod_template
+from kubetune.api.security import container_security_context, pod_security_context
 
 # --- names, labels, annotations ----------------------------------------------------------------
 
@@ -53,8 +54,6 @@ VALIDATE_MEMORY = "4Gi"
 # window (DESIGN.md, checkpoint contract: "SIGTERM = save a checkpoint within the grace period").
 TRAIN_GRACE_SECONDS = 300
 VALIDATE_GRACE_SECONDS = 30
-
-UID = 1000  # the trainer image's non-root user
 
 
 def validate_job_name(ftj: dict[str, Any]) -> str:
@@ -184,25 +183,6 @@ def _volumes(shm: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return volumes, mounts
 
 
-def _container_security() -> dict[str, Any]:
-    return {
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "runAsNonRoot": True,
-        "capabilities": {"drop": ["ALL"]},
-    }
-
-
-def _pod_security() -> dict[str, Any]:
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": UID,
-        "runAsGroup": UID,
-        "fsGroup": UID,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-
-
 def _service_account_fields(ftj: dict[str, Any], report: str) -> dict[str, Any]:
     # The per-job ServiceAccount carries the progress-channel Role (and, copied from
     # spec.storage.serviceAccountName, the workload-identity annotations for the bucket).
@@ -250,7 +230,7 @@ def build_validate_job(
             "requests": {"cpu": VALIDATE_CPU, "memory": VALIDATE_MEMORY},
             "limits": {"memory": VALIDATE_MEMORY},
         },
-        "securityContext": _container_security(),
+        "securityContext": container_security_context(),
         "volumeMounts": mounts,
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -259,7 +239,7 @@ def build_validate_job(
     pod_spec = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": VALIDATE_GRACE_SECONDS,
-        "securityContext": _pod_security(),
+        "securityContext": pod_security_context(),
         **_service_account_fields(ftj, report),
         "containers": [container],
         "volumes": volumes,
@@ -380,7 +360,7 @@ def build_train_job(
         "command": _train_command(spec),
         "env": trainer_env(ftj, spec, attempt=attempt, report=report) + _rendezvous_env(ftj, spec),
         "resources": {"requests": requests, "limits": limits},
-        "securityContext": _container_security(),
+        "securityContext": container_security_context(),
         "volumeMounts": mounts,
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -396,7 +376,7 @@ def build_train_job(
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": TRAIN_GRACE_SECONDS,
-        "securityContext": _pod_security(),
+        "securityContext": pod_security_context(),
         **_service_account_fields(ftj, report),
         "containers": [container],
         "volumes": volumes,

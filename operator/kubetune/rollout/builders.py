@@ -27,6 +27,7 @@ from kubetune.api.common import (
 )
 from kubetune.api.modeldeployment import KIND, ModelDeploymentSpec
 from kubetune.api.pods import PodTemplateError, merge_pod_template
+from kubetune.api.security import container_security_context, pod_security_context
 from kubetune.rollout.revisions import ModelProblem, Revision, resource_name
 
 # Role of a revision's Deployment (object label only, never in the pod template; see above).
@@ -49,6 +50,9 @@ GATEWAY_API_VERSION = "gateway.networking.k8s.io/v1"
 # ready is still bounded by the Deployment's progressDeadlineSeconds (= the rollout's).
 STARTUP_PERIOD = 5
 STARTUP_FAILURES = 120
+# Seconds past the server's longest drain (ServerSpec.drain_seconds) before the kubelet's
+# SIGKILL: the engine's worker stops and the process exits.
+EXIT_MARGIN_SECONDS = 10
 
 
 def _spec(md: Mapping[str, Any]) -> ModelDeploymentSpec:
@@ -106,6 +110,16 @@ def _object_meta(md: Mapping[str, Any], name: str, labels: Mapping[str, str]) ->
             }
         ]
     return out
+
+
+def termination_grace_seconds(spec: ModelDeploymentSpec) -> int:
+    """``terminationGracePeriodSeconds`` of a serving pod: longer than the server's drain.
+
+    On SIGTERM the server finishes requests in flight for up to ``requestTimeoutSeconds`` plus a
+    margin (:attr:`ServerSpec.drain_seconds`); a shorter grace period would cut long generations
+    on every scale-down and rollout (it was a fixed 30 s against a 65 s drain).
+    """
+    return spec.server.drain_seconds + EXIT_MARGIN_SECONDS
 
 
 def server_env(md: Mapping[str, Any], revision: Revision) -> list[dict[str, Any]]:
@@ -189,12 +203,7 @@ def build_server_deployment(
             "periodSeconds": 2,
             "failureThreshold": 2,
         },
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": container_security_context(),
         "volumeMounts": [
             {"name": "cache", "mountPath": CACHE_DIR},
             {"name": "tmp", "mountPath": "/tmp"},
@@ -204,15 +213,10 @@ def build_server_deployment(
     }
     pod_spec: dict[str, Any] = {
         "containers": [container],
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": 1000,
-            "fsGroup": 1000,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(),
         "volumes": [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
         # In-flight generations finish; the router already stopped sending (weight 0 first).
-        "terminationGracePeriodSeconds": 30,
+        "terminationGracePeriodSeconds": termination_grace_seconds(spec),
         "enableServiceLinks": False,
     }
     if spec.account():

@@ -1,0 +1,191 @@
+"""``make images``: build the three images from the repository's Dockerfiles with daemonless podman.
+
+    python -m tests.images.build [trainer|server|operator ...]
+
+1. Installs podman, runc and debootstrap with apt-get when they are missing (CI starts bare).
+2. A local base image, because no registry is reachable: ``debootstrap --variant=minbase`` of
+   Debian bookworm with python3 (what ``python:3.11-slim-bookworm`` provides), imported with
+   ``podman import``; built once per machine, named after a hash of the pinned recipe.
+3. ``podman build`` of each Dockerfile with that base passed through its base-image ``ARG``
+   (``CUDA_IMAGE``, ``PYTHON_IMAGE``); everything else is the file a platform team builds with
+   Docker. ``--network host`` reaches Debian's and PyPI's servers; the machine's CA bundle
+   (pip's ``cert``) is mounted read-only and named by ``PIP_CERT`` (never in a layer).
+   Layers are reused between runs: a source change rebuilds only the last layers.
+4. Torch and the other wheels download once per machine: ``pip download`` fills a wheelhouse
+   (``~/.cache/kubetune/images/wheels``) that is mounted into the builds and named by
+   ``PIP_FIND_LINKS``, so pip takes them from there. (pip's own HTTP cache does not work on
+   these machines: the proxy's answers are not cacheable, so a mounted pip cache stays empty.)
+
+Prints the build time and size of each image and writes them to
+``.kubetune/test-artifacts/images-build.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+from tests.images.podman import CACHE, IMAGES, REPO, image_exists, image_ref, podman, podman_env
+
+SUITE = "bookworm"
+MIRROR = "http://deb.debian.org/debian"
+BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
+TOOLS = {"podman": "podman", "runc": "runc", "debootstrap": "debootstrap"}  # command: package
+ARTIFACTS = REPO / ".kubetune" / "test-artifacts"
+WHEELS = CACHE / "wheels"
+# Installed by a Dockerfile on top of the extras (trainer-image: bitsandbytes for qlora).
+EXTRA = ("bitsandbytes>=0.43",)
+
+
+def log(message: str) -> None:
+    print(f"[images] {message}", flush=True)
+
+
+def ensure_tools() -> None:
+    """apt-get install whatever of podman, runc and debootstrap is missing."""
+    missing = sorted({pkg for cmd, pkg in TOOLS.items() if shutil.which(cmd) is None})
+    if not missing:
+        return
+    log(f"installing {' '.join(missing)} with apt-get")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing, "uidmap"],
+        check=True,
+        env=env,
+    )
+
+
+def base_ref() -> str:
+    """The local base image's name: a hash of the recipe, so a changed recipe builds anew."""
+    recipe = json.dumps([SUITE, "minbase", MIRROR, BASE_PACKAGES])
+    return f"localhost/kubetune/base:{SUITE}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+
+
+def ensure_base() -> str:
+    ref = base_ref()
+    if image_exists(ref):
+        return ref
+    log(f"building the base image {ref} (debootstrap, a few minutes once per machine)")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE, prefix="rootfs-") as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        subprocess.run(
+            [
+                "debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
+                SUITE, str(rootfs), MIRROR,
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        # Nothing of the machine's apt cache in the base.
+        for deb in (rootfs / "var" / "cache" / "apt" / "archives").glob("*.deb"):
+            deb.unlink()
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        subprocess.run(
+            ["podman", "--runtime", "runc", "import", "-", ref],
+            stdin=tar.stdout,
+            check=True,
+            env=podman_env(),
+            stdout=subprocess.DEVNULL,
+        )
+        if tar.wait() != 0:
+            raise RuntimeError("tar of the debootstrap root failed")
+    return ref
+
+
+def ca_bundle() -> str | None:
+    """The CA bundle pip uses on this machine (``PIP_CERT``, pip's ``cert`` setting, Debian's)."""
+    if os.environ.get("PIP_CERT"):
+        return os.environ["PIP_CERT"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "get", "global.cert"],
+        capture_output=True, text=True,
+    )
+    if proc.returncode == 0 and proc.stdout.strip():
+        return proc.stdout.strip()
+    default = "/etc/ssl/certs/ca-certificates.crt"
+    return default if Path(default).exists() else None
+
+
+def requirements() -> list[str]:
+    """What the three Dockerfiles install: the project's dependencies, extras and EXTRA."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    return sorted({*project["dependencies"], *extras["train"], *extras["serve"], *EXTRA})
+
+
+def fill_wheelhouse() -> Path:
+    """``pip download`` every requirement into the wheelhouse, unless it holds them already."""
+    wanted = "\n".join(requirements()) + "\n"
+    stamp = WHEELS / ".requirements.txt"
+    if stamp.exists() and stamp.read_text() == wanted:
+        return WHEELS
+    log("downloading the wheels into the wheelhouse (once per machine)")
+    WHEELS.mkdir(parents=True, exist_ok=True)
+    listing = WHEELS / ".wanted.txt"
+    listing.write_text(wanted)
+    env = {k: v for k, v in os.environ.items() if k != "PIP_FIND_LINKS"}
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--dest", str(WHEELS), "-r", str(listing)],
+        check=True,
+        env=env,
+    )
+    listing.rename(stamp)
+    return WHEELS
+
+
+def build(name: str, base: str) -> dict:
+    args = [
+        "build", "--network", "host", "--layers", "--pull=never",
+        "-f", str(REPO / IMAGES[name]), "-t", image_ref(name),
+        "--build-arg", f"CUDA_IMAGE={base}", "--build-arg", f"PYTHON_IMAGE={base}",
+        "--volume", f"{WHEELS}:/run/kubetune-wheels:ro",
+        "--build-arg", "PIP_FIND_LINKS=/run/kubetune-wheels",
+    ]
+    cert = ca_bundle()
+    if cert:
+        args += ["--volume", f"{cert}:/run/kubetune-ca.crt:ro", "--build-arg", "PIP_CERT=/run/kubetune-ca.crt"]
+    for key in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "TORCH_INDEX_URL"):
+        if os.environ.get(key):
+            args += ["--build-arg", f"{key}={os.environ[key]}"]
+    args.append(str(REPO))
+    log(f"building {image_ref(name)} from {IMAGES[name]}")
+    started = time.monotonic()
+    podman(*args, capture=False)
+    seconds = time.monotonic() - started
+    size = int(podman("image", "inspect", "--format", "{{.Size}}", image_ref(name)).stdout.strip())
+    log(f"{image_ref(name)}: {seconds:.0f} s, {size / 1e9:.2f} GB")
+    return {"image": image_ref(name), "seconds": round(seconds, 1), "bytes": size}
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(IMAGES)
+    unknown = [n for n in names if n not in IMAGES]
+    if unknown:
+        print(f"unknown image(s) {unknown}; choose from {list(IMAGES)}", file=sys.stderr)
+        return 2
+    ensure_tools()
+    started = time.monotonic()
+    base = ensure_base()
+    fill_wheelhouse()
+    results = {"base": {"image": base, "seconds": round(time.monotonic() - started, 1)}}
+    for name in names:
+        results[name] = build(name, base)
+    results["total_seconds"] = round(time.monotonic() - started, 1)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "images-build.json").write_text(json.dumps(results, indent=2) + "\n")
+    log(f"done in {results['total_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
