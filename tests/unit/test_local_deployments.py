@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from collections import Counter
 
-from kubetune.local.deployments import DeploymentDriver, LocalRevision, MdepState, Replica
+from kubetune.local.deployments import (
+    DeploymentDriver,
+    LocalRevision,
+    MdepState,
+    Replica,
+    grace_seconds,
+)
 from kubetune.local.processes import Supervisor
 from kubetune.local.router import WeightedRouter
 from kubetune.local.store import Store
@@ -76,3 +82,15 @@ def test_crash_loop_quotes_the_termination_message_kept_across_a_restart(tmp_pat
     # Restarted: the message moves aside and is still what the crash loop quotes.
     log.replace(log.with_name("termination-log.last"))
     assert driver._termination_message(replica) == "cannot serve: file:///nope: not a folder"
+
+
+def test_stopping_replicas_get_the_pods_grace_period_not_a_fixed_10_seconds():
+    # The local runtime stopped servers after 10 s whatever the drain (requestTimeoutSeconds +
+    # 5 s): it now gives the grace period the builder derives, as a kubelet does.
+    from kubetune.rollout import builders as rb
+    from tests.unit.test_rollout_builders import MD, REV
+
+    md = {**MD, "spec": {**MD["spec"], "server": {"requestTimeoutSeconds": 120}}}
+    manifest = rb.build_server_deployment(md, REV, role=rb.ROLE_STABLE)
+    local = LocalRevision(name=REV.name, manifest=manifest, probe_path="/readyz")
+    assert grace_seconds(local) == 120 + 5 + rb.EXIT_MARGIN_SECONDS

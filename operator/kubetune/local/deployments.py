@@ -39,6 +39,7 @@ from kubetune.local.containers import (
     free_port,
     main_container,
     pod_metadata_of,
+    pod_spec_of,
     to_process,
 )
 from kubetune.local.jobs import kubelet_exit_code
@@ -57,6 +58,8 @@ BACKOFF_MAX_SECONDS = 20.0
 # A replica that stayed up this long has its back-off reset (the kubelet uses 10 minutes).
 BACKOFF_RESET_SECONDS = 60.0
 PROBE_TIMEOUT_SECONDS = 2.0
+# Only when a Deployment's pod template has no terminationGracePeriodSeconds (the builders
+# always set one, derived from requestTimeoutSeconds, so a draining server is never cut short).
 SERVER_GRACE_SECONDS = 10.0
 
 
@@ -77,6 +80,12 @@ class Replica:
     def url(self) -> str:
         """Base URL of the replica's HTTP server."""
         return f"http://127.0.0.1:{self.port}"
+
+
+def grace_seconds(local: LocalRevision) -> float:
+    """The revision's ``terminationGracePeriodSeconds``: what a kubelet gives a stopping pod."""
+    spec = pod_spec_of(local.manifest)
+    return float(spec.get("terminationGracePeriodSeconds", SERVER_GRACE_SECONDS))
 
 
 @dataclass
@@ -259,7 +268,7 @@ class DeploymentDriver:
         # Scale down: the highest indexes go first, as a ReplicaSet removes the newest pods.
         while len(local.replicas) > replicas:
             replica = local.replicas.pop()
-            await self.supervisor.stop(replica.process_name, grace_seconds=SERVER_GRACE_SECONDS)
+            await self.supervisor.stop(replica.process_name, grace_seconds=grace_seconds(local))
             self.supervisor.forget(replica.process_name)
         while len(local.replicas) < replicas:
             index = len(local.replicas)
@@ -346,7 +355,7 @@ class DeploymentDriver:
             return
         await asyncio.gather(
             *(
-                self.supervisor.stop(r.process_name, grace_seconds=SERVER_GRACE_SECONDS)
+                self.supervisor.stop(r.process_name, grace_seconds=grace_seconds(local))
                 for r in local.replicas
             )
         )
