@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{s['trainExamples']} training and {s['validationExamples']} validation examples "
                 f"({s['invalid']} invalid lines, {s['duplicates']} duplicates removed)",
                 data_report=s,
+                memory_estimate=result.memory,
             )
         else:
             from kubetune_trainer.train import run_train
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             step=context.get("step"),
             metrics=context.get("metrics"),
             data_report=getattr(exc, "data_report", None) or context.get("dataReport"),
+            memory_estimate=getattr(exc, "memory_estimate", None),
         )
         write_termination(termination_log, text)
         print(text, flush=True)

@@ -174,6 +174,7 @@ def termination_message(
     metrics: dict[str, Any] | None = None,
     data_report: dict[str, Any] | None = None,
     artifact: dict[str, Any] | None = None,
+    memory_estimate: dict[str, Any] | None = None,
 ) -> str:
     """The termination JSON, shortened to fit Kubernetes' 4 KiB limit.
 
@@ -189,6 +190,8 @@ def termination_message(
         body["dataReport"] = data_report
     if artifact:
         body["artifact"] = artifact
+    if memory_estimate:
+        body["memoryEstimate"] = memory_estimate
     text = json.dumps(body, separators=(",", ":"))
     if len(text.encode()) <= TERMINATION_LIMIT:
         return text

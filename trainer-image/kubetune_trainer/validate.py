@@ -3,18 +3,23 @@
 Steps (each documented in :mod:`kubetune_trainer.data`): read ``dataset.train`` (and
 ``dataset.validation``), check every line, mask PII, drop duplicates, split by content hash (or
 drop train records leaking into a given validation file), tokenise with the base model's
-tokenizer to count what ``maxSeqLength`` truncates, then write under ``spec.output.uri``::
+tokenizer to count what ``maxSeqLength`` truncates, estimate the peak GPU memory of the spec from
+the base model's config.json (:mod:`kubetune.finetune.memory`; never its weights), then write
+under ``spec.output.uri``::
 
     data/train.jsonl, data/validation.jsonl   cleaned splits (what `train` reads)
     data/report.json                          full report, written LAST
 
 Unusable data raises :class:`DataError` (exit 2) with a message that says what to fix and points
-at the first bad lines; the full list (up to 50 lines per file) is in the report.
+at the first bad lines; the full list (up to 50 lines per file) is in the report. A spec whose
+memory estimate exceeds the GPU's memory raises :class:`ConfigError` (exit 2) once the report is
+written, so no GPU is requested for a run that cannot fit.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import statistics
 import time
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kubetune.finetune import memory
 from kubetune_trainer import data
 from kubetune_trainer.encoding import encode_record
 from kubetune_trainer.errors import ConfigError, DataError
@@ -45,6 +51,11 @@ class Validated:
     validation: list[dict[str, Any]]
     summary: dict[str, Any]  # DataReportSummary wire form
     digest: str
+    memory: dict[str, Any] | None = None  # MemoryEstimate wire form
+
+
+class MemoryTooSmall(ConfigError):
+    """The memory estimate exceeds one GPU's memory (the message gives the numbers)."""
 
 
 def load_tokenizer(settings: Settings) -> Any:
@@ -54,6 +65,26 @@ def load_tokenizer(settings: Settings) -> Any:
     spec = settings.spec
     folder = fetch_model(spec.base_model.uri, spec.storage, settings.work_dir, tokenizer_only=True)
     return AutoTokenizer.from_pretrained(folder)
+
+
+def estimate_memory(settings: Settings) -> dict[str, Any] | None:
+    """``status.memoryEstimate`` for the spec, from the base model's config.json (None: unreadable).
+
+    Only the tokenizer files (config.json among them) are fetched, never the weights. A model
+    the estimator cannot count is logged and skipped: the estimate is advice, not a gate, unless
+    it can be made.
+    """
+    spec = settings.spec
+    folder = fetch_model(spec.base_model.uri, spec.storage, settings.work_dir, tokenizer_only=True)
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        est = memory.preflight(config, spec)
+    except (OSError, ValueError) as exc:
+        log.warning("no memory estimate for %s: %s", spec.base_model.uri, exc)
+        return None
+    log.info("memory estimate: %s (%s)", est.message, memory.describe(est))
+    return est.status()
 
 
 def describe_errors(parsed: data.Parsed, per_kind: int = ERRORS_IN_MESSAGE) -> str:
@@ -184,6 +215,7 @@ def run_validate(settings: Settings, *, tokenizer: Any = None) -> Validated:
         )
 
     tokenizer = tokenizer or load_tokenizer(settings)
+    mem = estimate_memory(settings)
     if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
             f"dataset format chat needs a chat template, and the tokenizer of {spec.base_model.uri} has "
@@ -246,6 +278,8 @@ def run_validate(settings: Settings, *, tokenizer: Any = None) -> Validated:
         "outputs": {"train": store.uri_for(TRAIN_KEY), "validation": store.uri_for(VALIDATION_KEY)},
         "seconds": round(time.time() - started, 3),
     }
+    if mem is not None:
+        report["memory"] = mem
     for p in files:
         for warning in p.warnings():
             log.warning("%s", warning)
@@ -262,7 +296,12 @@ def run_validate(settings: Settings, *, tokenizer: Any = None) -> Validated:
         summary["duplicates"],
         truncated,
     )
-    return Validated(fmt, train, validation, summary, digest)
+    if mem is not None and mem.get("fits") is False:
+        exc = MemoryTooSmall(mem["message"])
+        exc.data_report = summary
+        exc.memory_estimate = mem
+        raise exc
+    return Validated(fmt, train, validation, summary, digest, mem)
 
 
 def load_validated(settings: Settings, *, tokenizer: Any = None) -> Validated:
@@ -274,7 +313,9 @@ def load_validated(settings: Settings, *, tokenizer: Any = None) -> Validated:
         train = data.from_jsonl(store.read_bytes(TRAIN_KEY))
         validation = data.from_jsonl(store.read_bytes(VALIDATION_KEY))
         summary = report["summary"]
-        return Validated(summary["format"], train, validation, summary, summary["digest"])
+        return Validated(
+            summary["format"], train, validation, summary, summary["digest"], report.get("memory")
+        )
     log.info("no %s under %s: validating the dataset first", REPORT_KEY, spec.output.uri)
     return run_validate(settings, tokenizer=tokenizer)
 

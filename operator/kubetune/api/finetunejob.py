@@ -457,7 +457,7 @@ class MemoryEstimate(Model):
 
     per_gpu_gib: float = Field(description="Estimated peak per GPU (GiB): the sum of the parts below plus overhead.")
     gpu_memory_gib: float | None = Field(default=None, description="Memory of one GPU (GiB), from resources.gpuMemory or the GPU product; null when unknown.")
-    fits: bool | None = Field(default=None, description="Whether the estimate fits gpuMemoryGiB; null when it is unknown.")
+    fits: bool | None = Field(default=None, description="Whether the estimate fits gpuMemoryGib; null when it is unknown.")
     parameters: int | None = Field(default=None, description="Parameters of the base model (from its config).")
     world_size: int | None = Field(default=None, description="Training processes (nodes x GPUs per node).")
     sharded: bool | None = Field(default=None, description="Whether weights, gradients and optimizer state are sharded over worldSize (FSDP).")

@@ -485,6 +485,16 @@ def _data_report(termination: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: v for k, v in report.items() if k in known}
 
 
+def _memory_estimate(termination: dict[str, Any] | None) -> dict[str, Any] | None:
+    estimate = (termination or {}).get("memoryEstimate")
+    if not isinstance(estimate, dict):
+        return None
+    from kubetune.api.finetunejob import MemoryEstimate
+
+    known = {f.alias or n for n, f in MemoryEstimate.model_fields.items()}
+    return {k: v for k, v in estimate.items() if k in known} or None
+
+
 def plan(
     ftj: dict[str, Any],
     validate: JobObservation,
@@ -522,6 +532,8 @@ def plan(
 
     # 2. Data validation, until it has succeeded once (the result lives in status.dataReport).
     if not c.is_true(st["conditions"], c.DATA_VALIDATED):
+        if validate.state in (SUCCEEDED, FAILED) and _memory_estimate(validate.termination):
+            st["memoryEstimate"] = _memory_estimate(validate.termination)
         if validate.state == SUCCEEDED:
             st["dataReport"] = _data_report(validate.termination)
             if st["dataReport"] is None:
