@@ -47,8 +47,55 @@ def cmd_validate(args: argparse.Namespace) -> int:
     checked, errors = validate_paths(args.filename)
     for err in errors:
         print(err, file=sys.stderr)
+    if not errors:
+        for line in memory_estimates(args.filename, args.model_config):
+            print(line)
     print(f"{checked} kubetune manifest(s) checked, {len(errors)} error(s)")
     return 1 if errors else 0
+
+
+def memory_estimates(paths: list[str], model_config: str | None) -> list[str]:
+    """The memory pre-flight of every FineTuneJob whose base model's config.json is readable.
+
+    That is ``--model-config`` when given, else ``<baseModel.uri>/config.json`` for a file://
+    base model (an s3:// one would need the cluster's credentials: say so and go on). The
+    verdict is advice here: the API server accepts the manifest, the validation Job fails it.
+    """
+    import json
+    from urllib.parse import urlparse
+
+    import yaml
+    from pydantic import ValidationError
+
+    from kubetune.api.finetunejob import FineTuneJob
+    from kubetune.api.validation import manifest_files
+    from kubetune.finetune import memory
+
+    lines = []
+    for path in manifest_files(paths):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not isinstance(doc, dict) or doc.get("kind") != "FineTuneJob":
+                continue
+            try:
+                job = FineTuneJob.model_validate(doc)
+            except ValidationError:
+                continue  # reported by the schema check
+            where = f"{path}: FineTuneJob {job.metadata.name}: memory"
+            uri = job.spec.base_model.uri
+            source = Path(model_config) if model_config else None
+            if source is None and urlparse(uri).scheme == "file":
+                source = Path(urlparse(uri).path) / "config.json"
+            if source is None:
+                lines.append(f"{where}: not estimated ({uri} is not local; pass --model-config)")
+                continue
+            try:
+                est = memory.preflight(json.loads(source.read_text()), job.spec)
+            except (OSError, ValueError) as exc:
+                lines.append(f"{where}: not estimated ({source}: {exc})")
+                continue
+            verdict = "DOES NOT FIT, " if est.fits is False else ""
+            lines.append(f"{where}: {verdict}{est.message}; {memory.describe(est)}")
+    return lines
 
 
 def cmd_docs(args: argparse.Namespace) -> int:
@@ -115,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "-f", "--filename", action="append", required=True, help="file or folder (repeatable)"
+    )
+    p.add_argument(
+        "--model-config",
+        help="the base model's config.json, for the memory estimate of FineTuneJobs whose "
+        "base model is not a local folder",
     )
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("docs", help="generate docs/api-reference.md from the API models")

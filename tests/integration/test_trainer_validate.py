@@ -4,7 +4,9 @@ Covers: a malformed dataset exits 2 with a termination message naming file:line 
 listing every bad line (and `train` does not take that failed report for a validation); a good
 dataset yields cleaned train/validation splits (PII masked, duplicates dropped, disjoint), the
 report written with token statistics, and the dataReport summary in the termination message;
-too few examples and a missing file fail with what to fix; the whole flow against S3 (moto).
+too few examples and a missing file fail with what to fix; the whole flow against S3 (moto);
+the memory pre-flight from the base model's config.json: the estimate in the termination message
+and the report, and a spec that does not fit its GPU fails (exit 2) with the numbers.
 """
 
 from __future__ import annotations
@@ -175,3 +177,39 @@ def test_a_max_seq_length_that_cuts_off_every_answer_fails(
     )
     code, msg = run_here("validate", trainer_env(spec, tmp_path), monkeypatch)
     assert code == 2 and "raise dataset.maxSeqLength" in msg["message"]
+
+
+def test_memory_estimate_is_reported_from_the_base_models_config(tmp_path, tiny_base_model_uri, monkeypatch):
+    path = synthetic.write_task_dataset(tmp_path / "train.jsonl", 40)
+    out = tmp_path / "out"
+    spec = make_spec(tiny_base_model_uri, path.as_uri(), out.as_uri())
+    code, msg = run_here("validate", trainer_env(spec, tmp_path), monkeypatch)
+    assert code == 0
+    est = msg["memoryEstimate"]
+    config = json.loads((Path(tiny_base_model_uri.removeprefix("file://")) / "config.json").read_text())
+    from kubetune.finetune.memory import shape_from_config
+
+    assert est["parameters"] == shape_from_config(config).parameters()
+    assert "fits" not in est and "no GPU" in est["message"]  # gpus: 0, no verdict
+    assert json.loads((out / "data/report.json").read_text())["memory"] == est
+
+
+def test_a_spec_that_does_not_fit_its_gpu_fails_validation_with_the_numbers(tmp_path, tiny_base_model_uri, monkeypatch):
+    path = synthetic.write_task_dataset(tmp_path / "train.jsonl", 40)
+    out = tmp_path / "out"
+    spec = make_spec(
+        tiny_base_model_uri,
+        path.as_uri(),
+        out.as_uri(),
+        method={"type": "full"},
+        resources={"gpus": 1, "gpuMemory": "2Gi"},  # validation itself runs on CPU
+        dataset={"train": path.as_uri(), "maxSeqLength": 4096},
+        hyperparameters={"batchSize": 64},
+    )
+    code, msg = run_here("validate", trainer_env(spec, tmp_path), monkeypatch)
+    assert code == 2 and msg["outcome"] == "config_error"
+    est = msg["memoryEstimate"]
+    assert est["fits"] is False and est["gpuMemoryGib"] == 2.0
+    assert msg["message"].startswith(f"needs ~{est['perGpuGib']} GiB per GPU, have 2.0 (resources.gpuMemory")
+    assert "hyperparameters.batchSize" in msg["message"]  # what to change
+    assert msg["dataReport"]["trainExamples"] > 0  # the data report still comes back

@@ -182,6 +182,36 @@ def test_validation_failure_fails_with_the_validators_message():
     assert [e.type for e in p.of(Event)] == ["Warning"]
 
 
+def test_memory_preflight_failure_fails_with_the_numbers_and_records_the_estimate():
+    estimate = {"perGpuGib": 138.3, "gpuMemoryGib": 79.0, "fits": False, "parameters": 7248023552,
+                "partsGib": {"weights": 121.5}, "message": "needs ~138.3 GiB per GPU, have 79.0: use ..."}  # fmt: skip
+    bad = obs(
+        "failed",
+        name="demo-validate",
+        exit_code=2,
+        reason="ConfigError",
+        termination={"outcome": "config_error", "message": estimate["message"],
+                     "dataReport": {"valid": 10}, "memoryEstimate": {**estimate, "unknownField": 1}},  # fmt: skip
+        message=estimate["message"],
+    )
+    ftj = make_ftj()
+    p = plan(advance(ftj, plan(ftj, ABSENT_JOB, ABSENT_JOB, NOW)), bad, ABSENT_JOB, later(30))
+    assert p.status["phase"] == "Failed"
+    assert p.status["message"].startswith("memory pre-flight failed: needs ~138.3 GiB per GPU, have 79.0")
+    assert p.status["memoryEstimate"] == estimate  # unknown fields dropped (structural schema)
+    assert p.of(CreateJob) == []
+
+
+def test_validation_success_records_the_memory_estimate():
+    estimate = {"perGpuGib": 25.1, "gpuMemoryGib": 79.0, "fits": True, "message": "needs ~25.1 GiB"}
+    ok = obs("succeeded", name="demo-validate", exit_code=0,
+             termination={"outcome": "succeeded", "dataReport": {"valid": 10}, "memoryEstimate": estimate})  # fmt: skip
+    ftj = make_ftj()
+    p = plan(advance(ftj, plan(ftj, ABSENT_JOB, ABSENT_JOB, NOW)), ok, ABSENT_JOB, later(30))
+    assert p.status["memoryEstimate"] == estimate
+    assert p.status["phase"] in ("Running", "Pending")
+
+
 # --- training -------------------------------------------------------------------------------
 
 

@@ -178,14 +178,18 @@ def load_model(settings: Settings, base_dir: Path, device, load_dtype):
     return model
 
 
-def wants_gradient_checkpointing(spec) -> bool:
+def wants_gradient_checkpointing(spec, memory_estimate: dict[str, Any] | None = None) -> bool:
     """``hyperparameters.gradientCheckpointing`` with unset resolved.
 
-    Unset means "where the memory needs it"; until the pre-flight memory estimate can say so for
-    this pod, unset is off (recomputing every layer costs about a third more compute).
+    Unset means "where the memory needs it": the validation step's memory estimate
+    (``memoryEstimate.gradientCheckpointing`` of data/report.json) turned it on when the run does
+    not fit the GPU without it; with no estimate, unset is off (recomputing every layer costs
+    about a third more compute).
     """
     flag = spec.hyperparameters.gradient_checkpointing
-    return bool(flag) if flag is not None else False
+    if flag is not None:
+        return bool(flag)
+    return bool((memory_estimate or {}).get("gradientCheckpointing"))
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -378,7 +382,7 @@ class Trainer:
 
         seed_everything(hp.seed)
         self.model = load_model(self.settings, self.base_dir, self.device, load_dtype)
-        self.gradient_checkpointing = wants_gradient_checkpointing(spec)
+        self.gradient_checkpointing = wants_gradient_checkpointing(spec, self.data.memory)
         if self.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         self.ddp = None

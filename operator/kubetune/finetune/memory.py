@@ -150,7 +150,13 @@ def shape_from_config(config: dict[str, Any]) -> ModelShape:
         )
     missing = [
         k
-        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        )
         if not isinstance(config.get(k), int)
     ]
     if missing:
@@ -194,11 +200,13 @@ class RunPlan:
     lora_targets: tuple[str, ...] = ("all-linear",)
     lora_dropout: float = 0.05
     precision: str = "auto"
+    strategy: str = "auto"  # distributed.strategy: auto (fsdp for full, ddp otherwise), ddp, fsdp
 
     @property
     def sharded(self) -> bool:
-        """Full fine-tuning over more than one process is sharded (FSDP); LoRA is replicated."""
-        return self.method == "full" and self.world_size > 1
+        """Whether more than one process shards the model (FSDP) instead of replicating it (DDP)."""
+        fsdp = self.strategy == "fsdp" or (self.strategy == "auto" and self.method == "full")
+        return fsdp and self.world_size > 1
 
     @property
     def compute_bytes(self) -> int:
@@ -223,6 +231,7 @@ def plan_from_spec(spec: Any, checkpointing: bool | None = None) -> RunPlan:
         lora_targets=tuple(lora.target_modules) if lora else ("all-linear",),
         lora_dropout=lora.dropout if lora else 0.05,
         precision=hp.precision,
+        strategy=spec.distributed.strategy,
     )
 
 
@@ -239,11 +248,10 @@ def adapted_linears(shape: ModelShape, plan: RunPlan) -> dict[str, tuple[int, in
 def layer_activation_bytes(shape: ModelShape, plan: RunPlan) -> float:
     """Bytes autograd keeps per token for the backward pass of one decoder layer.
 
-    ``a`` is the compute dtype's width, ``r`` the residual stream's: fp32 for full fine-tuning
-    (fp32 weights) and QLoRA (fp32 norms), the load dtype for LoRA.
+    ``a`` is the compute dtype's width, ``r`` the residual stream's (:func:`residual_bytes`).
     """
     a = plan.compute_bytes
-    r = 4 if plan.method in ("full", "qlora") else a
+    r = residual_bytes(plan)
     h, i = shape.hidden_size, shape.intermediate_size
     # Each RMSNorm upcasts to fp32 and keeps its fp32 input and normalised output (4h + 4h), and
     # its output cast to the compute dtype, which the following linears keep (a*h). With a bf16
@@ -267,6 +275,15 @@ def layer_activation_bytes(shape: ModelShape, plan: RunPlan) -> float:
         per_input = 4 if plan.lora_dropout > 0 else 0
         total += sum(per_input * fan_in + a * plan.lora_r for fan_in, _ in adapted.values())
     return float(total)
+
+
+def residual_bytes(plan: RunPlan) -> int:
+    """Width of the residual stream: fp32 when the embeddings are fp32 (full fine-tuning under
+    autocast, QLoRA after ``prepare_model_for_kbit_training``), else the compute dtype (LoRA's
+    base is loaded in it; FSDP gathers parameters in it)."""
+    if plan.method == "qlora" or (plan.method == "full" and not plan.sharded):
+        return 4
+    return plan.compute_bytes
 
 
 def logits_bytes(shape: ModelShape, plan: RunPlan) -> float:
@@ -330,20 +347,15 @@ def estimate(shape: ModelShape, plan: RunPlan) -> Estimate:
         else shape.num_layers * sum(plan.lora_r * (fi + fo) for fi, fo in adapted.values())
     )
     a = plan.compute_bytes
+    w = plan.world_size if plan.sharded else 1
     parts: dict[str, float] = {}
     if plan.method == "full":
-        w = plan.world_size if plan.sharded else 1
         # fp32 master weights, fp32 gradients, AdamW's two fp32 moments: 16 bytes per parameter,
         # divided over the ranks when sharded (ZeRO-3 / FSDP).
         parts["weights"] = 4 * p_all / w
         parts["gradients"] = 4 * p_all / w
         parts["optimizer"] = 8 * p_all / w
-        if plan.sharded:
-            # FSDP gathers the current and the prefetched layer (compute dtype) and holds one
-            # layer's unsharded gradients before the reduce-scatter; the root (embeddings, head)
-            # stays gathered through the step.
-            parts["gathered"] = a * (3 * p_layer + shape.root_parameters())
-        elif a < 4:
+        if not plan.sharded and a < 4:
             # autocast caches a compute-dtype copy of every weight until the step's backward ends.
             parts["weights"] += a * p_all
     else:
@@ -351,14 +363,20 @@ def estimate(shape: ModelShape, plan: RunPlan) -> Estimate:
             p_linear = shape.num_layers * sum(fi * fo for fi, fo in shape.linears().values())
             parts["weights"] = NF4_BYTES_PER_PARAM * p_linear + 4 * (p_all - p_linear)
         else:
-            parts["weights"] = (2 if a == 2 else 4) * p_all
-        # adapters in fp32: weights, gradients, AdamW moments
-        parts["weights"] += 4 * trainable
-        parts["gradients"] = 4 * trainable * (2 if plan.world_size > 1 else 1)  # + DDP bucket
-        parts["optimizer"] = 8 * trainable
+            parts["weights"] = a * p_all / w
+        # adapters in fp32: weights, gradients, AdamW moments (sharded with the rest under FSDP)
+        parts["weights"] += 4 * trainable / w
+        ddp_bucket = 2 if plan.world_size > 1 and not plan.sharded else 1
+        parts["gradients"] = 4 * trainable * ddp_bucket / w
+        parts["optimizer"] = 8 * trainable / w
+    if plan.sharded:
+        # FSDP gathers the current and the prefetched layer (compute dtype) and holds one layer's
+        # unsharded gradients before the reduce-scatter; the root (embeddings, head) stays
+        # gathered through the step.
+        parts["gathered"] = a * (3 * p_layer + shape.root_parameters())
     tokens = plan.batch_size * plan.seq_len
     per_layer = layer_activation_bytes(shape, plan)
-    r = 4 if plan.method in ("full", "qlora") else a
+    r = residual_bytes(plan)
     if plan.checkpointing:
         # each layer's input is kept; one layer at a time is recomputed with all its activations
         parts["activations"] = tokens * (shape.num_layers * r * shape.hidden_size + per_layer)
@@ -410,6 +428,10 @@ def gpu_memory(resources: Any) -> tuple[float | None, str | None]:
 # --- the verdict ------------------------------------------------------------------------------
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
 def _gib(n: float) -> str:
     return f"{n / GIB:.1f}"
 
@@ -423,7 +445,9 @@ def min_sharded_world(shape: ModelShape, plan: RunPlan, budget: float, gpus: int
     return None
 
 
-def suggestions(shape: ModelShape, plan: RunPlan, budget: float, auto_checkpointing: bool) -> list[str]:
+def suggestions(
+    shape: ModelShape, plan: RunPlan, budget: float, auto_checkpointing: bool
+) -> list[str]:
     """Changes to the spec that each make the estimate fit ``budget`` (empty: none found)."""
     out: list[str] = []
 
@@ -438,10 +462,11 @@ def suggestions(shape: ModelShape, plan: RunPlan, budget: float, auto_checkpoint
         for cp in dict.fromkeys((plan.checkpointing, True)):
             nodes = min_sharded_world(shape, replace(plan, checkpointing=cp), budget, plan.gpus)
             if nodes is not None:
+                gpus = max(plan.gpus, 1)
                 out.append(
-                    f"nodes: {nodes} with {max(plan.gpus, 1)} GPUs each (full fine-tuning shards "
-                    f"weights, gradients and optimizer state over {nodes * max(plan.gpus, 1)} GPUs with FSDP)"
-                    + ("" if cp == plan.checkpointing else " and gradient checkpointing")
+                    f"{nodes * gpus} GPUs with FSDP (nodes: {nodes} x resources.gpus: {gpus}; "
+                    "weights, gradients and optimizer state are sharded over them"
+                    + (")" if cp == plan.checkpointing else ", and gradient checkpointing)")
                 )
                 break
         if fits(replace(plan, method="lora", world_size=plan.world_size, checkpointing=ckpt)):
@@ -484,11 +509,13 @@ def preflight(config: dict[str, Any], spec: Any) -> Estimate:
         else (", gradient checkpointing" if est.plan.checkpointing else "")
     )
     what = (
-        f"{est.plan.method}, {est.parameters / 1e9:.2f}B parameters, batch {plan.batch_size} x "
+        f"{est.plan.method}, {_count(est.parameters)} parameters, batch {plan.batch_size} x "
         f"{plan.seq_len} tokens{shards}{ckpt}"
     )
     if budget is None:
-        where = "no GPU" if spec.resources.gpus == 0 else "GPU memory unknown: set resources.gpuMemory"
+        where = (
+            "no GPU" if spec.resources.gpus == 0 else "GPU memory unknown: set resources.gpuMemory"
+        )
         est.message = f"needs ~{_gib(est.total)} GiB per process ({what}; {where})"
         return est
     if est.fits:
@@ -509,7 +536,9 @@ def preflight(config: dict[str, Any], spec: Any) -> Estimate:
 def describe(est: Estimate) -> str:
     """The parts in one line, largest first ("weights 27.0 GiB, activations 12.1 GiB, ...")."""
     parts = sorted(est.parts.items(), key=lambda kv: -kv[1])
-    return ", ".join(f"{k} {_gib(v)} GiB" for k, v in parts if v >= 0.05 * GIB or k == "activations")
+    return ", ".join(
+        f"{k} {_gib(v)} GiB" for k, v in parts if v >= 0.05 * GIB or k == "activations"
+    )
 
 
 __all__ = [

@@ -551,11 +551,13 @@ def plan(
             report_doc = _data_report(validate.termination)
             if report_doc:
                 st["dataReport"] = report_doc
-            b.fail(
-                reason,
-                "data validation failed: " + (validate.message or _failure_text(validate)),
-                validated=False,
+            # The validation step also runs the memory pre-flight; its verdict names itself.
+            what = (
+                "memory pre-flight failed: "
+                if (st.get("memoryEstimate") or {}).get("fits") is False
+                else "data validation failed: "
             )
+            b.fail(reason, what + (validate.message or _failure_text(validate)), validated=False)
             return b.result()
         elif b.spec.suspend:
             return _suspend(b, validate, train)
