@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import random
@@ -265,6 +266,35 @@ class MetricsMiddleware:
             metrics.in_flight.dec()
 
 
+class AuthMiddleware:
+    """Pure ASGI: with an API key configured, every ``/v1/`` request needs it as a bearer token.
+
+    Probes (/healthz, /readyz), /metrics and the OpenAPI document stay open: the kubelet and
+    the canary analysis scrape them without credentials (docs/security.md).
+    """
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(b"authorization")
+        # NB: constant-time comparison; the key is never logged nor echoed in the answer.
+        if given is not None and hmac.compare_digest(given, self.expected):
+            return await self.app(scope, receive, send)
+        err = OpenAIError(
+            401,
+            "Incorrect API key provided"
+            if given
+            else "Missing API key: send it as 'Authorization: Bearer <key>'",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        return await _error_response(err)(scope, receive, send)
+
+
 def create_app(
     settings: Settings, state: ServerState | None = None, *, load: bool = True
 ) -> FastAPI:
@@ -289,6 +319,9 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.kubetune = state
+    if settings.api_key:
+        # Added first, so it runs inside MetricsMiddleware: a 401 is counted like any answer.
+        app.add_middleware(AuthMiddleware, api_key=settings.api_key)
     app.add_middleware(MetricsMiddleware, state=state)
 
     @app.exception_handler(OpenAIError)

@@ -46,6 +46,9 @@ class Settings:
     #: Extra delay per generated token (a slow accelerator): holds the batch slot longer.
     fault_token_latency_ms: float = 0.0
     termination_log: str | None = None
+    #: ``KUBETUNE_API_KEY``: when set, /v1/ requests need ``Authorization: Bearer <key>``.
+    #: NB: repr=False keeps it out of every log line that prints the settings.
+    api_key: str | None = field(default=None, repr=False)
 
     @property
     def base_name(self) -> str:
@@ -134,7 +137,13 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     if not 0 <= port <= 65535:
         raise ConfigError(f"KUBETUNE_PORT={port_raw!r}: not a port number")
 
+    api_key = env.get("KUBETUNE_API_KEY")
+    if api_key is not None and not api_key.strip():
+        # An empty Secret value would otherwise switch authentication off without a word.
+        raise ConfigError("KUBETUNE_API_KEY is set but empty: put the key in the Secret")
+
     return Settings(
+        api_key=api_key.strip() if api_key is not None else None,
         model_uri=model_uri,
         adapter_uri=adapter_uri,
         adapters=adapters,

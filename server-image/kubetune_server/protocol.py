@@ -129,6 +129,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in (
         (400, "Invalid request (the param names the field)"),
+        (401, "Missing or wrong API key (spec.server.apiKeySecret)"),
         (404, "Unknown model"),
         (413, "Request body too large"),
         (429, "Queue full; retry after the Retry-After seconds"),

@@ -201,6 +201,17 @@ def test_rbac_has_no_wildcards_and_no_secrets(name: str) -> None:
         assert "resourceNames" not in rule or rule["resourceNames"]
 
 
+@pytest.mark.parametrize("watch", [[], ["team-a", "team-b"]])
+def test_reading_api_key_secrets_is_opt_in_and_get_only(watch: list[str]) -> None:
+    """rbac.readApiKeySecrets (issue 13): the eval gate's one Secret read, nothing more."""
+    objects = render({"watchNamespaces": watch, "rbac": {"readApiKeySecrets": True}})
+    roles = [obj for obj in objects if obj["kind"] in ("Role", "ClusterRole")]
+    secret_rules = [r for r in _rules(objects) if "secrets" in r["resources"]]
+    assert len(secret_rules) == len(roles)  # one per Role (namespaced) or the ClusterRole
+    for rule in secret_rules:
+        assert rule == {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}
+
+
 def test_namespaced_mode_has_only_roles_in_the_watched_namespaces() -> None:
     objects = RENDERED["namespaced"]
     kinds = {o["kind"] for o in objects}

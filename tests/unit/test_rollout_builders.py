@@ -214,3 +214,29 @@ def test_built_objects_are_valid_kubernetes():
             kv.validate(obj, "1.30", strict=True)
         except kv.utils.SchemaNotFoundError:  # pragma: no cover - schema not bundled
             pytest.skip("no schema for 1.30")
+
+
+def test_serving_pods_do_not_mount_a_service_account_token():
+    """Issue 13: the server makes no Kubernetes API call, so its pods carry no token."""
+    pod = b.build_server_deployment(MD, REV, role=b.ROLE_STABLE)["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_api_key_comes_only_from_the_secret():
+    md = {**MD, "spec": {**MD["spec"], "server": {"apiKeySecret": {"name": "chat-keys"}}}}
+    dep = b.build_server_deployment(md, REV, role=b.ROLE_STABLE)
+    assert env_of(dep)[b.API_KEY_ENV] == {"secretKeyRef": {"name": "chat-keys", "key": "apiKey"}}
+    assert b.API_KEY_ENV not in env_of(b.build_server_deployment(MD, REV, role=b.ROLE_STABLE))
+
+
+def test_revision_names_of_specs_without_an_api_key_are_unchanged():
+    from kubetune.api.modeldeployment import ModelDeploymentSpec
+    from kubetune.rollout.revisions import resolve
+
+    spec = ModelDeploymentSpec.model_validate(MD["spec"])
+    keyed = ModelDeploymentSpec.model_validate(
+        {**MD["spec"], "server": {**MD["spec"]["server"], "apiKeySecret": {"name": "k"}}}
+    )
+    # Pinned: the name this spec had before apiKeySecret existed (no surprise canary).
+    assert resolve(spec, "chat").name == "98a312b64b"
+    assert resolve(keyed, "chat").name != resolve(spec, "chat").name

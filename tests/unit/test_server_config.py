@@ -92,3 +92,12 @@ def test_reads_the_server_config_the_rollout_builder_writes():
         }
     )
     assert s.server == spec
+
+
+def test_api_key_is_read_and_kept_out_of_the_settings_repr():
+    settings = from_env({"KUBETUNE_MODEL_URI": "file:///m", "KUBETUNE_API_KEY": " s3cr3t-key\n"})
+    assert settings.api_key == "s3cr3t-key"
+    assert "s3cr3t" not in repr(settings)
+    assert from_env({"KUBETUNE_MODEL_URI": "file:///m"}).api_key is None
+    with pytest.raises(ConfigError, match="KUBETUNE_API_KEY is set but empty"):
+        from_env({"KUBETUNE_MODEL_URI": "file:///m", "KUBETUNE_API_KEY": ""})

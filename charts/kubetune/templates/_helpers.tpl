@@ -99,6 +99,13 @@ No wildcards; no Secrets (credentials reach pods only as secretKeyRef, which nee
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- if .Values.rbac.readApiKeySecrets }}
+# Opt-in (rbac.readApiKeySecrets): the eval gate reads the key named by
+# spec.server.apiKeySecret to send the golden prompts to a server that requires it.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+{{- end }}
 {{- end -}}
 
 {{- define "kubetune.args" -}}

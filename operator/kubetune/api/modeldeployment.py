@@ -14,7 +14,9 @@ from pydantic import Field, model_validator
 from kubetune.api.common import (
     API_VERSION,
     DNS1035_LABEL_PATTERN,
+    DNS1123_SUBDOMAIN_PATTERN,
     MAX_LABEL_LENGTH,
+    MAX_SUBDOMAIN_LENGTH,
     URI_DESCRIPTION,
     URI_PATTERN,
     Condition,
@@ -131,6 +133,22 @@ class EnvVar(Model):
 DRAIN_MARGIN_SECONDS = 5
 
 
+class SecretKeySelector(Model):
+    """One key of a Secret in the ModelDeployment's namespace."""
+
+    name: str = Field(
+        description="Secret name.",
+        pattern=DNS1123_SUBDOMAIN_PATTERN,
+        max_length=MAX_SUBDOMAIN_LENGTH,
+    )
+    key: str = Field(
+        default="apiKey",
+        description="Key inside the Secret.",
+        pattern=r"^[-._a-zA-Z0-9]+$",
+        max_length=253,
+    )
+
+
 class ServerSpec(Model):
     """Inference server settings (kubetune_server, OpenAI-compatible)."""
 
@@ -172,6 +190,10 @@ class ServerSpec(Model):
         default_factory=list,
         max_length=64,
         description="Extra environment of the server container (fault injection for drills: KUBETUNE_FAULT_ERROR_RATE, KUBETUNE_FAULT_LATENCY_MS). Part of the revision.",
+    )
+    api_key_secret: SecretKeySelector | None = Field(
+        default=None,
+        description="Require an API key: requests to /v1/ need 'Authorization: Bearer <key>' with the value of this Secret key (401 otherwise); /healthz, /readyz and /metrics stay open. The pod reads it through secretKeyRef; the key never appears in the spec, status or logs. The eval gate and `kubetune local traffic` send it.",
     )
 
     @property

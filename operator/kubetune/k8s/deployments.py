@@ -146,6 +146,39 @@ def observe_revision(
     )
 
 
+async def read_api_key(
+    client: KubeClient, namespace: str, spec: ModelDeploymentSpec
+) -> tuple[str | None, str | None]:
+    """The serving pods' API key (``spec.server.apiKeySecret``) for the eval gate: ``(key, error)``.
+
+    The one Secret the operator ever reads, and only with the chart's opt-in
+    ``rbac.readApiKeySecrets`` (docs/security.md). The key stays in memory for the requests:
+    the error messages name the Secret and key, never the value.
+    """
+    ref = spec.server.api_key_secret
+    if ref is None:
+        return None, None
+    where = f"spec.server.apiKeySecret: Secret {ref.name!r} key {ref.key!r}"
+    try:
+        secret = await client.get("v1", "Secret", namespace, ref.name)
+    except ApiError as exc:
+        if exc.status == 403:
+            return None, (
+                f"{where}: the operator may not read Secrets; install the chart with "
+                "rbac.readApiKeySecrets=true so the eval gate can send the key"
+            )
+        return None, f"{where}: {exc.status} {exc.reason}"
+    raw = ((secret or {}).get("data") or {}).get(ref.key)
+    if secret is None or raw is None:
+        return None, f"{where}: not found"
+    import base64
+
+    try:
+        return base64.b64decode(raw).decode().strip(), None
+    except ValueError:
+        return None, f"{where}: not base64-encoded UTF-8"
+
+
 async def observe(client: KubeClient, md: Mapping[str, Any]) -> machine.Observed:
     """Everything ``machine.step`` needs, read from the cluster (see the module docstring)."""
     meta = md["metadata"]
@@ -220,14 +253,17 @@ async def observe(client: KubeClient, md: Mapping[str, Any]) -> machine.Observed
     if due is not None and gate is not None:
         rev, with_stable = due
         model_name = (status.get("canary") or {}).get("modelName") or spec.model.name or name
-        score, error = await scraping.golden_prompt_score(
-            _session(), pods_by_rev.get(rev, []), gate, model_name
-        )
-        stable_score = None
-        if score is not None and with_stable and stable:
-            stable_score, _ = await scraping.golden_prompt_score(
-                _session(), pods_by_rev.get(stable, []), gate, model_name
+        api_key, error = await read_api_key(client, ns, spec)
+        score = stable_score = None
+        if error is None:
+            headers = evalgate.auth_headers(api_key)
+            score, error = await scraping.golden_prompt_score(
+                _session(), pods_by_rev.get(rev, []), gate, model_name, headers=headers
             )
+            if score is not None and with_stable and stable:
+                stable_score, _ = await scraping.golden_prompt_score(
+                    _session(), pods_by_rev.get(stable, []), gate, model_name, headers=headers
+                )
         eval_gate = evalgate.EvalGateObservation(
             rev, score, stable_score, error, prompts=len(gate.prompts)
         )

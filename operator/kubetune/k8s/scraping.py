@@ -154,6 +154,7 @@ async def golden_prompt_score(
     gate: Any,
     model_name: str,
     timeout: float = 60.0,
+    headers: Mapping[str, str] | None = None,
 ) -> tuple[float | None, str | None]:
     """Send the gate's golden prompts to one ready pod: ``(score, None)`` or ``(None, error)``.
 
@@ -175,7 +176,10 @@ async def golden_prompt_score(
         body = evalgate.request_body(prompt, model_name, gate)
         try:
             async with session.post(
-                urls[0] + "/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=timeout)
+                urls[0] + "/v1/completions",
+                json=body,
+                headers=dict(headers or {}),
+                timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:
                 payload = await resp.json(content_type=None) if resp.status == 200 else {}
                 if resp.status != 200:

@@ -272,7 +272,20 @@ def cmd_traffic(args: argparse.Namespace) -> int:
 
         golden = task_examples(48, seed=999, variant="a")
     settings = DemoSettings(requests_per_second=args.rps)
-    traffic = Traffic(lambda: url, golden, settings, model=args.model or args.name)
+    # The serving pods' API key, when the ModelDeployment requires one (spec.server.apiKeySecret).
+    from kubetune.api.modeldeployment import ModelDeploymentSpec
+    from kubetune.local.containers import ContainerError
+    from kubetune.local.deployments import api_key_of
+
+    md = store.get("ModelDeployment", args.name) or {}
+    try:
+        api_key = api_key_of(
+            ModelDeploymentSpec.model_validate(md.get("spec") or {}), store.secret_value
+        )
+    except ContainerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    traffic = Traffic(lambda: url, golden, settings, model=args.model or args.name, api_key=api_key)
 
     async def run() -> None:
         await traffic.start()

@@ -271,9 +271,16 @@ class Traffic:
     """Open-loop-ish client load on the router: golden prompts at a steady rate."""
 
     def __init__(
-        self, url_of: Any, golden: list[dict[str, str]], settings: DemoSettings, model: str = MDEP
+        self,
+        url_of: Any,
+        golden: list[dict[str, str]],
+        settings: DemoSettings,
+        model: str = MDEP,
+        api_key: str | None = None,
     ) -> None:
         self.model = model
+        #: Sent as a bearer token (spec.server.apiKeySecret); never printed.
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.url_of = url_of
         self.golden = golden
         self.settings = settings
@@ -320,7 +327,7 @@ class Traffic:
                 }
                 try:
                     async with self._session.post(
-                        url + "/v1/chat/completions", json=body
+                        url + "/v1/chat/completions", json=body, headers=self._headers
                     ) as response:
                         backend = response.headers.get("X-Kubetune-Backend", "none").split("/", 1)[
                             0

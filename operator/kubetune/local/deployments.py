@@ -35,6 +35,7 @@ from typing import Any
 import aiohttp
 
 from kubetune.local.containers import (
+    ContainerError,
     container_port,
     free_port,
     main_container,
@@ -521,6 +522,11 @@ class DeploymentDriver:
         except Exception as exc:  # noqa: BLE001 - any unreadable prompt file is the gate's error
             return evalgate.EvalGateObservation(canary, None, error=f"evalGate.promptsUri: {exc}")
 
+        try:
+            headers = evalgate.auth_headers(api_key_of(spec, self.store.secret_value))
+        except ContainerError as exc:
+            return evalgate.EvalGateObservation(canary, None, error=str(exc))
+
         async def score_of(revision: str | None) -> tuple[float | None, str | None]:
             local = state.revisions.get(revision or "")
             ready = local.ready_replicas if local else []
@@ -535,7 +541,10 @@ class DeploymentDriver:
                 body = evalgate.request_body(prompt, model_name, gate)
                 try:
                     async with self._client().post(
-                        url, json=body, timeout=aiohttp.ClientTimeout(total=60)
+                        url,
+                        json=body,
+                        headers=headers,
+                        timeout=aiohttp.ClientTimeout(total=60),
                     ) as response:
                         return (
                             evalgate.answer_of(await response.json())
@@ -605,6 +614,30 @@ def _last_line(log: Any) -> str:
     except OSError:
         return ""
     return f": {lines[-1][-300:]}" if lines else ""
+
+
+def api_key_of(spec: Any, secret_lookup: Callable[[str, str], str | None]) -> str | None:
+    """The serving pods' API key (``spec.server.apiKeySecret``) as their env resolves it.
+
+    Found the way :func:`kubetune.local.containers.resolve_env` finds it for the server
+    process (a locally applied Secret, else the variable named like the key), so the eval gate
+    and ``kubetune local traffic`` send exactly the key the server expects. None without
+    ``apiKeySecret``; ContainerError when it cannot be found.
+    """
+    ref = spec.server.api_key_secret
+    if ref is None:
+        return None
+    import os
+
+    value = secret_lookup(ref.name, ref.key)
+    if value is None:
+        value = os.environ.get(ref.key)
+    if value is None:
+        raise ContainerError(
+            f"spec.server.apiKeySecret: key {ref.key!r} of Secret {ref.name!r} not found; "
+            f"apply a Secret manifest with `kubetune local apply -f` or export {ref.key}"
+        )
+    return value.strip()
 
 
 def _read_jsonl(uri: str | None, spec: Any) -> list[dict[str, Any]]:

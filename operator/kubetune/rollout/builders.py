@@ -43,6 +43,8 @@ CACHE_DIR = "/cache"
 # it as the container's termination message, so a crash loop quotes the error rather than the
 # last log line ("Finished server process").
 TERMINATION_LOG = "/dev/termination-log"
+# The server's API key (spec.server.apiKeySecret), from a secretKeyRef.
+API_KEY_ENV = "KUBETUNE_API_KEY"
 GATEWAY_API_VERSION = "gateway.networking.k8s.io/v1"
 
 # Model loading can take minutes (download + load to GPU). The startup probe gives it up to
@@ -153,6 +155,16 @@ def server_env(md: Mapping[str, Any], revision: Revision) -> list[dict[str, Any]
                     "valueFrom": {"secretKeyRef": {"name": storage.credentials_secret, "key": key}},
                 }
             )
+    if spec.server.api_key_secret:
+        # The value only ever comes from the Secret, resolved by the kubelet (never in a spec,
+        # never in this manifest).
+        ref = spec.server.api_key_secret
+        env.append(
+            {
+                "name": API_KEY_ENV,
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+            }
+        )
     # User extras last, so a drill can override a default (last duplicate wins in Kubernetes).
     env.extend({"name": e.name, "value": e.value} for e in spec.server.env)
     return env
@@ -218,6 +230,9 @@ def build_server_deployment(
         # In-flight generations finish; the router already stopped sending (weight 0 first).
         "terminationGracePeriodSeconds": termination_grace_seconds(spec),
         "enableServiceLinks": False,
+        # The server makes no Kubernetes API call: no token in the pod (workload identity
+        # for S3 mounts its own projected token, independent of this setting).
+        "automountServiceAccountToken": False,
     }
     if spec.account():
         pod_spec["serviceAccountName"] = spec.account()

@@ -41,6 +41,11 @@ def request_body(prompt: GoldenPrompt, model_name: str, gate: EvalGate) -> dict[
     }
 
 
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The headers of a golden-prompt request: the server's API key as a bearer token, if any."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 def answer_of(response: Mapping[str, Any]) -> str | None:
     """The text of a completions response (``choices[0].text``), None when it has none."""
     choices = response.get("choices") or []
