@@ -4,7 +4,8 @@ Covers: each revision keeps its share of traffic whatever its number of ready re
 backend per ready replica, as an EndpointSlice lists ready pods only); a revision without ready
 replicas gets no backend, so the router never sends it a request; the weights reported back
 are the ones the router really applies; a crash loop quotes the replica's termination message
-(its start-up error), kept across the restart as the kubelet keeps lastState.
+(its start-up error), kept across the restart as the kubelet keeps lastState; a ModelDeployment
+scaled to zero counts as settled (``kubetune local --exit-when-settled`` does not wait for ever).
 """
 
 from __future__ import annotations
@@ -94,3 +95,13 @@ def test_stopping_replicas_get_the_pods_grace_period_not_a_fixed_10_seconds():
     manifest = rb.build_server_deployment(md, REV, role=rb.ROLE_STABLE)
     local = LocalRevision(name=REV.name, manifest=manifest, probe_path="/readyz")
     assert grace_seconds(local) == 120 + 5 + rb.EXIT_MARGIN_SECONDS
+
+
+def test_scaled_to_zero_is_settled_once_its_servers_are_gone(tmp_path):
+    driver = DeploymentDriver(Store(tmp_path), Supervisor())
+    obj = {
+        "metadata": {"name": "x", "generation": 2},
+        "status": {"phase": "ScaledToZero", "observedGeneration": 2},
+    }
+    assert driver.settled(obj)
+    assert not driver.settled({**obj, "status": {**obj["status"], "observedGeneration": 1}})

@@ -166,9 +166,9 @@ class DeploymentDriver:
         self._apply_router(state)
 
     def settled(self, obj: dict[str, Any]) -> bool:
-        """Settled: Healthy, RolledBack or Degraded for the current generation, nothing retiring."""
+        """Settled: Healthy, RolledBack, Degraded or ScaledToZero for the current generation, nothing retiring."""
         status = obj.get("status") or {}
-        if status.get("phase") not in ("Healthy", "RolledBack", "Degraded"):
+        if status.get("phase") not in ("Healthy", "RolledBack", "Degraded", "ScaledToZero"):
             return False
         if status.get("observedGeneration") not in (None, obj["metadata"].get("generation")):
             return False
