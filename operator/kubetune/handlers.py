@@ -5,7 +5,11 @@ Run with ``kopf run -m kubetune.handlers`` (the Helm chart does) or ``kubetune o
 
 from __future__ import annotations
 
+import os
+
 import kopf
+
+from kubetune.api.defaults import load_defaults
 
 # ---------------------------------------------------------------------------------------------
 # Startup (shared)
@@ -44,7 +48,9 @@ async def finetunejob_startup(memo: kopf.Memo, **_: object) -> None:
     from kubetune.k8s.finetunejobs import FineTuneJobReconciler
     from kubetune.k8s.queue import WorkQueue
 
-    reconciler = FineTuneJobReconciler(await get_client())
+    reconciler = FineTuneJobReconciler(
+        await get_client(), defaults=load_defaults(os.environ)
+    )
 
     async def work(key: object) -> float | None:
         namespace, name = key  # type: ignore[misc]
@@ -112,11 +118,13 @@ async def modeldeployment_startup(memo: kopf.Memo, **_: object) -> None:
     from kubetune.k8s.queue import WorkQueue
 
     client = await get_client()
+    # The chart's pod defaults (KUBETUNE_POD_DEFAULTS): a bad value stops the start-up here.
+    defaults = load_defaults(os.environ)
 
     async def work(key: object) -> float | None:
         namespace, name = key  # type: ignore[misc]
         with metrics.reconcile("ModelDeployment"):
-            return await reconcile(client, namespace, name)
+            return await reconcile(client, namespace, name, defaults)
 
     memo.modeldeployments = WorkQueue(work)
 

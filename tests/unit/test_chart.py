@@ -12,7 +12,10 @@ Covers:
   dropped, no privilege escalation, resources set, metrics port, peering vs. standalone;
 - RBAC: cluster-wide mode is one ClusterRole; namespace mode (watchNamespaces) has a Role per
   namespace and no cluster-scoped object at all; no wildcard, no Secret access anywhere;
-- optional pieces appear only when asked for: ServiceMonitor, NetworkPolicy, PDB (replicas > 1).
+- optional pieces appear only when asked for: ServiceMonitor, NetworkPolicy, PDB (replicas > 1);
+- cluster-wide pod defaults (values ``defaults``) reach the operator as KUBETUNE_POD_DEFAULTS,
+  which it parses into the defaults its builders apply: images of the chart's appVersion unless
+  set, pull secrets, GPU node selector and tolerations, with an object's own spec winning.
 """
 
 from __future__ import annotations
@@ -276,6 +279,10 @@ def test_optional_objects_only_when_enabled() -> None:
         ({"watchNamespaces": ["Team_A"]}, "watchNamespaces"),
         ({"image": {"repository": "x", "pullPolicy": "Sometimes"}}, "pullPolicy"),
         ({"metrics": {"port": 70000}}, "port"),
+        ({"defaults": {"trainerimage": "x"}}, "trainerimage"),
+        ({"defaults": {"imagePullSecrets": ["regcred"]}}, "imagePullSecrets"),
+        ({"defaults": {"gpuNodeSelector": {"pool": "not a label value"}}}, "gpuNodeSelector"),
+        ({"defaults": {"gpuTolerations": [{"key": "gpu", "effect": "Never"}]}}, "effect"),
     ],
 )
 def test_values_schema_refuses_bad_values(values: dict[str, Any], fragment: str) -> None:
@@ -321,3 +328,73 @@ def test_operator_image_runs_what_the_chart_runs() -> None:
     assert user == f"{IMAGE_UID}:{IMAGE_UID}"
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert "runAsUser" not in pod["securityContext"]
+
+
+def _operator_env(objects: list[dict[str, Any]]) -> dict[str, str]:
+    deployment = next(o for o in _by_kind(objects, "Deployment") if o["metadata"]["name"] == "kubetune")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value", "") for e in container["env"]}
+
+
+def test_pod_defaults_reach_the_builders_through_the_operators_environment() -> None:
+    from kubetune.api.defaults import load_defaults
+    from kubetune.api.modeldeployment import ModelDeploymentSpec
+    from kubetune.finetune.builders import build_train_job, build_validate_job
+    from kubetune.rollout.builders import ROLE_STABLE, build_server_deployment
+    from kubetune.rollout.revisions import resolve
+
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    # Defaults of the chart: images of its own version, nothing else.
+    plain = load_defaults(_operator_env(render({})))
+    assert plain.trainer_image == f"ghcr.io/kubetune/trainer:{app_version}"
+    assert plain.server_image == f"ghcr.io/kubetune/server:{app_version}"
+    assert not plain.image_pull_secrets and not plain.gpu_node_selector
+
+    values = {
+        "defaults": {
+            "trainerImage": "registry.example.com/kubetune/trainer:7",
+            "serverImage": "registry.example.com/kubetune/server:7",
+            "imagePullSecrets": [{"name": "regcred"}],
+            "gpuNodeSelector": {"node-pool": "gpu", "nvidia.com/gpu.present": "true"},
+            "gpuTolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}],
+        }
+    }
+    defaults = load_defaults(_operator_env(render(values)))
+    ftj = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "demo", "namespace": "team-a"},
+        "spec": {
+            "baseModel": {"uri": "s3://models/base"},
+            "dataset": {"train": "s3://data/train.jsonl"},
+            "output": {"uri": "s3://out/demo"},
+            "resources": {"gpus": 1, "gpuNodeSelector": {"node-pool": "h100"}},
+        },
+    }
+    train = build_train_job(ftj, attempt=0, defaults=defaults)["spec"]["template"]["spec"]
+    assert train["containers"][0]["image"] == "registry.example.com/kubetune/trainer:7"
+    assert train["imagePullSecrets"] == [{"name": "regcred"}]
+    # Key by key, the spec wins; the cluster fills the rest.
+    assert train["nodeSelector"] == {"node-pool": "h100", "nvidia.com/gpu.present": "true"}
+    assert {"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"} in train["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in train["tolerations"]
+    # The CPU-only validate pod gets the image and pull secrets, not the GPU placement.
+    validate = build_validate_job(ftj, defaults=defaults)["spec"]["template"]["spec"]
+    assert validate["containers"][0]["image"] == "registry.example.com/kubetune/trainer:7"
+    assert validate["imagePullSecrets"] == [{"name": "regcred"}] and "nodeSelector" not in validate
+    # The spec's own image and pull secrets win.
+    ftj["spec"].update(image="mine/trainer:1", imagePullSecrets=[{"name": "mine"}])
+    own = build_train_job(ftj, attempt=0, defaults=defaults)["spec"]["template"]["spec"]
+    assert own["containers"][0]["image"] == "mine/trainer:1"
+    assert own["imagePullSecrets"] == [{"name": "mine"}]
+    kubernetes_validate.validate(build_train_job(ftj, attempt=0, defaults=defaults), KUBE_VERSION, strict=True)
+
+    md = {"metadata": {"name": "chat", "namespace": "team-a"}, "spec": {"model": {"baseModel": {"uri": "s3://models/base"}}}}
+    spec = ModelDeploymentSpec.model_validate(md["spec"])
+    revision = resolve(spec, "chat", None, defaults)
+    assert revision.image == "registry.example.com/kubetune/server:7"
+    # A new cluster default that reaches the pods is a new revision (rolled out as a canary).
+    assert revision.name != resolve(spec, "chat", None, plain).name
+    pod = build_server_deployment(md, revision, role=ROLE_STABLE, defaults=defaults)["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"] == "registry.example.com/kubetune/server:7"
+    assert pod["nodeSelector"] == values["defaults"]["gpuNodeSelector"]

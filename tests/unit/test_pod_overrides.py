@@ -840,6 +840,11 @@ def test_revision_names_change_with_pod_settings_and_only_then():
     # The name this spec had before the new fields existed (computed on the earlier main):
     # upgrading the operator starts no canary.
     assert plain == "49accb119e"
+    # An object stored with the old CRD default written in hashes the same as one without it.
+    stored = ModelDeploymentSpec.model_validate(
+        make_md(server={"image": "ghcr.io/kubetune/server:0.1.0"})["spec"]
+    )
+    assert revisions.revision_hash(stored, resolved) == plain
     seen = {plain}
     for extra in (
         {"podTemplate": {"labels": {"team": "nlp"}}},
@@ -849,3 +854,40 @@ def test_revision_names_change_with_pod_settings_and_only_then():
         other = ModelDeploymentSpec.model_validate(make_md(**extra)["spec"])
         seen.add(revisions.revision_hash(other, resolved))
     assert len(seen) == 4
+
+
+# --- cluster defaults (KUBETUNE_POD_DEFAULTS) -------------------------------------------------------
+
+
+def test_cluster_defaults_parse_and_a_bad_value_names_the_field():
+    from kubetune.api.defaults import DefaultsError, PodDefaults, load_defaults
+
+    assert load_defaults({}) == PodDefaults()
+    # The chart renders "" for an image left to its own version.
+    assert load_defaults({"KUBETUNE_POD_DEFAULTS": '{"trainerImage": ""}'}) == PodDefaults()
+    with pytest.raises(DefaultsError, match="KUBETUNE_POD_DEFAULTS is not valid JSON"):
+        load_defaults({"KUBETUNE_POD_DEFAULTS": "{"})
+    with pytest.raises(DefaultsError, match=r"gpuNodeSelector\.pool"):
+        load_defaults({"KUBETUNE_POD_DEFAULTS": '{"gpuNodeSelector": {"pool": "not a label"}}'})
+    with pytest.raises(DefaultsError, match="imagePullSecret"):
+        load_defaults({"KUBETUNE_POD_DEFAULTS": '{"imagePullSecret": []}'})
+
+
+def test_objects_stored_with_the_old_crd_default_image_keep_it_and_the_lineage_records_the_image():
+    from kubetune.api.defaults import PodDefaults
+
+    cluster = PodDefaults(trainerImage="registry.example.com/trainer:2")
+    stored = make_ftj(image="ghcr.io/kubetune/trainer:0.1.0")  # defaulted by the old CRD
+    for ftj, expected in (
+        (stored, "ghcr.io/kubetune/trainer:0.1.0"),
+        (make_ftj(), "registry.example.com/trainer:2"),
+    ):
+        job = fb.build_train_job(ftj, attempt=0, defaults=cluster)
+        main = job["spec"]["template"]["spec"]["containers"][0]
+        assert main["image"] == expected
+        # The trainer writes the image into lineage.json from KUBETUNE_IMAGE.
+        assert {"name": "KUBETUNE_IMAGE", "value": expected} in main["env"]
+    # Without any defaults (the local runtime, kubetune validate) the built-in image applies.
+    assert fb.build_validate_job(make_ftj())["spec"]["template"]["spec"]["containers"][0][
+        "image"
+    ] == ("ghcr.io/kubetune/trainer:0.1.0")

@@ -134,3 +134,18 @@ No wildcards; no Secrets (credentials reach pods only as secretKeyRef, which nee
 - {{ . | quote }}
 {{- end }}
 {{- end -}}
+
+{{/*
+The operator's cluster-wide pod defaults as JSON (KUBETUNE_POD_DEFAULTS): the images default to
+the chart's appVersion, so upgrading the chart moves new jobs and revisions to the same version.
+*/}}
+{{- define "kubetune.podDefaults" -}}
+{{- $d := .Values.defaults -}}
+{{- dict
+  "trainerImage" ($d.trainerImage | default (printf "ghcr.io/kubetune/trainer:%s" .Chart.AppVersion))
+  "serverImage" ($d.serverImage | default (printf "ghcr.io/kubetune/server:%s" .Chart.AppVersion))
+  "imagePullSecrets" ($d.imagePullSecrets | default list)
+  "gpuNodeSelector" ($d.gpuNodeSelector | default dict)
+  "gpuTolerations" ($d.gpuTolerations | default list)
+  | toJson -}}
+{{- end -}}

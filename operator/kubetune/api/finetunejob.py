@@ -339,7 +339,14 @@ class FineTuneJobSpec(Model):
     distributed: DistributedSpec = Field(
         default_factory=DistributedSpec, description="How the trainer processes share the model: ddp or fsdp."
     )
-    image: str = Field(default=DEFAULT_TRAINER_IMAGE, description="Trainer container image.", min_length=1)
+    image: str | None = Field(
+        default=None,
+        description=(
+            "Trainer container image. Default: the operator's (chart value defaults.trainerImage, "
+            "else " + DEFAULT_TRAINER_IMAGE + ")."
+        ),
+        min_length=1,
+    )
     retry: RetrySpec = Field(default_factory=RetrySpec, description="Automatic restart policy.")
     suspend: bool = Field(default=False, description="Stop the pods, keep the checkpoints; set back to false to resume.")
     queue_name: str | None = Field(
@@ -372,7 +379,7 @@ class FineTuneJobSpec(Model):
         description=(
             "Changes to the validate and train pods: labels, annotations, placement, volumes, "
             "env, sidecars. Added to what kubetune builds; never replaces what it sets "
-            "(docs/operations.md, Pod overrides)."
+            "(docs/training.md, Pod overrides)."
         ),
     )
 

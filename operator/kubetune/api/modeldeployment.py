@@ -152,8 +152,13 @@ class SecretKeySelector(Model):
 class ServerSpec(Model):
     """Inference server settings (kubetune_server, OpenAI-compatible)."""
 
-    image: str = Field(
-        default=DEFAULT_SERVER_IMAGE, description="Server container image.", min_length=1
+    image: str | None = Field(
+        default=None,
+        description=(
+            "Server container image. Default: the operator's (chart value defaults.serverImage, "
+            "else " + DEFAULT_SERVER_IMAGE + "). Part of the revision."
+        ),
+        min_length=1,
     )
     max_batch_size: int = Field(
         default=8, ge=1, le=1024, description="Requests batched into one forward pass."
@@ -560,7 +565,7 @@ class ModelDeploymentSpec(Model):
         description=(
             "Changes to the serving pods: labels, annotations, placement, volumes, env, "
             "sidecars. Added to what kubetune builds; never replaces what it sets "
-            "(docs/operations.md, Pod overrides). Part of the revision: a change rolls out as a canary."
+            "(docs/training.md, Pod overrides). Part of the revision: a change rolls out as a canary."
         ),
     )
 

@@ -3,7 +3,7 @@
 Both kinds carry ``spec.podTemplate`` (:class:`PodTemplate`). Every builder (the validate and
 train Jobs of a FineTuneJob, the serving Deployment of a ModelDeployment; the operator and the
 local runtime alike) builds its pod from the spec first and then calls
-:func:`merge_pod_template` once. The rules (docs/operations.md, "Pod overrides"):
+:func:`merge_pod_template` once. The rules (docs/training.md, "Pod overrides"):
 
 - **added**: labels, annotations, nodeSelector keys, tolerations, affinity, topology spread
   constraints, priorityClassName, volumes, volume mounts and env of kubetune's container,

@@ -27,6 +27,7 @@ from kubetune.api.common import (
     LABEL_MANAGED_BY,
     LABEL_OWNER,
 )
+from kubetune.api.defaults import PodDefaults, apply_cluster_defaults
 from kubetune.api.finetunejob import KIND, PLURAL, FineTuneJobSpec
 from kubetune.api.pods import merge_pod_template
 from kubetune.api.security import container_security_context, pod_security_context
@@ -196,24 +197,42 @@ def _service_account_fields(ftj: dict[str, Any], report: str) -> dict[str, Any]:
 
 
 def _platform_pod(
-    spec: FineTuneJobSpec, template: dict[str, Any], container: str
+    spec: FineTuneJobSpec,
+    template: dict[str, Any],
+    container: str,
+    defaults: PodDefaults | None,
+    gpu: bool = False,
 ) -> dict[str, Any]:
     # The platform team's part of the pod, last: image pull secrets, then spec.podTemplate
-    # merged by the one function both kinds share (it refuses to change what was built above).
+    # merged by the one function both kinds share (it refuses to change what was built above),
+    # then the cluster defaults where the spec left a field unset (kubetune.api.defaults).
     if spec.image_pull_secrets:
         template["spec"]["imagePullSecrets"] = [s.dump() for s in spec.image_pull_secrets]
-    return merge_pod_template(template, spec.pod_template, container=container)
+    merged = merge_pod_template(template, spec.pod_template, container=container)
+    return apply_cluster_defaults(merged, defaults, gpu=gpu)
+
+
+def trainer_image(
+    spec: FineTuneJobSpec, image: str | None = None, defaults: PodDefaults | None = None
+) -> str:
+    """The image of both Jobs: the explicit override, else spec.image, else the cluster's."""
+    return image or spec.image or (defaults or PodDefaults()).trainer_image
 
 
 # --- Jobs ----------------------------------------------------------------------------------------
 
 
 def build_validate_job(
-    ftj: dict[str, Any], *, image: str | None = None, report: str = "k8s"
+    ftj: dict[str, Any],
+    *,
+    image: str | None = None,
+    report: str = "k8s",
+    defaults: PodDefaults | None = None,
 ) -> dict[str, Any]:
     """batch/v1 Job ``<ftj>-validate``: the CPU data validation (``python -m kubetune_trainer validate``).
 
-    ``image`` overrides ``spec.image``; ``report`` is the progress channel (``k8s``,
+    ``image`` overrides ``spec.image`` and ``defaults`` are the cluster's (chart values);
+    ``report`` is the progress channel (``k8s``,
     ``file:///path.json`` or ``none``). The validator writes the data report under
     ``<output>/data/`` and its summary to the termination message; exit 2 means the data is
     unusable, so the Job's pod failure policy fails at once instead of retrying.
@@ -222,10 +241,11 @@ def build_validate_job(
     volumes, mounts = _volumes(shm=False)
     container = {
         "name": "validate",
-        "image": image or spec.image,
+        "image": trainer_image(spec, image, defaults),
         "imagePullPolicy": "IfNotPresent",
         "command": ["python", "-m", "kubetune_trainer", "validate"],
-        "env": trainer_env(ftj, spec, attempt=0, report=report),
+        "env": trainer_env(ftj, spec, attempt=0, report=report)
+        + [{"name": "KUBETUNE_IMAGE", "value": trainer_image(spec, image, defaults)}],
         "resources": {
             "requests": {"cpu": VALIDATE_CPU, "memory": VALIDATE_MEMORY},
             "limits": {"memory": VALIDATE_MEMORY},
@@ -269,7 +289,7 @@ def build_validate_job(
                 ]
             },
             "template": _platform_pod(
-                spec, {"metadata": {"labels": labels}, "spec": pod_spec}, "validate"
+                spec, {"metadata": {"labels": labels}, "spec": pod_spec}, "validate", defaults
             ),
         },
     }
@@ -335,7 +355,12 @@ def _rendezvous_env(ftj: dict[str, Any], spec: FineTuneJobSpec) -> list[dict[str
 
 
 def build_train_job(
-    ftj: dict[str, Any], *, attempt: int, image: str | None = None, report: str = "k8s"
+    ftj: dict[str, Any],
+    *,
+    attempt: int,
+    image: str | None = None,
+    report: str = "k8s",
+    defaults: PodDefaults | None = None,
 ) -> dict[str, Any]:
     """batch/v1 Job ``<ftj>-train`` for training attempt ``attempt`` (0 first).
 
@@ -355,10 +380,12 @@ def build_train_job(
     volumes, mounts = _volumes(shm=res.gpus > 0)
     container = {
         "name": "trainer",
-        "image": image or spec.image,
+        "image": trainer_image(spec, image, defaults),
         "imagePullPolicy": "IfNotPresent",
         "command": _train_command(spec),
-        "env": trainer_env(ftj, spec, attempt=attempt, report=report) + _rendezvous_env(ftj, spec),
+        "env": trainer_env(ftj, spec, attempt=attempt, report=report)
+        + [{"name": "KUBETUNE_IMAGE", "value": trainer_image(spec, image, defaults)}]
+        + _rendezvous_env(ftj, spec),
         "resources": {"requests": requests, "limits": limits},
         "securityContext": container_security_context(),
         "volumeMounts": mounts,
@@ -403,7 +430,9 @@ def build_train_job(
     if spec.nodes > 1:
         pod_spec["subdomain"] = train_job_name(ftj)
         job_spec.update(completionMode="Indexed", completions=spec.nodes, parallelism=spec.nodes)
-    job_spec["template"] = _platform_pod(spec, job_spec["template"], "trainer")
+    job_spec["template"] = _platform_pod(
+        spec, job_spec["template"], "trainer", defaults, gpu=res.gpus > 0
+    )
     if spec.queue_name:
         # Kueue admits a queued Job by flipping suspend to false.
         job_spec["suspend"] = True
@@ -433,10 +462,10 @@ def build_train_service(ftj: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def check_pod_template(ftj: dict[str, Any]) -> None:
+def check_pod_template(ftj: dict[str, Any], defaults: PodDefaults | None = None) -> None:
     """Raise PodTemplateError when ``spec.podTemplate`` cannot be merged into either Job's pod."""
-    build_validate_job(ftj)
-    build_train_job(ftj, attempt=0)
+    build_validate_job(ftj, defaults=defaults)
+    build_train_job(ftj, attempt=0, defaults=defaults)
 
 
 # --- RBAC of the progress channel ----------------------------------------------------------------

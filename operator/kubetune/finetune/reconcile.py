@@ -37,6 +37,7 @@ from pydantic import ValidationError
 from kubetune.api import conditions as c
 from kubetune.api.actions import Event, Requeue  # noqa: F401  (re-exported: part of Action)
 from kubetune.api.conditions import Reason
+from kubetune.api.defaults import PodDefaults
 from kubetune.api.pods import PodTemplateError
 from kubetune.finetune import builders
 
@@ -356,17 +357,23 @@ class _Builder:
     """Accumulates the new status and actions of one plan (one object, one pass)."""
 
     def __init__(
-        self, ftj: dict[str, Any], now: datetime.datetime, image: str | None, report: str
+        self,
+        ftj: dict[str, Any],
+        now: datetime.datetime,
+        image: str | None,
+        report: str,
+        defaults: PodDefaults | None = None,
     ) -> None:
         self.ftj = ftj
         self.now = now
         self.stamp = _ts(now)
         self.image = image
         self.report = report
+        self.defaults = defaults
         self.spec = builders.parse_spec(ftj)
         # Merging spec.podTemplate into the pods can still refuse an override the schema could
         # not judge alone: find out now (InvalidSpec) rather than while creating a Job.
-        builders.check_pod_template(ftj)
+        builders.check_pod_template(ftj, defaults)
         self.old: dict[str, Any] = dict(ftj.get("status") or {})
         # Start from the old status: the trainer-owned fields (progress, metrics, checkpoints,
         # resumedFromStep) pass through untouched, so the diff never fights the trainer.
@@ -503,18 +510,20 @@ def plan(
     *,
     image: str | None = None,
     report: str = "k8s",
+    defaults: PodDefaults | None = None,
 ) -> Plan:
     """Decide the FineTuneJob's new status and the actions that move it towards its spec.
 
     ``ftj`` is the whole object (metadata, spec, status). ``validate``/``train`` are the
     observations of ``<ftj>-validate``/``<ftj>-train``. ``now`` is an aware datetime. ``image``
-    and ``report`` are passed to the Job builders (the local runtime reports to a file).
+    and ``report`` are passed to the Job builders (the local runtime reports to a file), and so
+    are the cluster's pod ``defaults`` (kubetune.api.defaults).
     """
     if (ftj.get("metadata") or {}).get("deletionTimestamp"):
         # Being deleted: children go with it (ownerReferences); nothing to decide.
         return Plan(dict(ftj.get("status") or {}), [])
     try:
-        b = _Builder(ftj, now, image, report)
+        b = _Builder(ftj, now, image, report, defaults)
     except (ValidationError, PodTemplateError) as exc:
         return _invalid_spec(ftj, exc, now)
     st = b.status
@@ -563,7 +572,9 @@ def plan(
             return _suspend(b, validate, train)
         else:
             if validate.state == ABSENT:
-                b.create(builders.build_validate_job(ftj, image=image, report=report))
+                b.create(
+                    builders.build_validate_job(ftj, image=image, report=report, defaults=defaults)
+                )
             message = "validating the dataset"
             if validate.waiting_reason:
                 message += f" (pod waiting: {validate.waiting_reason}: {validate.waiting_message})"
@@ -717,7 +728,11 @@ def _train(b: _Builder, train: JobObservation) -> Plan:
                 _running_status(b, message, (False, Reason.RESTARTING, message))
                 b.requeue(wait)
                 return b.result()
-        b.create(builders.build_train_job(b.ftj, attempt=restarts, image=b.image, report=b.report))
+        b.create(
+            builders.build_train_job(
+                b.ftj, attempt=restarts, image=b.image, report=b.report, defaults=b.defaults
+            )
+        )
         if restarts > 0:
             message = f"training attempt {restarts} started, resuming from the last checkpoint"
             reason = Reason.RESUMED

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from kubetune.api.common import API_VERSION, LABEL_ENGINE, LABEL_KIND, LABEL_OWNER, LABEL_REVISION
 from kubetune.api.conditions import Reason
+from kubetune.api.defaults import PodDefaults
 from kubetune.api.modeldeployment import KIND, ModelDeploymentSpec
 from kubetune.k8s import scraping
 from kubetune.k8s.client import ApiError, KubeClient
@@ -179,7 +180,9 @@ async def read_api_key(
         return None, f"{where}: not base64-encoded UTF-8"
 
 
-async def observe(client: KubeClient, md: Mapping[str, Any]) -> machine.Observed:
+async def observe(
+    client: KubeClient, md: Mapping[str, Any], defaults: PodDefaults | None = None
+) -> machine.Observed:
     """Everything ``machine.step`` needs, read from the cluster (see the module docstring)."""
     meta = md["metadata"]
     ns, name = meta["namespace"], meta["name"]
@@ -194,7 +197,9 @@ async def observe(client: KubeClient, md: Mapping[str, Any]) -> machine.Observed
     ftj = None
     if spec.model.fine_tune_job_ref is not None:
         ftj = await client.get(API_VERSION, "FineTuneJob", ns, spec.model.fine_tune_job_ref.name)
-    model = builders.check_pod_template(md, revisions.resolve(spec, name, ftj))
+    model = builders.check_pod_template(
+        md, revisions.resolve(spec, name, ftj, defaults), defaults
+    )
 
     selector = {LABEL_OWNER: name, LABEL_KIND: KIND}
     deployments = await client.list("apps/v1", "Deployment", ns, selector)
@@ -302,7 +307,10 @@ def _with_counters(
 
 
 async def ensure_revision(
-    client: KubeClient, md: Mapping[str, Any], action: machine.EnsureRevision
+    client: KubeClient,
+    md: Mapping[str, Any],
+    action: machine.EnsureRevision,
+    defaults: PodDefaults | None = None,
 ) -> None:
     """Create the revision's Deployment/Service/PDB, or scale and relabel an existing one."""
     ns = md["metadata"]["namespace"]
@@ -316,7 +324,7 @@ async def ensure_revision(
             log.warning("cannot create Deployment %s/%s: no revision source", ns, dep_name)
             return
         dep = builders.build_server_deployment(
-            md, source, role=action.role, replicas=action.replicas
+            md, source, role=action.role, replicas=action.replicas, defaults=defaults
         )
         # Service and PDB first: an existing Deployment then implies they exist too, so a crash
         # between the creates never leaves a revision without its Service.
@@ -356,13 +364,17 @@ async def delete_revision(
 
 
 async def execute(
-    client: KubeClient, md: Mapping[str, Any], decided: machine.Step, mode: str
+    client: KubeClient,
+    md: Mapping[str, Any],
+    decided: machine.Step,
+    mode: str,
+    defaults: PodDefaults | None = None,
 ) -> float | None:
     """Carry out the actions in order; returns the requeue delay (None: none asked)."""
     requeue: float | None = None
     for action in decided.actions:
         if isinstance(action, machine.EnsureRevision):
-            await ensure_revision(client, md, action)
+            await ensure_revision(client, md, action, defaults)
         elif isinstance(action, machine.SetWeights):
             await set_weights(client, md, action, mode)
         elif isinstance(action, machine.DeleteRevision):
@@ -383,13 +395,18 @@ async def execute(
     return requeue
 
 
-async def reconcile(client: KubeClient, namespace: str, name: str) -> float | None:
-    """One level-triggered reconcile of a ModelDeployment (see the module docstring)."""
+async def reconcile(
+    client: KubeClient, namespace: str, name: str, defaults: PodDefaults | None = None
+) -> float | None:
+    """One level-triggered reconcile of a ModelDeployment (see the module docstring).
+
+    ``defaults`` are the cluster's pod defaults (chart values, kubetune.api.defaults).
+    """
     md = await client.get(API_VERSION, KIND, namespace, name)
     if md is None or (md.get("metadata") or {}).get("deletionTimestamp"):
         return None
-    observed = await observe(client, md)
+    observed = await observe(client, md, defaults)
     decided = machine.step(md, observed, datetime.datetime.now(datetime.UTC))
-    requeue = await execute(client, md, decided, observed.mode)
+    requeue = await execute(client, md, decided, observed.mode, defaults)
     await client.patch_status(API_VERSION, KIND, namespace, name, md.get("status"), decided.status)
     return requeue

@@ -24,6 +24,7 @@ from typing import Any
 
 from kubetune.api import conditions as c
 from kubetune.api.common import API_VERSION, LABEL_KIND, LABEL_OWNER
+from kubetune.api.defaults import PodDefaults
 from kubetune.api.finetunejob import KIND
 from kubetune.finetune import builders
 from kubetune.finetune.reconcile import (
@@ -62,11 +63,18 @@ class FineTuneJobReconciler:
     """Reconciles FineTuneJobs by ``(namespace, name)`` through one :class:`KubeClient`."""
 
     def __init__(
-        self, client: KubeClient, *, image: str | None = None, report: str = "k8s"
+        self,
+        client: KubeClient,
+        *,
+        image: str | None = None,
+        report: str = "k8s",
+        defaults: PodDefaults | None = None,
     ) -> None:
         self.client = client
         self.image = image
         self.report = report
+        # The chart's cluster-wide pod defaults (KUBETUNE_POD_DEFAULTS, read at start-up).
+        self.defaults = defaults
         # Children whose supporting objects (RBAC, Service) this process already ensured, by
         # FineTuneJob uid: saves three round trips per Job creation on the hot path.
         self._ensured: set[tuple[str, str]] = set()
@@ -103,6 +111,7 @@ class FineTuneJobReconciler:
             now or datetime.datetime.now(datetime.UTC),
             image=self.image,
             report=self.report,
+            defaults=self.defaults,
         )
         await self.execute(ftj, result)
         delays = [a.seconds for a in result.actions if isinstance(a, Requeue)]

@@ -25,6 +25,7 @@ from kubetune.api.common import (
     LABEL_OWNER,
     LABEL_REVISION,
 )
+from kubetune.api.defaults import PodDefaults, apply_cluster_defaults
 from kubetune.api.modeldeployment import KIND, ModelDeploymentSpec
 from kubetune.api.pods import PodTemplateError, merge_pod_template
 from kubetune.api.security import container_security_context, pod_security_context
@@ -177,11 +178,13 @@ def build_server_deployment(
     role: str,
     image: str | None = None,
     replicas: int | None = None,
+    defaults: PodDefaults | None = None,
 ) -> dict[str, Any]:
     """apps/v1 Deployment ``<mdep>-<revision>`` running the inference server for one revision.
 
     ``replicas`` defaults to ``spec.replicas``; the state machine sizes canaries itself
-    (``weights.canary_replicas``). ``image`` defaults to the revision's (``spec.server.image``).
+    (``weights.canary_replicas``). ``image`` defaults to the revision's (``spec.server.image``
+    or the cluster's); ``defaults`` are the cluster's pod defaults (kubetune.api.defaults).
     """
     spec = _spec(md)
     name = resource_name(_meta(md)["name"], revision.name)
@@ -262,27 +265,31 @@ def build_server_deployment(
             },
             # The platform team's podTemplate last, merged by the function both kinds share
             # (it refuses to change anything built above).
-            "template": merge_pod_template(
-                {
-                    "metadata": {
-                        "labels": pod_labels,
-                        "annotations": {
-                            "prometheus.io/scrape": "true",
-                            "prometheus.io/port": str(spec.server.port),
-                            "prometheus.io/path": "/metrics",
+            "template": apply_cluster_defaults(
+                merge_pod_template(
+                    {
+                        "metadata": {
+                            "labels": pod_labels,
+                            "annotations": {
+                                "prometheus.io/scrape": "true",
+                                "prometheus.io/port": str(spec.server.port),
+                                "prometheus.io/path": "/metrics",
+                            },
                         },
+                        "spec": pod_spec,
                     },
-                    "spec": pod_spec,
-                },
-                spec.pod_template,
-                container=CONTAINER,
+                    spec.pod_template,
+                    container=CONTAINER,
+                ),
+                defaults,
+                gpu=res.gpus > 0,
             ),
         },
     }
 
 
 def check_pod_template(
-    md: Mapping[str, Any], resolved: Revision | ModelProblem
+    md: Mapping[str, Any], resolved: Revision | ModelProblem, defaults: PodDefaults | None = None
 ) -> Revision | ModelProblem:
     """``resolved`` unless ``spec.podTemplate`` cannot be merged into its pods (then InvalidSpec).
 
@@ -292,7 +299,7 @@ def check_pod_template(
     if not isinstance(resolved, Revision):
         return resolved
     try:
-        build_server_deployment(md, resolved, role=ROLE_CANARY)
+        build_server_deployment(md, resolved, role=ROLE_CANARY, defaults=defaults)
     except PodTemplateError as exc:
         return ModelProblem(INVALID_SPEC, f"invalid spec: {exc}", terminal=True)
     return resolved

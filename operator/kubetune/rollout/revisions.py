@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune.api.conditions import Reason
+from kubetune.api.defaults import PodDefaults, effective_for_pod
 from kubetune.api.modeldeployment import REVISION_HASH_LENGTH, ModelDeploymentSpec
 
 # Ten hex digits (40 bits): collisions between the handful of revisions one ModelDeployment
@@ -51,11 +52,21 @@ class ModelProblem:
     terminal: bool = False
 
 
-def _serving_fingerprint(spec: ModelDeploymentSpec, resolved: dict[str, Any]) -> dict[str, Any]:
+def server_image(spec: ModelDeploymentSpec, defaults: PodDefaults | None = None) -> str:
+    """spec.server.image, else the cluster's default server image (kubetune.api.defaults)."""
+    return spec.server.image or (defaults or PodDefaults()).server_image
+
+
+def _serving_fingerprint(
+    spec: ModelDeploymentSpec, resolved: dict[str, Any], defaults: PodDefaults | None = None
+) -> dict[str, Any]:
     """The part of the spec that changes serving pods, in wire form (stable key order below)."""
+    # The image as resolved: a spec that names the built-in default and one that leaves it to
+    # the cluster hash alike (so objects stored with the old CRD default keep their revision),
+    # and a new cluster default image rolls out as a canary.
     out = {
         "model": resolved,
-        "server": spec.server.dump(),
+        "server": {**spec.server.dump(), "image": server_image(spec, defaults)},
         "resources": spec.resources.dump(),
         "storage": spec.storage.dump(),
     }
@@ -65,30 +76,44 @@ def _serving_fingerprint(spec: ModelDeploymentSpec, resolved: dict[str, Any]) ->
         ("podTemplate", spec.pod_template.dump() if spec.pod_template else None),
         ("imagePullSecrets", [s.dump() for s in spec.image_pull_secrets or []]),
         ("serviceAccountName", spec.service_account_name),
+        (
+            "clusterDefaults",
+            effective_for_pod(
+                defaults, gpu=spec.resources.gpus > 0, spec_pull_secrets=bool(spec.image_pull_secrets)
+            ),
+        ),
     ):
         if value:
             out[key] = value
     return out
 
 
-def revision_hash(spec: ModelDeploymentSpec, resolved: dict[str, Any]) -> str:
+def revision_hash(
+    spec: ModelDeploymentSpec, resolved: dict[str, Any], defaults: PodDefaults | None = None
+) -> str:
     """Stable hash of the serving-relevant spec and the resolved model.
 
     Canonical JSON (sorted keys, no whitespace) so that the same spec always yields the same
     name, across processes, restarts and Python versions.
     """
-    text = json.dumps(_serving_fingerprint(spec, resolved), sort_keys=True, separators=(",", ":"))
+    fingerprint = _serving_fingerprint(spec, resolved, defaults)
+    text = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:HASH_LENGTH]
 
 
 def resolve(
-    spec: ModelDeploymentSpec, mdep_name: str, finetunejob: dict[str, Any] | None = None
+    spec: ModelDeploymentSpec,
+    mdep_name: str,
+    finetunejob: dict[str, Any] | None = None,
+    defaults: PodDefaults | None = None,
 ) -> Revision | ModelProblem:
     """Resolve the spec's model source into a Revision, or say why it cannot be resolved yet.
 
     ``finetunejob`` is the referenced FineTuneJob object (a dict as read from the API or from
     the local runtime's store) when ``spec.model.fineTuneJobRef`` is set; None means it does
     not exist. Its ``status.artifact`` is only trusted once ``status.phase`` is Succeeded.
+    ``defaults`` are the cluster's pod defaults (image, pull secrets, GPU placement): the part
+    that reaches the pods is part of the revision.
     """
     source = spec.model
     model_name = source.name or mdep_name
@@ -148,13 +173,13 @@ def resolve(
         "modelRevision": source.base_model.revision if source.base_model else None,
     }
     return Revision(
-        name=revision_hash(spec, resolved),
+        name=revision_hash(spec, resolved, defaults),
         model_uri=model_uri,
         adapter_uri=adapter_uri,
         adapter_digest=digest,
         fine_tune_job=ftj_name,
         model_name=model_name,
-        image=spec.server.image,
+        image=server_image(spec, defaults),
     )
 
 
