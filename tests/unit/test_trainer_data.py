@@ -16,7 +16,7 @@ import json
 import pytest
 
 from kubetune_trainer import data
-from kubetune_trainer.batching import BatchPlan, collate, make_rows
+from kubetune_trainer.batching import BatchPlan, collate, make_rows, real_tokens
 from kubetune_trainer.encoding import IGNORE, encode_record
 from kubetune_trainer.errors import ConfigError, DataError
 
@@ -268,5 +268,6 @@ def test_packing_fills_rows_restarts_positions_and_hides_the_boundary_label():
     assert first.position_ids == [0, 1, 2, 0, 1, 2]
     assert first.labels[3] == IGNORE and first.labels[0] != IGNORE
     batch = collate(rows, pad_id=0)
-    assert batch["input_ids"].shape == (3, 6) and int(batch["attention_mask"].sum()) == 15
+    assert batch["input_ids"].shape == (3, 6) and real_tokens(batch) == 15
+    assert batch["attention_mask"].shape == (3, 1, 6, 6)  # block-diagonal (test_trainer_packing.py)
     assert (batch["labels"][2, 3:] == IGNORE).all()

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.finetunejob import LoraSpec
-from kubetune_trainer.batching import BatchPlan, collate, make_rows
+from kubetune_trainer.batching import BLOCK, VARLEN, BatchPlan, collate, make_rows, real_tokens
 from kubetune_trainer.checkpoints import CheckpointManager, now_iso, read_state
 from kubetune_trainer.encoding import IGNORE, encode_record, prompt_ids
 from kubetune_trainer.errors import ConfigError, DataError, Preempted
@@ -123,13 +123,38 @@ def pick_device_and_dtype(settings: Settings):
     return device, amp, load, precision
 
 
+def attention_for(device, load_dtype) -> str:
+    """flash_attention_2 where it can run (CUDA, half-precision weights, flash-attn installed), else sdpa.
+
+    Packed rows are kept apart either way (kubetune_trainer.batching): flash-attention through
+    its variable-length kernel, SDPA through a block-diagonal mask.
+    """
+    import importlib.util
+
+    import torch
+
+    if (
+        device.type == "cuda"
+        and load_dtype in (torch.bfloat16, torch.float16)
+        and importlib.util.find_spec("flash_attn") is not None
+    ):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def packed_attention_for(model) -> str:
+    """How collate keeps packed examples apart for this model's attention kernel."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    return VARLEN if impl and impl.startswith("flash_attention") else BLOCK
+
+
 def load_model(settings: Settings, base_dir: Path, device, load_dtype):
     """The base model, wrapped with a LoRA adapter unless method.type is full."""
     import torch
     from transformers import AutoModelForCausalLM
 
     spec = settings.spec
-    kwargs: dict[str, Any] = {"dtype": load_dtype}
+    kwargs: dict[str, Any] = {"dtype": load_dtype, "attn_implementation": attention_for(device, load_dtype)}
     if spec.method.type == "qlora":
         if device.type != "cuda":
             raise ConfigError(
@@ -382,6 +407,7 @@ class Trainer:
 
         seed_everything(hp.seed)
         self.model = load_model(self.settings, self.base_dir, self.device, load_dtype)
+        self.packed_attention = packed_attention_for(self.model)
         self.gradient_checkpointing = wants_gradient_checkpointing(spec, self.data.memory)
         if self.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
@@ -569,6 +595,7 @@ class Trainer:
             collate(
                 [self.rows[i] for i in self.my_slice(self.plan.indices(step * self.accum + m))],
                 self.tokenizer.pad_token_id,
+                self.packed_attention,
             )
             for m in range(self.accum)
         ]
@@ -587,7 +614,7 @@ class Trainer:
         tokens = 0
         for m, batch in enumerate(batches):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            tokens += int(batch["attention_mask"].sum())
+            tokens += real_tokens(batch)
             ctx = (
                 torch.autocast(self.device.type, dtype=self.amp)
                 if self.amp is not None

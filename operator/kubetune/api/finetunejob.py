@@ -128,7 +128,7 @@ class DatasetSpec(Model):
     dedupe: bool = Field(default=True, description="Drop exact and normalised (case/whitespace) duplicates.")
     pii_masking: PiiMasking = Field(default_factory=PiiMasking, description="PII masking before training.")
     max_seq_length: int = Field(default=1024, ge=16, le=131072, description="Token limit per example; longer ones are truncated and counted.")
-    packing: bool = Field(default=False, description="Pack several short examples into one sequence of maxSeqLength.")
+    packing: bool = Field(default=False, description="Pack several short examples into one sequence of maxSeqLength; each example attends only to itself (block-diagonal attention, docs/training.md).")
     min_examples: int = Field(default=10, ge=1, description="Fail validation when fewer usable training examples remain.")
     max_invalid_fraction: float = Field(
         default=0.05, ge=0.0, le=1.0, description="Fail validation when more than this fraction of lines is invalid."
