@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint crds bench clean cluster-bins
+.PHONY: demo test lint crds bench clean cluster-bins prometheus-bin
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,15 @@ lint: $(STAMP)
 cluster-bins:
 	bash tests/cluster/controlplane/build.sh
 
-test: lint cluster-bins
+# A real Prometheus for the prometheus analysis provider's tests: Debian's package, installed
+# once per machine when the binary is missing (apt-get, as root or through sudo).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+prometheus-bin:
+	@command -v prometheus >/dev/null || { \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+
+test: lint cluster-bins prometheus-bin
 	$(VENV)/bin/kubetune crds --check
 	$(VENV)/bin/kubetune docs --check
 	$(PY) -m pytest -q -p no:cacheprovider

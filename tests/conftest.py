@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.plugins.tinymodel",
     "tests.plugins.kube",
     "tests.plugins.cluster",
+    "tests.plugins.prometheus",
 ]

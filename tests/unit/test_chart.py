@@ -12,7 +12,12 @@ Covers:
   dropped, no privilege escalation, resources set, metrics port, peering vs. standalone;
 - RBAC: cluster-wide mode is one ClusterRole; namespace mode (watchNamespaces) has a Role per
   namespace and no cluster-scoped object at all; no wildcard, no Secret access anywhere;
-- optional pieces appear only when asked for: ServiceMonitor, NetworkPolicy, PDB (replicas > 1);
+- optional pieces appear only when asked for: ServiceMonitor, PodMonitor, NetworkPolicy, PDB
+  (replicas > 1);
+- the PodMonitor of the inference servers (issue 13): it selects the pods the rollout builder
+  makes, in the watched namespaces, and gives their series every label the prometheus analysis
+  provider's default queries select (``namespace`` from the Prometheus Operator, ``revision``
+  relabelled from the pod label kubetune.io/revision), which nothing created before;
 - cluster-wide pod defaults (values ``defaults``) reach the operator as KUBETUNE_POD_DEFAULTS,
   which it parses into the defaults its builders apply: images of the chart's appVersion unless
   set, pull secrets, GPU node selector and tolerations, with an object's own spec winning.
@@ -21,6 +26,7 @@ Covers:
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,10 @@ import pytest
 import yaml
 
 from kubetune.api.security import IMAGE_UID
+from kubetune.rollout import analysis as an
+from kubetune.rollout import builders
+from kubetune.rollout.metricmaps import METRIC_MAPS
+from kubetune.rollout.revisions import Revision
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "kubetune"
@@ -45,6 +55,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "single-standalone": {"replicas": 1, "peering": {"enabled": False}},
     "everything-on": {
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
+        "serverMetrics": {"podMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
         "networkPolicy": {
             "enabled": True,
             "metricsFrom": [
@@ -98,6 +109,23 @@ def _schema_of(crd_kind: str) -> dict[str, Any]:
     return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
+# A ModelDeployment and revision to build serving pods from (the PodMonitor must select them).
+BUILDER_MD = {
+    "apiVersion": "kubetune.io/v1alpha1",
+    "kind": "ModelDeployment",
+    "metadata": {"name": "chat", "namespace": "team-a", "uid": "u-1"},
+    "spec": {"model": {"baseModel": {"uri": "s3://models/base"}}},
+}
+BUILDER_REV = Revision(
+    name="abc123def0",
+    model_uri="s3://models/base",
+    adapter_uri=None,
+    adapter_digest=None,
+    fine_tune_job=None,
+    model_name="chat",
+    image="ghcr.io/kubetune/server:0.1.0",
+)
+
 RENDERED = {name: render(values) for name, values in VALUE_SETS.items()}
 
 
@@ -117,9 +145,10 @@ def test_every_rendered_object_is_valid_kubernetes(name: str) -> None:
         if group == "kopf.dev":
             jsonschema.Draft4Validator(_schema_of(obj["kind"])).validate(obj)
             assert set(obj) <= {"apiVersion", "kind", "metadata", "status"}
-        elif group == "monitoring.coreos.com":
-            assert obj["kind"] == "ServiceMonitor"
+        elif obj["kind"] == "ServiceMonitor":
             assert obj["spec"]["endpoints"][0]["port"] == "metrics"
+        elif obj["kind"] == "PodMonitor":
+            assert obj["spec"]["podMetricsEndpoints"][0]["port"] == "http"
         else:
             kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
         meta = obj["metadata"]
@@ -256,8 +285,10 @@ def test_cluster_mode_binds_one_cluster_role_to_the_service_account() -> None:
 
 def test_optional_objects_only_when_enabled() -> None:
     defaults = {o["kind"] for o in RENDERED["defaults"]}
-    assert "ServiceMonitor" not in defaults and "NetworkPolicy" not in defaults
+    assert not {"ServiceMonitor", "PodMonitor", "NetworkPolicy"} & defaults
     objects = RENDERED["everything-on"]
+    (pod_monitor,) = _by_kind(objects, "PodMonitor")
+    assert pod_monitor["metadata"]["labels"]["release"] == "prometheus"
     (monitor,) = _by_kind(objects, "ServiceMonitor")
     (service,) = _by_kind(objects, "Service")
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
@@ -398,3 +429,66 @@ def test_pod_defaults_reach_the_builders_through_the_operators_environment() -> 
     pod = build_server_deployment(md, revision, role=ROLE_STABLE, defaults=defaults)["spec"]["template"]["spec"]
     assert pod["containers"][0]["image"] == "registry.example.com/kubetune/server:7"
     assert pod["nodeSelector"] == values["defaults"]["gpuNodeSelector"]
+
+
+# --- the inference servers' PodMonitor and the prometheus provider (issue 13) -----------------
+
+# Labels the Prometheus Operator gives every PodMonitor target before the PodMonitor's own
+# relabelings (prometheus-operator's generated scrape config).
+PROMETHEUS_OPERATOR_TARGET_LABELS = {"namespace", "pod", "container", "endpoint", "job"}
+# Labels of the engines' series themselves (docs/contracts.md, "Server metrics"; the metric
+# maps' counter rules name the ones they read).
+SERVER_SERIES_LABELS = {"model", "code", "le"} | {
+    key
+    for m in METRIC_MAPS.values()
+    for rule in (m.requests, m.errors, m.fallback_requests, m.fallback_errors)
+    if rule is not None
+    for key in (*rule.labels, *rule.exclude)
+}
+
+
+def _query_label_names(promql: str) -> set[str]:
+    return {
+        name
+        for body in re.findall(r"\{([^{}]*)\}", promql.replace("{{", "").replace("}}", ""))
+        for name in re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!=|!~|=)", body)
+    }
+
+
+def test_podmonitor_gives_the_revision_label_the_default_queries_select_issue_13():
+    # The bug: the default queries selected revision="<hash>", and nothing in the chart or the
+    # docs created a `revision` label, so the example canary never had data and rolled back at
+    # its deadline. The PodMonitor must produce every label the queries select.
+    (monitor,) = _by_kind(RENDERED["everything-on"], "PodMonitor")
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    relabelled = {r["targetLabel"]: r["sourceLabels"] for r in endpoint["relabelings"]}
+    produced = PROMETHEUS_OPERATOR_TARGET_LABELS | set(relabelled) | SERVER_SERIES_LABELS
+    queries = [
+        *(q for m in METRIC_MAPS.values() for q in an.counter_queries(m).values()),
+        *(q for m in METRIC_MAPS.values() for q in an.default_queries(m).values()),
+    ]
+    for query in queries:
+        assert _query_label_names(query) <= produced, query
+    assert {"namespace", "revision"} <= set().union(*map(_query_label_names, queries))
+
+    # ... from the pod label the rollout builder really puts on the serving pods, on the port
+    # the server really listens on, selecting exactly those pods.
+    dep = builders.build_server_deployment(BUILDER_MD, BUILDER_REV, role=builders.ROLE_CANARY)
+    template = dep["spec"]["template"]
+    pod_labels = template["metadata"]["labels"]
+    sanitized = {"__meta_kubernetes_pod_label_" + re.sub(r"\W", "_", k): k for k in pod_labels}
+    (source,) = relabelled["revision"]
+    assert pod_labels[sanitized[source]] == BUILDER_REV.name
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    ports = template["spec"]["containers"][0]["ports"]
+    assert endpoint["port"] in {p["name"] for p in ports} and endpoint["path"] == "/metrics"
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}
+
+
+def test_podmonitor_watches_only_the_watched_namespaces():
+    (monitor,) = _by_kind(
+        render({**VALUE_SETS["namespaced"], "serverMetrics": {"podMonitor": {"enabled": True}}}),
+        "PodMonitor",
+    )
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+    assert monitor["spec"]["podMetricsEndpoints"][0]["interval"] == "15s"

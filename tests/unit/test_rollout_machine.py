@@ -283,11 +283,12 @@ def test_canary_happy_path_walks_every_step_then_promotes_and_retires_old_stable
 
 def test_same_input_gives_same_output_restart_mid_rollout():
     sim = Sim(make_md())
-    _, canary = start_canary(sim)
+    stable, canary = start_canary(sim)
     sim.revs[canary] = ready(1, counters(0))
     sim.step()
     sim.tick(10)
     sim.revs[canary] = ready(1, counters(50))
+    sim.revs[stable] = ready(4, counters(450))
     obs = m.Observed(model=revision_of(sim.md), revisions=dict(sim.revs), mode="gatewayAPI")
     first = m.step(json.loads(json.dumps(sim.md)), obs, sim.now)
     again = m.step(json.loads(json.dumps(sim.md)), obs, sim.now)
@@ -641,14 +642,18 @@ def test_replicas_mode_reports_achieved_weight_and_warns():
     assert w["requestedCanary"] == 10 and w["canary"] == 50 and "not the 10%" in w["warning"]
 
 
-def test_prometheus_provider_uses_interval_figures():
+def test_prometheus_provider_with_custom_queries_uses_interval_figures():
+    # A custom template returns interval figures of the user's own metrics (no counters).
     rollout = {
         "steps": [{"setWeight": 10}, {"analysis": {"intervals": 1}}],
         "analysis": {
             "interval": "10s",
             "provider": "prometheus",
             "minSamples": 20,
-            "prometheus": {"address": "http://prom:9090"},
+            "prometheus": {
+                "address": "http://prom:9090",
+                "errorRateQuery": 'sum(rate(my_errors{rev="{{revision}}"}[{{interval}}]))',
+            },
         },
     }
     sim = Sim(make_md(rollout=rollout))

@@ -336,7 +336,14 @@ class Thresholds(Model):
 
 
 class PrometheusProvider(Model):
-    """Analysis through Prometheus queries instead of scraping pods."""
+    """Analysis through Prometheus instead of scraping pods.
+
+    By default the operator reads each revision's cumulative counters (the engine's metric
+    map) from Prometheus (series labelled ``namespace`` and ``revision``; the chart's PodMonitor
+    gives both) and judges them exactly as the built-in provider does: pooling, the sequential
+    latency test, starvation. Any of the four query templates switches to the figures they
+    return, judged interval by interval as they are.
+    """
 
     address: str = Field(
         description="Prometheus base URL, e.g. http://prometheus.monitoring:9090.",
@@ -344,16 +351,22 @@ class PrometheusProvider(Model):
     )
     error_rate_query: str | None = Field(
         default=None,
-        description="PromQL template; {{revision}}, {{namespace}} and {{interval}} are substituted. Default: the error share from the metric map of the revision's engine (kubetune_server_requests_total for builtin, vLLM's http_requests_total for vllm).",
+        description=(
+            "PromQL template for the error rate; {{revision}}, {{namespace}} and {{interval}} are"
+            " substituted. Setting any template judges each interval alone on the"
+            " templates' figures (no pooling, no sequential latency test); unset ones default to"
+            " the metric map of the revision's engine."
+        ),
     )
     latency_p95_query: str | None = Field(
-        default=None, description="PromQL template for p95 latency (seconds)."
+        default=None, description="PromQL template for p95 latency (seconds) over {{interval}}."
     )
     ttft_p95_query: str | None = Field(
-        default=None, description="PromQL template for p95 time to first token (seconds)."
+        default=None,
+        description="PromQL template for p95 time to first token (seconds) over {{interval}}.",
     )
     requests_query: str | None = Field(
-        default=None, description="PromQL template for the request count in the interval."
+        default=None, description="PromQL template for the request count over {{interval}}."
     )
 
 
@@ -389,7 +402,8 @@ class AnalysisSpec(Model):
         default="1m",
         description=(
             "Consecutive inconclusive intervals at the same step pool their samples while the oldest"
-            " pooled sample is at most this old, and at most 20 intervals (builtin provider); a"
+            " pooled sample is at most this old, and at most 20 intervals (both providers, unless"
+            " custom Prometheus query templates are set); a"
             " window shorter than interval judges every interval alone."
         ),
         pattern=DURATION_PATTERN,
@@ -670,7 +684,7 @@ class AnalysisResult(Model):
 
 
 class CounterSnapshot(Model):
-    """Cumulative counters of one revision, summed over its pods (built-in provider; read through the engine's metric map)."""
+    """Cumulative counters of one revision, summed over its pods (scraped, or read from Prometheus; through the engine's metric map)."""
 
     requests: float = Field(default=0.0, description="Requests served.")
     errors: float = Field(default=0.0, description="Server errors (5xx responses).")
@@ -703,7 +717,7 @@ class PooledInterval(Model):
 
 
 class AnalysisBaseline(Model):
-    """Start of the current analysis interval: when, and (built-in provider) the counters then."""
+    """Start of the current analysis interval: when, and the revisions' cumulative counters then."""
 
     time: str = Field(description="When the interval started.")
     revisions: dict[str, CounterSnapshot] = Field(

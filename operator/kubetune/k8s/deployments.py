@@ -32,6 +32,7 @@ from kubetune.api.defaults import PodDefaults
 from kubetune.api.modeldeployment import KIND, ModelDeploymentSpec
 from kubetune.k8s import scraping
 from kubetune.k8s.client import ApiError, KubeClient
+from kubetune.rollout import analysis as an
 from kubetune.rollout import builders, evalgate, machine, revisions, weights
 from kubetune.rollout.revisions import resource_name
 
@@ -225,7 +226,8 @@ async def observe(
     interval_metrics = None
     if canary:
         analysis = spec.rollout.analysis
-        if analysis.provider == "prometheus" and analysis.prometheus is not None:
+        if not an.uses_counters(analysis):
+            # Custom Prometheus query templates: interval figures, judged as returned.
             interval_metrics = {}
             for rev in (canary, stable):
                 if not rev:
@@ -245,11 +247,17 @@ async def observe(
                         "Prometheus query for %s/%s revision %s failed: %s", ns, name, rev, exc
                     )
         else:
+            # Cumulative counters: from the pods' /metrics, or the same sums from Prometheus.
             for rev in (canary, stable):
                 if rev and rev in observations:
-                    counters, error = await scraping.scrape_revision(
-                        _session(), pods_by_rev.get(rev, [])
-                    )
+                    if analysis.provider == "prometheus" and analysis.prometheus is not None:
+                        counters, error = await scraping.prometheus_counters(
+                            _session(), analysis.prometheus, ns, rev, engines.get(rev)
+                        )
+                    else:
+                        counters, error = await scraping.scrape_revision(
+                            _session(), pods_by_rev.get(rev, [])
+                        )
                     observations[rev] = _with_counters(observations[rev], counters, error)
 
     eval_gate = None

@@ -10,6 +10,11 @@ through the metric map of the pod's own engine (its ``kubetune.io/engine`` label
 builtin). The pods' cumulative counters are summed. When a ready pod cannot be scraped the whole revision is
 reported as not scraped: a sum over fewer pods than the baseline would go backwards and be
 discarded anyway, and an explicit error is clearer.
+
+Prometheus provider: the same cumulative counters, as instant sums over the series labelled
+with the revision's ``namespace`` and ``revision`` (``prometheus_counters``), with the same rule:
+a revision with no target, or a target down, is an error naming the labels. Custom query
+templates instead return interval figures (``query_prometheus``).
 """
 
 from __future__ import annotations
@@ -96,7 +101,10 @@ async def scrape_revision(
     return an.sum_counters(counters), None
 
 
-async def _prom_value(session: aiohttp.ClientSession, address: str, query: str) -> float | None:
+async def _prom_query(
+    session: aiohttp.ClientSession, address: str, query: str
+) -> tuple[str, list[Any]]:
+    """``(resultType, result)`` of an instant query; RuntimeError naming Prometheus' error."""
     url = address.rstrip("/") + "/api/v1/query"
     async with session.get(
         url, params={"query": query}, timeout=aiohttp.ClientTimeout(total=5)
@@ -106,14 +114,59 @@ async def _prom_value(session: aiohttp.ClientSession, address: str, query: str) 
         raise RuntimeError(
             f"Prometheus query failed ({resp.status}): {payload.get('error', payload)!s:.200}"
         )
-    result = payload["data"]["result"]
-    if payload["data"].get("resultType") == "scalar":
+    return payload["data"].get("resultType", ""), payload["data"]["result"]
+
+
+async def _prom_value(session: aiohttp.ClientSession, address: str, query: str) -> float | None:
+    kind, result = await _prom_query(session, address, query)
+    if kind == "scalar":
         value = float(result[1])
     elif not result:
         return None
     else:
         value = float(result[0]["value"][1])
     return None if value != value else value  # NaN (0/0) means no data
+
+
+async def _prom_vector(
+    session: aiohttp.ClientSession, address: str, query: str
+) -> list[an.Sample]:
+    """An instant vector as samples (labels as returned; the metric name is the caller's)."""
+    kind, result = await _prom_query(session, address, query)
+    if kind != "vector":
+        raise RuntimeError(f"Prometheus query returned a {kind}, not a vector: {query}")
+    return [
+        an.Sample("", item.get("metric") or {}, float(item["value"][1])) for item in result
+    ]
+
+
+async def prometheus_counters(
+    session: aiohttp.ClientSession,
+    provider: Any,
+    namespace: str,
+    revision: str,
+    engine: str | None = None,
+) -> tuple[an.RevisionCounters | None, str | None]:
+    """A revision's cumulative counters from Prometheus: ``(counters, None)`` or ``(None, error)``.
+
+    The prometheus provider's default (``analysis.counter_queries`` of the revision's ``engine``
+    metric map): the same counters the built-in provider scrapes from the pods, so the machine
+    treats both alike.
+    """
+    metrics = metric_map(engine)
+    queries = {
+        key: an.render_query(template, namespace, revision)
+        for key, template in an.counter_queries(metrics).items()
+    }
+    try:
+        results = await asyncio.gather(
+            *(_prom_vector(session, provider.address, q) for q in queries.values())
+        )
+    except (aiohttp.ClientError, TimeoutError, RuntimeError, ValueError, KeyError) as exc:
+        return None, f"Prometheus at {provider.address}: {str(exc) or type(exc).__name__}"
+    return an.counters_from_prometheus(
+        namespace, revision, dict(zip(queries, results, strict=True)), metrics
+    )
 
 
 async def query_prometheus(
@@ -124,9 +177,10 @@ async def query_prometheus(
     interval_text: str,
     engine: str | None = None,
 ) -> an.IntervalMetrics:
-    """Interval figures of one revision from Prometheus (``analysis.prometheus`` templates).
+    """Interval figures of one revision from custom ``analysis.prometheus`` query templates.
 
-    A template left unset defaults to the query of the revision's ``engine`` metric map.
+    Only when ``analysis.uses_counters`` is False (a template is set); a template left unset
+    defaults to the query of the revision's ``engine`` metric map.
     """
     defaults = an.default_queries(metric_map(engine))
     templates = {

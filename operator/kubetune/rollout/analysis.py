@@ -4,8 +4,10 @@ The built-in provider scrapes every pod of a revision (``/metrics`` of its servi
 through the engine's ``MetricMap``: kubetune.rollout.metricmaps) and sums them into ``RevisionCounters`` — cumulative counters since
 the pods started. An analysis interval is the *difference* of two such snapshots, the way
 Prometheus' ``increase()`` works, so the verdict is about the last interval only and a bad
-minute is not diluted by an hour of good history. The Prometheus provider skips all that: its
-queries return interval figures (``IntervalMetrics``) directly.
+minute is not diluted by an hour of good history. The Prometheus provider reads the same
+cumulative counters from Prometheus (``counter_queries``), so both providers share everything
+from there on; only custom query templates return interval figures (``IntervalMetrics``)
+directly.
 
 The verdict (``evaluate``) compares the canary with absolute thresholds and with stable over
 the same interval. Too little canary traffic is *Inconclusive*: never a silent pass (Flagger
@@ -293,13 +295,21 @@ def _histogram(samples: Iterable[Sample], name: str) -> Histogram:
 
 
 def counters_from_text(text: str, metrics: MetricMap = BUILTIN_MAP) -> RevisionCounters:
-    """Cumulative counters of ONE pod from its /metrics text (all models and engines summed).
+    """Cumulative counters of ONE pod from its /metrics text (all models and engines summed)."""
+    return counters_from_samples(parse_exposition(text), metrics)
 
-    ``metrics`` is the map of the engine the pod runs (kubetune.rollout.metricmaps). When its
-    request counter has no sample at all and the map has a fallback, the fallback counters are
-    read instead (an older vLLM without HTTP metrics).
+
+def counters_from_samples(
+    samples: list[Sample], metrics: MetricMap = BUILTIN_MAP, pods: int = 1
+) -> RevisionCounters:
+    """Cumulative counters from an engine's samples (every label set summed).
+
+    The samples are a pod's exposition (built-in provider) or a revision's sums as Prometheus
+    returns them (``counter_queries``: prometheus provider); either way the same counters, so
+    both providers share every step after this one. ``metrics`` is the map of the engine
+    (kubetune.rollout.metricmaps). When its request counter has no sample at all and the map
+    has a fallback, the fallback counters are read instead (an older vLLM without HTTP metrics).
     """
-    samples = parse_exposition(text)
     requests_rule, errors_rule = metrics.requests, metrics.errors
     if (
         metrics.fallback_requests is not None
@@ -322,7 +332,7 @@ def counters_from_text(text: str, metrics: MetricMap = BUILTIN_MAP) -> RevisionC
         errors,
         _histogram(samples, metrics.latency),
         _histogram(samples, metrics.ttft),
-        pods=1,
+        pods=pods,
         generated_tokens=generated,
         prompt_tokens=prompt,
     )
@@ -623,7 +633,8 @@ def evaluate(
     Order matters for the message only: every failed check is listed, so a user sees both
     "error rate 12% > 5%" and "p95 2.1 s > 1.5x stable" at once. Checks against stable run only
     when stable itself saw at least minSamples requests in the interval — comparing with a
-    handful of stable requests would be noise.
+    handful of stable requests would be noise — and, when the spec asks for such a comparison
+    (maxLatencyRatio, maxErrorRateIncrease), a canary cannot pass without it: Inconclusive.
 
     Below minSamples two kinds of evidence are conclusive all the same (``Verdict.early``): the
     sequential latency test, and starvation with latency or errors pointing the same way.
@@ -708,6 +719,29 @@ def evaluate(
             early=bool(early),
             **extra,
         )
+    # No pass without the comparison the spec asks for. Stable served fewer than minSamples
+    # requests over the span (closed-loop clients stuck on a slow canary starve stable, not the
+    # canary): the relative checks could not run, so a canary 10x slower than stable would pass
+    # on the absolute thresholds alone. Found by the real-Prometheus test (issue 13); the pool
+    # keeps growing until stable has enough requests too.
+    relative = [
+        name
+        for name, value in (
+            ("maxLatencyRatio", thr.max_latency_ratio),
+            ("maxErrorRateIncrease", thr.max_error_rate_increase),
+        )
+        if value is not None
+    ]
+    if stable is not None and stable.requests < spec.min_samples and relative:
+        where = "in the interval" if pooled <= 1 else f"in {pooled} pooled intervals"
+        return Verdict(
+            INCONCLUSIVE,
+            f"only {int(stable.requests)} stable requests {where} (minSamples {spec.min_samples}):"
+            f" {' and '.join(relative)} cannot compare the canary's {samples} with stable yet",
+            samples,
+            **figures,
+            **extra,
+        )
     message = f"{samples} canary requests within thresholds{pooled_note}"
     if starved_note:
         message += f"; {starved_note}"
@@ -715,10 +749,93 @@ def evaluate(
 
 
 # --- Prometheus query provider (pure part: the query text) -------------------------------
+#
+# The contract with the scrape (docs/contracts.md, "Prometheus labels"): every series scraped
+# from a serving pod carries ``namespace`` (the pod's namespace) and ``revision`` (the pod's
+# ``kubetune.io/revision`` label). A Prometheus Operator PodMonitor gives ``namespace`` to every
+# target and the chart's PodMonitor (serverMetrics.podMonitor) relabels the pod label to
+# ``revision``; a hand-written scrape config needs the same relabeling.
 
 # Inside the braces of every default query; {{...}} are substituted by ``render_query``.
 _SEL_INNER = 'namespace="{{namespace}}",revision="{{revision}}"'
 _SEL = "{" + _SEL_INNER + "}"
+# ``counter_queries``' key for the scrape targets (``up``), apart from the metric names.
+TARGETS = "up"
+
+
+def counter_queries(metrics: MetricMap = BUILTIN_MAP) -> dict[str, str]:
+    """The prometheus provider's default: a revision's cumulative counters as instant sums.
+
+    ``{sample name: PromQL}``: every result sample is named after its key and fed to
+    ``counters_from_samples`` with the same map, so the engine's counter rules (labels,
+    exclusions, the fallback of an old vLLM) apply exactly as they do to a scrape: the sums keep
+    the labels the rules look at. ``TARGETS`` (``up``) has one sample per scrape target.
+
+    Not ``increase()`` over the interval: it extrapolates to the window's edges, which inflates
+    the counts of a short window (2 samples 1 s apart in a 2 s window count double) and would
+    void the sequential test's false-alarm bound. Instant sums of the raw counters are the
+    built-in provider's snapshots; the machine takes their differences.
+    """
+    rules = [metrics.requests, metrics.errors, metrics.fallback_requests, metrics.fallback_errors]
+    by_name: dict[str, set[str]] = {}
+    for rule in rules:
+        if rule is not None:
+            by_name.setdefault(rule.name, set()).update(rule.labels, rule.exclude)
+    queries = {TARGETS: TARGETS + _SEL}
+    for name, keys in by_name.items():
+        by = f" by ({', '.join(sorted(keys))})" if keys else ""
+        queries[name] = f"sum{by} ({name}{_SEL})"
+    for name in (metrics.generated_tokens, metrics.prompt_tokens):
+        queries[name] = f"sum({name}{_SEL})"
+    for histogram in (metrics.latency, metrics.ttft):
+        queries[histogram + "_bucket"] = f"sum by (le) ({histogram}_bucket{_SEL})"
+    return queries
+
+
+def counters_from_prometheus(
+    namespace: str,
+    revision: str,
+    results: Mapping[str, list[Sample]],
+    metrics: MetricMap = BUILTIN_MAP,
+) -> tuple[RevisionCounters | None, str | None]:
+    """A revision's counters from the results of ``counter_queries``: ``(counters, None)`` or ``(None, why)``.
+
+    Like the built-in provider, a revision Prometheus cannot scrape completely is an error, not a
+    smaller sum: no target at all means the scrape does not give the labels the queries select
+    (the bug of issue 13: nothing created ``revision``), a target down would make the sum go
+    backwards. Result samples come back without a metric name (``sum`` drops it); each gets its
+    query's key.
+    """
+    where = f'namespace="{namespace}", revision="{revision}"'
+    targets = results.get(TARGETS) or []
+    if not targets:
+        return None, (
+            f"Prometheus scrapes no target labelled {where}: the serving pods' metrics need the "
+            "labels namespace and revision (chart value serverMetrics.podMonitor.enabled, or "
+            "relabel the pod label kubetune.io/revision to revision; docs/operations.md)"
+        )
+    down = sum(1 for t in targets if t.value != 1)
+    if down:
+        return None, f"{down} of {len(targets)} Prometheus targets labelled {where} are down"
+    named = [
+        Sample(name, s.labels, s.value)
+        for name, samples in results.items()
+        if name != TARGETS
+        for s in samples
+    ]
+    return counters_from_samples(named, metrics, pods=len(targets)), None
+
+
+def uses_counters(spec: AnalysisSpec) -> bool:
+    """True when the analysis works on cumulative counters (and so pools and runs the SPRT).
+
+    The built-in provider always does; the prometheus provider does unless a custom query
+    template is set (those return interval figures of the user's own metrics).
+    """
+    if spec.provider != "prometheus" or spec.prometheus is None:
+        return True
+    p = spec.prometheus
+    return not (p.requests_query or p.error_rate_query or p.latency_p95_query or p.ttft_p95_query)
 
 
 def _increase(selector: str) -> str:
@@ -736,11 +853,12 @@ def _p95(histogram: str) -> str:
 
 
 def default_queries(metrics: MetricMap = BUILTIN_MAP) -> dict[str, str]:
-    """The Prometheus provider's default PromQL templates for an engine's metric map.
+    """Interval templates for the ones a user's custom templates leave unset (``uses_counters`` False).
 
     The same quantities as the built-in provider reads from a scrape: requests and errors from
     the map's counter rules, p95 from its histograms. A map's fallback counters (an old vLLM
     without HTTP metrics) have no default query: set ``requestsQuery``/``errorRateQuery``.
+    Judged interval by interval as returned: no histogram, so no pooling and no sequential test.
     """
     requests = _increase(metrics.requests.selector(_SEL_INNER))
     return {
@@ -754,11 +872,10 @@ def default_queries(metrics: MetricMap = BUILTIN_MAP) -> dict[str, str]:
 DEFAULT_QUERIES = default_queries(BUILTIN_MAP)
 
 
-def render_query(template: str, namespace: str, revision: str, interval_text: str) -> str:
+def render_query(template: str, namespace: str, revision: str, interval_text: str = "") -> str:
     """Substitute ``{{namespace}}``, ``{{revision}}`` and ``{{interval}}`` in a PromQL template.
 
-    The default queries select by the ``revision`` label, which the pod template carries as
-    ``kubetune.io/revision`` and a standard PodMonitor relabels to ``revision``.
+    The queries select by the ``namespace`` and ``revision`` labels (the contract above).
     """
     return (
         template.replace("{{namespace}}", namespace)

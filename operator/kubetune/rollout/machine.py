@@ -100,7 +100,8 @@ class RevisionObservation:
     # the Deployment's ProgressDeadlineExceeded. ``failure_reason`` is a Reason constant.
     failure: str | None = None
     failure_reason: str | None = None
-    # Built-in provider: cumulative counters summed over the revision's pods (None: not scraped).
+    # Cumulative counters summed over the revision's pods: scraped from them (built-in provider)
+    # or read from Prometheus (its default queries). None: not read, ``scrape_error`` says why.
     counters: an.RevisionCounters | None = None
     scrape_error: str | None = None
 
@@ -113,7 +114,8 @@ class Observed:
     revisions: Mapping[str, RevisionObservation] = field(default_factory=dict)
     # Resolved traffic mode: weights.GATEWAY_API, weights.REPLICAS or weights.LOCAL.
     mode: str = wt.REPLICAS
-    # Prometheus provider: each revision's figures over the interval ending now.
+    # Prometheus provider with custom query templates: each revision's figures over the interval
+    # ending now (analysis.uses_counters is False).
     interval_metrics: Mapping[str, an.IntervalMetrics] | None = None
     # None: read kubetune.io/promote|abort|pause from md.metadata.annotations.
     annotations: Mapping[str, str] | None = None
@@ -893,16 +895,18 @@ class _Run:
         spec = self.spec.rollout.analysis
         stable = (self.stable() or {}).get("name")
         base = self.st.get("analysisBaseline")
-        builtin = spec.provider == "builtin"
-        if base is None or (builtin and canary not in (base.get("revisions") or {})):
+        # Cumulative counters (built-in provider, and Prometheus with its default queries):
+        # interval deltas and pooling. Custom Prometheus templates give interval figures.
+        counted = an.uses_counters(spec)
+        if base is None or (counted and canary not in (base.get("revisions") or {})):
             self.rebaseline(canary, stable)
             self.requeue(self.check_period())
             return False
         elapsed = self.since(base.get("time"))
         due = elapsed >= self.interval
         # Pooling: the span judged starts at the oldest pooled interval still inside poolWindow
-        # (built-in provider: cumulative counters make any span one subtraction).
-        pool = self.live_pool(base, canary) if builtin else []
+        # (cumulative counters make any span one subtraction).
+        pool = self.live_pool(base, canary) if counted else []
         measured = self.measure(pool[0] if pool else base, canary, stable)
         if isinstance(measured, str) and pool:
             # The pooled span cannot be measured (a pod restarted in it): judge this interval alone.
@@ -963,7 +967,7 @@ class _Run:
         # An interval too thin to judge joins the pool; any verdict (or an error) empties it.
         keep = (
             [*pool, {"time": base["time"], "revisions": base.get("revisions") or {}}]
-            if builtin and verdict.phase == an.INCONCLUSIVE
+            if counted and verdict.phase == an.INCONCLUSIVE
             else []
         )
         self.rebaseline(canary, stable, keep[-MAX_POOLED:])
@@ -1008,7 +1012,7 @@ class _Run:
     def measure(
         self, base: Mapping[str, Any], canary: str, stable: str | None
     ) -> an.Measurement | str:
-        if self.spec.rollout.analysis.provider == "prometheus":
+        if not an.uses_counters(self.spec.rollout.analysis):
             figures = self.obs.interval_metrics or {}
             if canary not in figures:
                 return "no Prometheus figures for the canary"
