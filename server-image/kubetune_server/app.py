@@ -74,6 +74,8 @@ class ServerState:
         self.ready = False
         self.draining = False
         self.load_error: str | None = None
+        #: Why a live pod will not become ready (fields added to /readyz's answer).
+        self.unready: dict[str, Any] = {}
         #: Called (from the loader thread) when loading failed; main() stops uvicorn.
         self.on_fatal = lambda: None
         self._rng = random.Random()
@@ -125,6 +127,15 @@ class ServerState:
                 sorted(self.loaded.names),
                 self.loaded.device,
             )
+        except loading.DigestMismatch as exc:
+            # NB: no exit: the pod stays alive and unready, /readyz says which digest it found.
+            self.load_error = str(exc)
+            self.unready = {
+                "reason": loading.DIGEST_MISMATCH,
+                "expectedDigest": exc.expected,
+                "foundDigest": exc.found,
+            }
+            log.error("not serving: %s", exc)
         except Exception as exc:
             self.load_error = str(exc)
             log.error("cannot serve: %s", exc, exc_info=not isinstance(exc, loading.LoadError))
@@ -380,7 +391,10 @@ def create_app(
         if state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
         if state.load_error:
-            return JSONResponse({"status": "failed", "message": state.load_error}, status_code=503)
+            return JSONResponse(
+                {"status": "failed", "message": state.load_error, **state.unready},
+                status_code=503,
+            )
         if not state.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ready", "models": sorted(state.loaded.names)})

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from kubetune.api.conditions import Reason
 from kubetune.storage import open_store
 from kubetune.storage.manifests import ManifestError, manifest_digest, verify_dir
 from kubetune.storage.stores import MANIFEST_NAME
@@ -45,6 +46,38 @@ FALLBACK_CHAT_TEMPLATE = (
 
 class LoadError(RuntimeError):
     """A model or adapter folder cannot be fetched, verified or loaded (names the URI)."""
+
+
+#: The /readyz ``reason`` of a pod whose adapter is not the one its revision was built for.
+DIGEST_MISMATCH = Reason.ADAPTER_DIGEST_MISMATCH
+
+
+class DigestMismatch(LoadError):
+    """The adapter under the URI is not the artifact the revision was built for (lineage).
+
+    The server does not serve it and does not exit either: the pod stays unready, saying
+    which digest it found on /readyz, where both runtimes read it into the ModelDeployment's
+    status (a crash loop would only re-download the same wrong artifact).
+    """
+
+    def __init__(self, uri: str, expected: str, found: str | None):
+        self.expected = expected
+        self.found = found
+        super().__init__(
+            f"{uri}: adapter digest {found or 'unknown (the folder has no manifest.json)'} "
+            f"is not {expected}, the digest this revision was built for; not serving it "
+            "(republish the artifact, or let the ModelDeployment resolve the new one as a new revision)"
+        )
+
+
+def expected_digest(settings: Settings) -> str | None:
+    """The manifest digest the adapter must have, when the revision pins one.
+
+    Only a ``sha256:`` value is a manifest digest (a FineTuneJob artifact's, or an explicit
+    ``adapter.revision`` written as one); any other revision label is informational.
+    """
+    digest = settings.adapter_digest.strip()
+    return digest if digest.startswith("sha256:") else None
 
 
 @dataclass(frozen=True)
@@ -137,6 +170,12 @@ def load(settings: Settings) -> Loaded:
         adapters[settings.model_name] = settings.adapter_uri
     adapters.update(settings.adapters)
     fetched = {name: fetch(uri, settings.cache_dir) for name, uri in adapters.items()}
+    expected = expected_digest(settings)
+    if expected and settings.adapter_uri:
+        # Checked before torch is imported: a wrong artifact is refused in a second.
+        found = fetched[settings.model_name].digest
+        if found != expected:
+            raise DigestMismatch(settings.adapter_uri, expected, found)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -165,10 +204,10 @@ def load(settings: Settings) -> Loaded:
                 if not settings.adapter_digest:
                     digest = found or ""
                 elif found and found != settings.adapter_digest:
-                    # The artifact under the URI changed after the operator resolved it: serve
-                    # it (it verified against its own manifest) but say so loudly.
-                    log.warning(
-                        "%s: manifest digest %s differs from KUBETUNE_ADAPTER_DIGEST %s",
+                    # Not a manifest digest (a plain revision label, see expected_digest;
+                    # a sha256: one was checked above): the artifact is served.
+                    log.info(
+                        "%s: manifest digest %s (KUBETUNE_ADAPTER_DIGEST %s is a label)",
                         uri,
                         found,
                         settings.adapter_digest,

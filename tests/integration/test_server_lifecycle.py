@@ -13,12 +13,14 @@ Aspects covered:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -266,3 +268,116 @@ def test_unloadable_model_exits_1_with_the_reason(tmp_path):
     term = json.loads((tmp_path / "term.json").read_text())
     assert term["outcome"] == "storage_error"
     assert "missing" in term["message"]
+
+
+# --- the lineage guarantee (issue 13) -----------------------------------------------------
+
+
+def _wait_settled(proc, timeout: float = 300.0) -> httpx.Response:
+    """Poll /readyz until it stops saying "loading" (ready, or failed for good)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.proc.poll() is None, proc.log()
+        try:
+            resp = httpx.get(f"{proc.url}/readyz", timeout=2)
+            if resp.json().get("status") != "loading":
+                return resp
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"/readyz still loading after {timeout}s:\n{proc.log()}")
+
+
+def test_an_adapter_with_another_digest_is_not_served_and_the_pod_stays_unready(
+    tiny_base_model, tmp_path
+):
+    """Bug (issue 13): a changed artifact under the revision's URI was served with a warning."""
+    adapter = random_adapter(tiny_base_model, tmp_path / "adapter")
+    found = manifest_digest(json.loads((adapter / "manifest.json").read_text()))
+    expected = "sha256:" + "0" * 64
+    proc = start_server(
+        tmp_path,
+        KUBETUNE_MODEL_URI=tiny_base_model.as_uri(),
+        KUBETUNE_ADAPTER_URI=adapter.as_uri(),
+        KUBETUNE_MODEL_NAME="m",
+        KUBETUNE_ADAPTER_DIGEST=expected,
+    )
+    try:
+        ready = _wait_settled(proc)
+        assert ready.status_code == 503
+        body = ready.json()
+        assert body["status"] == "failed" and body["reason"] == "AdapterDigestMismatch"
+        assert body["expectedDigest"] == expected and body["foundDigest"] == found
+        assert found in body["message"] and expected in body["message"]
+        # Alive (no crash loop re-downloading the same artifact), but nothing is served.
+        assert httpx.get(f"{proc.url}/healthz").status_code == 200
+        resp = httpx.post(f"{proc.url}/v1/completions", json={"model": "m", "prompt": "x"})
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "not_ready"
+        assert proc.proc.poll() is None
+        # Both runtimes read the reason off the unready pod, with the digest it found.
+        operator_sees, local_sees = asyncio.run(_what_the_runtimes_see(proc, tmp_path))
+        assert operator_sees[0] == local_sees[0] == "AdapterDigestMismatch"
+        assert operator_sees[1].startswith("pod m-0: adapter digest mismatch: ")
+        assert found in operator_sees[1] and found in local_sees[1]
+    finally:
+        proc.stop()
+    assert "not serving" in proc.log()
+
+
+async def _what_the_runtimes_see(proc, tmp_path) -> tuple[tuple, tuple]:
+    """The operator's readiness_failure on the pod, and the local runtime's after its probe."""
+    import aiohttp
+
+    from kubetune.k8s import scraping
+    from kubetune.local.deployments import DeploymentDriver, LocalRevision, MdepState, Replica
+    from kubetune.local.processes import Supervisor
+    from kubetune.local.router import WeightedRouter
+    from kubetune.local.store import Store
+    from kubetune.rollout.builders import readiness_failure
+
+    pod = {
+        "metadata": {"name": "m-0"},
+        "spec": {"containers": [{"ports": [{"name": "http", "containerPort": proc.port}]}]},
+        "status": {
+            "phase": "Running",
+            "podIP": "127.0.0.1",
+            "conditions": [{"type": "Ready", "status": "False"}],
+        },
+    }
+    async with aiohttp.ClientSession() as session:
+        operator_sees = await scraping.readiness_failure(session, [pod])
+
+    class Running:  # the supervisor's view of a live process
+        running = True
+
+    supervisor = Supervisor()
+    supervisor.get = lambda name: Running()
+    driver = DeploymentDriver(Store(tmp_path / "store"), supervisor)
+    state = MdepState(router=WeightedRouter())
+    local = LocalRevision(name="r", manifest={}, desired=1)
+    local.replicas.append(Replica(index=0, process_name="server/m-r-0", port=proc.port))
+    state.revisions["r"] = local
+    try:
+        await driver._probe(state)
+    finally:
+        await driver._client().close()
+    assert not local.replicas[0].ready
+    return operator_sees, readiness_failure(local.replicas[0].unready_body)
+
+
+@pytest.mark.parametrize("pin", ["right digest", "revision label"])
+def test_the_artifact_the_revision_was_built_for_is_served(tiny_base_model, tmp_path, pin):
+    adapter = random_adapter(tiny_base_model, tmp_path / "adapter")
+    digest = manifest_digest(json.loads((adapter / "manifest.json").read_text()))
+    proc = start_server(
+        tmp_path,
+        KUBETUNE_MODEL_URI=tiny_base_model.as_uri(),
+        KUBETUNE_ADAPTER_URI=adapter.as_uri(),
+        KUBETUNE_MODEL_NAME="m",
+        # An explicit adapter's revision label is not a manifest digest: not checked.
+        KUBETUNE_ADAPTER_DIGEST=digest if pin == "right digest" else "v3",
+    )
+    try:
+        assert _wait_settled(proc).status_code == 200
+    finally:
+        proc.stop()

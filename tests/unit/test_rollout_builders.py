@@ -240,3 +240,30 @@ def test_revision_names_of_specs_without_an_api_key_are_unchanged():
     # Pinned: the name this spec had before apiKeySecret existed (no surprise canary).
     assert resolve(spec, "chat").name == "98a312b64b"
     assert resolve(keyed, "chat").name != resolve(spec, "chat").name
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (
+            '{"status": "failed", "reason": "AdapterDigestMismatch", "message": "s3://a: adapter digest sha256:bb is not sha256:aa"}',
+            (
+                "AdapterDigestMismatch",
+                "adapter digest mismatch: s3://a: adapter digest sha256:bb is not sha256:aa",
+            ),
+        ),
+        (
+            '{"status": "failed", "reason": "AdapterDigestMismatch", "foundDigest": "sha256:bb", "expectedDigest": "sha256:aa"}',
+            (
+                "AdapterDigestMismatch",
+                "adapter digest mismatch: adapter digest sha256:bb is not sha256:aa",
+            ),
+        ),
+        ('{"status": "loading"}', None),
+        ('{"status": "failed", "message": "cannot serve"}', None),
+        ("not json", None),
+        (None, None),
+    ],
+)
+def test_readiness_failure_reads_the_digest_mismatch_off_readyz(raw, expected):
+    assert b.readiness_failure(raw) == expected

@@ -65,6 +65,9 @@ class Reason:
     ANALYSIS_FAILED = "AnalysisFailed"
     ANALYSIS_INCONCLUSIVE = "AnalysisInconclusive"
     CANARY_CRASHLOOP = "CanaryCrashLooping"
+    # A server found an adapter whose manifest digest is not the revision's (lineage guarantee):
+    # its pod stays unready, /readyz names the digest found.
+    ADAPTER_DIGEST_MISMATCH = "AdapterDigestMismatch"
     DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
     ABORTED = "Aborted"
     PROMOTED = "Promoted"

@@ -85,7 +85,7 @@ class UriRef(Model):
 
     uri: str = Field(description=URI_DESCRIPTION, pattern=URI_PATTERN)
     revision: str | None = Field(
-        default=None, description="Optional revision label, recorded in status."
+        default=None, description="Optional revision label, recorded in status. Written as a manifest digest (sha256:...), it is enforced: a server whose adapter has another digest stays unready (AdapterDigestMismatch)."
     )
 
 

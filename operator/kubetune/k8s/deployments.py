@@ -18,6 +18,7 @@ Returns the seconds until the machine wants to look again.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 from collections.abc import Mapping
@@ -216,8 +217,16 @@ async def observe(
         labels = (dep.get("metadata") or {}).get("labels") or {}
         rev = labels.get(LABEL_REVISION)
         if rev:
-            observations[rev] = observe_revision(dep, pods_by_rev.get(rev, []))
+            observations[rev] = obs = observe_revision(dep, pods_by_rev.get(rev, []))
             engines[rev] = labels.get(LABEL_ENGINE)
+            if obs.failure is None and obs.ready_replicas < obs.replicas:
+                # A pod that will never be ready says why on /readyz (the lineage guarantee:
+                # an adapter with another digest); the kubelet's probe keeps only the code.
+                found = await scraping.readiness_failure(_session(), pods_by_rev.get(rev, []))
+                if found:
+                    observations[rev] = dataclasses.replace(
+                        obs, failure=found[1], failure_reason=found[0]
+                    )
 
     # Metrics only while a canary runs (nothing to compare otherwise), for stable and canary.
     status = md.get("status") or {}

@@ -101,6 +101,35 @@ async def scrape_revision(
     return an.sum_counters(counters), None
 
 
+async def readiness_failure(
+    session: aiohttp.ClientSession, pods: Iterable[Mapping[str, Any]]
+) -> tuple[str, str] | None:
+    """``(reason, message)`` of a running, unready pod whose /readyz says it never will be.
+
+    Asked only of pods that are Running but not Ready (a ready pod has nothing to say, a
+    pending one no server yet); a pod that does not answer is left to the probes.
+    """
+    from kubetune.rollout.builders import readiness_failure as parse
+
+    for pod in pods:
+        status = pod.get("status") or {}
+        if status.get("phase") != "Running" or pod_is_ready(pod):
+            continue
+        base = pod_url(pod)
+        if not base:
+            continue
+        try:
+            async with session.get(
+                base + "/readyz", timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT)
+            ) as resp:
+                found = parse(await resp.text()) if resp.status == 503 else None
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            continue
+        if found:
+            return found[0], f"pod {pod['metadata']['name']}: {found[1]}"
+    return None
+
+
 async def _prom_query(
     session: aiohttp.ClientSession, address: str, query: str
 ) -> tuple[str, list[Any]]:

@@ -72,6 +72,8 @@ class Replica:
     process_name: str
     port: int
     ready: bool = False
+    #: The last /readyz answer while not ready (it may say why it never will be).
+    unready_body: str | None = None
     restarts: int = 0
     last_exit_code: int | None = None
     next_start_at: float = 0.0
@@ -384,6 +386,7 @@ class DeploymentDriver:
             try:
                 async with self._client().get(replica.url + local.probe_path) as response:
                     replica.ready = response.status == 200
+                    replica.unready_body = None if replica.ready else await response.text()
             except (aiohttp.ClientError, TimeoutError, OSError):
                 replica.ready = False
 
@@ -449,6 +452,7 @@ class DeploymentDriver:
     async def _observe(self, obj: dict[str, Any], state: MdepState, resolved: Any) -> Any:
         """What the operator would observe: each revision's pods and counters, the router mode."""
         from kubetune.api.conditions import Reason
+        from kubetune.rollout.builders import readiness_failure
         from kubetune.rollout.machine import Observed, RevisionObservation
         from kubetune.rollout.weights import LOCAL
 
@@ -471,6 +475,12 @@ class DeploymentDriver:
                     f"{worst.restarts} times (log: {log}){_last_line(log)}"
                 )
                 failure_reason = Reason.CANARY_CRASHLOOP
+            for replica in local.replicas:
+                found = (
+                    None if failure or replica.ready else readiness_failure(replica.unready_body)
+                )
+                if found:
+                    failure_reason, failure = found[0], f"replica {replica.index}: {found[1]}"
             counters, scrape_error = None, None
             if ready:
                 try:

@@ -25,6 +25,7 @@ from kubetune.api.common import (
     LABEL_OWNER,
     LABEL_REVISION,
 )
+from kubetune.api.conditions import Reason
 from kubetune.api.defaults import PodDefaults, apply_cluster_defaults
 from kubetune.api.modeldeployment import KIND, ModelDeploymentSpec
 from kubetune.api.pods import PodTemplateError, merge_pod_template
@@ -422,6 +423,26 @@ def build_httproute(md: Mapping[str, Any], weights: Mapping[str, int]) -> dict[s
         "metadata": _object_meta(md, meta["name"], owner_labels(md)),
         "spec": route_spec,
     }
+
+
+def readiness_failure(raw: str | None) -> tuple[str, str] | None:
+    """``(reason, message)`` when a server's /readyz answer says it will never become ready.
+
+    Today one case: the adapter's manifest digest is not the one the revision was built for
+    (``{"status": "failed", "reason": "AdapterDigestMismatch", "message", "foundDigest"}``).
+    Both runtimes turn it into the revision's failure, so the ModelDeployment's status says
+    which digest the pod found instead of waiting for the progress deadline.
+    """
+    try:
+        doc = json.loads(raw or "")
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or doc.get("reason") != Reason.ADAPTER_DIGEST_MISMATCH:
+        return None
+    message = doc.get("message")
+    if not isinstance(message, str) or not message.strip():
+        message = f"adapter digest {doc.get('foundDigest')} is not {doc.get('expectedDigest')}"
+    return Reason.ADAPTER_DIGEST_MISMATCH, f"adapter digest mismatch: {message.strip()[:500]}"
 
 
 def termination_text(raw: str | None) -> str | None:
