@@ -15,12 +15,20 @@ Generated tokens per second (all requests' completion tokens / wall time of the 
 p50/p95 request latency are printed for both, with the ratio ours/baseline; ``--record``
 appends the table to bench/RESULTS.md. Both sides get the same number of torch threads.
 
-    .venv/bin/python bench/server_throughput.py [--hidden 256 --layers 4 --max-tokens 32] [--record]
+Each level runs in ``--rounds`` alternating rounds (ours then baseline, then baseline then
+ours, ...): on a shared machine whose load drifts, measuring one side after the other let the
+drift decide the ratio at concurrency 1. ``--profile`` runs concurrency 1 with cProfile on
+both sides (the server's HTTP thread and batch worker, the baseline's ``generate``) and prints
+where a request's time goes.
+
+    .venv/bin/python bench/server_throughput.py [--hidden 256 --layers 4 --max-tokens 32]
+        [--levels 1,4,16] [--rounds 4] [--profile] [--record]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -79,13 +87,36 @@ def run_level(fn, items: list[str], concurrency: int) -> dict:
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, items))
     wall = time.perf_counter() - started
+    return {"wall": wall, "latencies": latencies, "tokens": tokens}
+
+
+def summarise(parts: list[dict]) -> dict:
+    """One level's figures from its rounds: tokens / summed wall time, latency percentiles."""
+    latencies = [x for p in parts for x in p["latencies"]]
+    tokens = sum(p["tokens"] for p in parts)
     return {
-        "tokens_per_s": tokens / wall,
+        "tokens_per_s": tokens / sum(p["wall"] for p in parts),
         "p50": statistics.median(latencies),
         "p95": percentile(latencies, 0.95),
-        "requests": len(items),
+        "requests": len(latencies),
         "tokens": tokens,
     }
+
+
+def compare(ours, baseline, items: list[str], concurrency: int, rounds: int) -> tuple[dict, dict]:
+    """Both sides on the same items, in alternating rounds (ours first, then baseline first).
+
+    NB: this machine is shared; a load spike during one side's whole run would decide the
+    ratio. Alternating rounds of ``concurrency`` requests spreads any drift over both sides.
+    """
+    size = max(concurrency, -(-len(items) // rounds))
+    o_parts, b_parts = [], []
+    for k, start in enumerate(range(0, len(items), size)):
+        chunk = items[start : start + size]
+        sides = [(ours, o_parts), (baseline, b_parts)]
+        for fn, parts in sides if k % 2 == 0 else sides[::-1]:
+            parts.append(run_level(fn, chunk, concurrency))
+    return summarise(o_parts), summarise(b_parts)
 
 
 def free_port() -> int:
@@ -94,8 +125,35 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Runs kubetune_server's main() with cProfile on the main (HTTP) thread and on the batch
+# worker (cProfile sees one thread only), then writes both profiles where KT_BENCH_PROFILE says.
+PROFILED_SERVER = """
+import cProfile, os, sys
+from kubetune_server import app, engine
+out = os.environ["KT_BENCH_PROFILE"]
+run = engine.Engine._run
+def profiled(self):
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        run(self)
+    finally:
+        prof.disable()
+        prof.dump_stats(out + ".worker")
+engine.Engine._run = profiled
+prof = cProfile.Profile()
+prof.enable()
+try:
+    code = app.main()
+finally:
+    prof.disable()
+    prof.dump_stats(out + ".main")
+sys.exit(code)
+"""
+
+
 def start_server(
-    model_dir: Path, threads: int, max_batch: int, cache: Path
+    model_dir: Path, threads: int, max_batch: int, cache: Path, profile: Path | None = None
 ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBETUNE_")}
@@ -120,8 +178,12 @@ def start_server(
             ),
         }
     )
+    if profile is not None:
+        env["KT_BENCH_PROFILE"] = str(profile)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kubetune_server"],
+        [sys.executable, "-c", PROFILED_SERVER]
+        if profile is not None
+        else [sys.executable, "-m", "kubetune_server"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -143,6 +205,39 @@ def start_server(
     raise SystemExit("server did not become ready in 300 s")
 
 
+def _cum(stats, match) -> float:
+    """Cumulative seconds of the functions ``match(file, line, name)`` selects (outermost calls)."""
+    return sum(row[3] for (file, line, name), row in stats.stats.items() if match(file, line, name))
+
+
+def where_the_time_goes(prof: Path, base_stats, requests: int, tokens: int) -> list[str]:
+    """A table of where a request's time goes, ours (server threads) and the baseline's."""
+    import pstats
+
+    worker = pstats.Stats(str(prof) + ".worker")
+    main_ = pstats.Stats(str(prof) + ".main")
+    # Every nn.Module call (recursion counted once by pstats): the model's forward passes.
+    is_model = lambda f, _, n: n == "_wrapped_call_impl" and f.endswith("module.py")  # noqa: E731
+    forward = _cum(worker, is_model)
+    generate = _cum(worker, lambda f, _, n: n == "generate" and f.endswith("engine.py"))
+    handler = _cum(main_, lambda f, _, n: n == "_serve" and f.endswith("app.py"))
+    asgi = _cum(main_, lambda f, _, n: n == "run_asgi")
+    b_forward = _cum(base_stats, is_model)
+    b_generate = _cum(base_stats, lambda f, _, n: n == "generate" and "generation/utils.py" in f)
+    per = lambda x: f"{1000 * x / requests:.1f}"  # noqa: E731
+    return [
+        f"Profile of concurrency 1 ({requests} requests, {tokens // requests} tokens each), ms per request (cProfile adds overhead to both sides alike):",
+        "",
+        "| where | ours (kubetune_server) | baseline (`generate`) |",
+        "|---|---|---|",
+        f"| model forward passes | {per(forward)} | {per(b_forward)} |",
+        f"| decoding loop around them (sampling, stop checks, KV-cache and mask bookkeeping) | {per(generate - forward)} | {per(b_generate - b_forward)} |",
+        f"| request handler `_serve` (validate, tokenise, queue, build the answer; time suspended not counted) | {per(handler)} | - |",
+        f"| uvicorn + FastAPI around it (parsing, routing, JSON, sending; /readyz polls included) | {per(asgi - handler)} | - |",
+        "",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -155,11 +250,25 @@ def main() -> None:
     parser.add_argument(
         "--requests-per-level", type=int, default=0, help="default: 4 x concurrency, at least 8"
     )
+    parser.add_argument(
+        "--levels",
+        default=",".join(map(str, LEVELS)),
+        help="comma-separated concurrency levels (default 1,4,16)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="alternating rounds per level (see compare())"
+    )
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument(
         "--record", action="store_true", help="append the results to bench/RESULTS.md"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile both sides at concurrency 1 and print where a request's time goes",
+    )
     args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",") if x.strip()]
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -178,9 +287,16 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
     gen_lock = threading.Lock()
 
+    import cProfile
+
+    base_prof = cProfile.Profile() if args.profile else None
+    profile_path = work / "server.prof" if args.profile else None
+    if args.profile:
+        levels = [1]  # where the time goes at concurrency 1, the level in question
+
     def baseline(prompt: str) -> int:
         ids = tok(prompt, return_tensors="pt")["input_ids"].to(device)
-        with gen_lock, torch.inference_mode():
+        with gen_lock, torch.inference_mode(), base_prof or contextlib.nullcontext():
             out = model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
@@ -191,7 +307,7 @@ def main() -> None:
             )
         return int(out.shape[1] - ids.shape[1])
 
-    proc, url = start_server(model_dir, args.threads, max(LEVELS), work / "cache")
+    proc, url = start_server(model_dir, args.threads, max(LEVELS), work / "cache", profile_path)
     client = httpx.Client(
         timeout=600, limits=httpx.Limits(max_connections=64, max_keepalive_connections=64)
     )
@@ -215,11 +331,10 @@ def main() -> None:
         # Warm both sides up (first-call allocations, thread pools) outside the timings.
         run_level(baseline, prompts(2), 1)
         run_level(ours, prompts(2), 2)
-        for level in LEVELS:
+        for level in levels:
             n = args.requests_per_level or max(8, 4 * level)
             items = prompts(n)
-            b = run_level(baseline, items, level)
-            o = run_level(ours, items, level)
+            o, b = compare(ours, baseline, items, level, args.rounds)
             rows.append((level, o, b))
             print(
                 f"c={level:>2}  ours {o['tokens_per_s']:8.1f} tok/s p50 {o['p50']:.3f}s p95 {o['p95']:.3f}s | "
@@ -244,6 +359,12 @@ def main() -> None:
             f"| {level} | {o['requests']} | {o['tokens_per_s']:.1f} | {o['p50']:.3f} | {o['p95']:.3f} | "
             f"{b['tokens_per_s']:.1f} | {b['p50']:.3f} | {b['p95']:.3f} | {o['tokens_per_s'] / b['tokens_per_s']:.2f}x |"
         )
+    if args.profile:
+        import pstats
+
+        served = sum(o["requests"] for _, o, _ in rows) + 2  # + the two warm-up requests
+        tokens = served * args.max_tokens
+        table += [""] + where_the_time_goes(profile_path, pstats.Stats(base_prof), served, tokens)
     print("\n".join(table))
     if args.record:
         cmd = "python bench/server_throughput.py " + " ".join(sys.argv[1:])
@@ -254,7 +375,13 @@ def main() -> None:
             f"Machine: {machine}; torch threads {args.threads} on both sides. Model: synthetic Llama "
             f"hidden {args.hidden}, {args.layers} layers; {args.max_tokens} tokens per request (EOS ignored). "
             "Ours: kubetune_server over HTTP on loopback (maxBatchSize 16, batchWaitMs 5); baseline: one "
-            "transformers `generate` per request, serialised, in-process (no HTTP).",
+            "transformers `generate` per request, serialised, in-process (no HTTP). "
+            f"{args.rounds} alternating rounds per level; load average {os.getloadavg()[0]:.1f} at the end"
+            + (
+                " (under cProfile: ratios not comparable to unprofiled runs)."
+                if args.profile
+                else "."
+            ),
             "",
             f"Command: `{cmd.strip()}`",
             "",

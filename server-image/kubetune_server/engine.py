@@ -3,8 +3,9 @@
 Requests (one :class:`Sequence` per choice) wait in a FIFO queue of at most ``maxQueue``
 entries; :meth:`Engine.submit` refuses more with :class:`QueueFull` (the API answers 429). The
 worker takes the oldest sequence and every later one for the same adapter, up to
-``maxBatchSize`` and a token budget, waiting at most ``batchWaitMs`` after the oldest one
-arrived for the batch to fill (dynamic batching, as TGI's ``max_waiting_tokens``); sequences
+``maxBatchSize`` and a token budget; when two or more are queued it waits at most
+``batchWaitMs`` after the oldest one arrived for the batch to fill (dynamic batching, as TGI's
+``max_waiting_tokens``), while a lone sequence starts at once; sequences
 that arrive while a batch runs join it between two decode steps (continuous batching, see
 :meth:`Engine.generate`). A batch runs as one left-padded forward pass over all prompts
 (prefill), then one forward pass per new token for all rows together, reusing a KV cache. Every row keeps its own sampling settings
@@ -190,6 +191,13 @@ class Engine:
                 batch = self._select(first.adapter)
                 now = time.monotonic()
                 if len(batch) >= self.max_batch_size or now >= deadline or self._stopping:
+                    break
+                # NB: a lone sequence starts at once. Waiting batchWaitMs for company was the
+                # one fixed cost a request paid at concurrency 1 (bench/RESULTS.md, profile of
+                # server_throughput); a request that arrives a moment later joins the running
+                # batch at its next decode step (continuous batching), so nothing is lost.
+                # The wait still gathers a burst that is already arriving (two or more queued).
+                if len(self._pending) == 1:
                     break
                 # Woken early by every submit: re-select, the batch may be full now.
                 self._cond.wait(deadline - now)

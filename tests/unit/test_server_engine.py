@@ -8,7 +8,8 @@ Aspects covered:
 - stop strings: the text ends before the stop, streamed deltas add up to the final text
 - EOS ends a sequence unless ignore_eos; max_tokens gives finish_reason "length"
 - the queue: maxQueue refusal, batches grouped per adapter and capped at maxBatchSize,
-  cancelled sequences never reach a batch
+  cancelled sequences never reach a batch; a lone request starts at once, a burst already
+  queued waits (batchWaitMs) to fill the batch
 - the worker thread serves submitted work and stops cleanly
 """
 
@@ -182,6 +183,31 @@ def test_batches_group_one_adapter_and_respect_max_batch_size(loaded):
     assert engine._next_batch() == [a1, a2]
     assert engine._next_batch() == [b1]
     assert engine._next_batch() == [a3]
+
+
+def test_a_lone_request_does_not_wait_batch_wait_ms_for_company(loaded):
+    """Bug (issue 13, bench/server_throughput.py at concurrency 1): every request paid
+    batchWaitMs on an idle server; later arrivals join the running batch instead."""
+    engine = Engine(loaded, batch_wait_ms=3_600_000)  # an hour: the old code would block here
+    lone = seq(loaded, "p", max_tokens=1)
+    engine.submit([lone])
+    got: list = []
+    worker = threading.Thread(target=lambda: got.append(engine._next_batch()), daemon=True)
+    worker.start()
+    worker.join(120)
+    assert got == [[lone]]
+
+
+def test_a_burst_already_queued_still_waits_to_fill_the_batch(loaded):
+    engine = Engine(loaded, max_batch_size=3, batch_wait_ms=3_600_000)
+    first, second, third = (seq(loaded, p, max_tokens=1) for p in "pqr")
+    engine.submit([first, second])
+    got: list = []
+    worker = threading.Thread(target=lambda: got.append(engine._next_batch()), daemon=True)
+    worker.start()
+    engine.submit([third])  # arrives while the batcher waits: fills the batch, ends the wait
+    worker.join(120)
+    assert got == [[first, second, third]]
 
 
 def test_cancelled_sequences_never_reach_a_batch(loaded):

@@ -164,7 +164,7 @@ class ServerSpec(Model):
         default=8, ge=1, le=1024, description="Requests batched into one forward pass."
     )
     batch_wait_ms: int = Field(
-        default=10, ge=0, le=1000, description="How long the batcher waits to fill a batch."
+        default=10, ge=0, le=1000, description="How long an idle batcher waits for a burst of requests (two or more queued) to fill a batch; a lone request starts at once, and later ones join a running batch between decode steps."
     )
     max_queue: int = Field(
         default=64, ge=1, le=100000, description="Queued requests before 429 Too Many Requests."
