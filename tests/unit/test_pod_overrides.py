@@ -489,6 +489,12 @@ FTJ_REFUSED: list[tuple[str, dict[str, Any], str, str]] = [
         "'trainer'",
     ),
     (
+        "sidecar-restart-policy",
+        {"podTemplate": {"sidecars": [{"name": "s", "image": "i", "restartPolicy": "Never"}]}},
+        "spec.podTemplate.sidecars[0].restartPolicy",
+        "restartPolicy",
+    ),
+    (
         "sidecar-privileged",
         {
             "podTemplate": {

@@ -444,6 +444,10 @@ class Sidecar(Model):
         max_length=MAX_ITEMS,
         description="Volumes of the pod (kubetune's or podTemplate.volumes) to mount.",
     )
+    restart_policy: Literal["Always"] | None = Field(
+        default=None,
+        description="Always (a native sidecar); kubetune sets it, another value is refused.",
+    )
 
     @model_validator(mode="after")
     def _rules(self) -> Sidecar:
