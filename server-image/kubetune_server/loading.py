@@ -160,22 +160,62 @@ def _dtype(name: str, device: str):
     return getattr(torch, name)
 
 
+@dataclass(frozen=True)
+class FetchedModel:
+    """Every folder of ``settings``, fetched and verified, and the default adapter's digest."""
+
+    base: Fetched
+    #: served name -> adapter URI (the default adapter goes by KUBETUNE_MODEL_NAME).
+    uris: dict[str, str]
+    #: served name -> its verified local folder.
+    adapters: dict[str, Fetched]
+    #: manifest digest of the default adapter (KUBETUNE_ADAPTER_DIGEST wins when set).
+    digest: str
+
+
+def fetch_all(settings: Settings, cache_dir: Path | None = None) -> FetchedModel:
+    """Fetch and verify the base model and every adapter of ``settings``.
+
+    One path for both engines: the built-in server calls it before loading, and vLLM's fetch
+    init container (``kubetune_server.fetch``) calls it to fill the folder vLLM serves from.
+    """
+    cache = settings.cache_dir if cache_dir is None else cache_dir
+    base = fetch(settings.model_uri, cache)
+    uris: dict[str, str] = {}
+    if settings.adapter_uri:
+        uris[settings.model_name] = settings.adapter_uri
+    uris.update(settings.adapters)
+    fetched = {name: fetch(uri, cache) for name, uri in uris.items()}
+    expected = expected_digest(settings)
+    if expected and settings.adapter_uri:
+        # The lineage guarantee, for both engines: an adapter that is not the artifact the
+        # revision was built for is never served.
+        found = fetched[settings.model_name].digest
+        if found != expected:
+            raise DigestMismatch(settings.adapter_uri, expected, found)
+    digest = settings.adapter_digest
+    if settings.model_name in fetched:
+        found = fetched[settings.model_name].digest
+        if not settings.adapter_digest:
+            digest = found or ""
+        elif found and found != settings.adapter_digest:
+            # Not a manifest digest (a plain revision label, see expected_digest; a sha256:
+            # one was checked above): the artifact is served.
+            log.info(
+                "%s: manifest digest %s (KUBETUNE_ADAPTER_DIGEST %s is a label)",
+                uris[settings.model_name],
+                found,
+                settings.adapter_digest,
+            )
+    return FetchedModel(base=base, uris=uris, adapters=fetched, digest=digest)
+
+
 def load(settings: Settings) -> Loaded:
     """Fetch and load the base model, its tokenizer and every adapter of ``settings``."""
     # Fetch (and verify) everything before importing torch: a wrong URI or a corrupt artifact
     # is reported in a second, not after the multi-second framework import.
-    base = fetch(settings.model_uri, settings.cache_dir)
-    adapters: dict[str, str] = {}
-    if settings.adapter_uri:
-        adapters[settings.model_name] = settings.adapter_uri
-    adapters.update(settings.adapters)
-    fetched = {name: fetch(uri, settings.cache_dir) for name, uri in adapters.items()}
-    expected = expected_digest(settings)
-    if expected and settings.adapter_uri:
-        # Checked before torch is imported: a wrong artifact is refused in a second.
-        found = fetched[settings.model_name].digest
-        if found != expected:
-            raise DigestMismatch(settings.adapter_uri, expected, found)
+    got = fetch_all(settings)
+    base, adapters, fetched = got.base, got.uris, got.adapters
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -193,25 +233,12 @@ def load(settings: Settings) -> Loaded:
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
 
     names: dict[str, str | None] = {}
-    digest = settings.adapter_digest
+    digest = got.digest
     if adapters:
         from peft import PeftModel
 
         for i, (name, uri) in enumerate(adapters.items()):
             path = fetched[name].path
-            if name == settings.model_name:
-                found = fetched[name].digest
-                if not settings.adapter_digest:
-                    digest = found or ""
-                elif found and found != settings.adapter_digest:
-                    # Not a manifest digest (a plain revision label, see expected_digest;
-                    # a sha256: one was checked above): the artifact is served.
-                    log.info(
-                        "%s: manifest digest %s (KUBETUNE_ADAPTER_DIGEST %s is a label)",
-                        uri,
-                        found,
-                        settings.adapter_digest,
-                    )
             try:
                 if i == 0:
                     model = PeftModel.from_pretrained(model, path, adapter_name=name)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from kubetune.api.common import LABEL_OWNER, LABEL_REVISION
+from kubetune.api.common import LABEL_ENGINE, LABEL_OWNER, LABEL_REVISION
 from kubetune.rollout import builders as b
 from kubetune.rollout.revisions import Revision
 
@@ -70,7 +70,8 @@ def test_deployment_name_labels_selector_and_role_only_on_the_object():
     assert dep["metadata"]["labels"][b.LABEL_ROLE] == "canary"
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
     assert b.LABEL_ROLE not in pod_labels
-    assert dep["spec"]["selector"]["matchLabels"] == pod_labels
+    # The selector is the revision's labels; the pods add only their engine (never selected on).
+    assert {**dep["spec"]["selector"]["matchLabels"], LABEL_ENGINE: "builtin"} == pod_labels
     assert pod_labels[LABEL_OWNER] == "chat" and pod_labels[LABEL_REVISION] == "abc123def0"
     assert dep["metadata"]["ownerReferences"][0]["uid"] == "u-1"
     assert dep["spec"]["replicas"] == 3 and dep["spec"]["progressDeadlineSeconds"] == 600

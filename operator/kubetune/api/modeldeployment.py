@@ -7,7 +7,7 @@ revision goes straight to stable; every later one walks ``rollout.steps`` as the
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -149,44 +149,104 @@ class SecretKeySelector(Model):
     )
 
 
-class ServerSpec(Model):
-    """Inference server settings (kubetune_server, OpenAI-compatible)."""
+# vLLM's OpenAI-compatible server image, pinned (a tag, never latest: the image is part of the
+# revision, so a moving tag would change what a revision serves without a new canary).
+DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
 
+
+class VllmSpec(Model):
+    """Settings of the vLLM engine (server.engine vllm); every field is part of the revision."""
+
+    image: str = Field(
+        default=DEFAULT_VLLM_IMAGE,
+        description="vLLM OpenAI-server image the engine container runs (`vllm serve`).",
+        min_length=1,
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9,
+        gt=0.0,
+        le=1.0,
+        description="Share of each GPU's memory vLLM may use for weights, activations and KV cache (--gpu-memory-utilization).",
+    )
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] | None = Field(
+        default=None,
+        description="Largest LoRA rank vLLM reserves room for (--max-lora-rank). Default: the adapter's rank when the FineTuneJob that trained it says it (rounded up to a value vLLM accepts), else vLLM's 16; the fetch init container refuses an adapter of a larger rank with a clear message.",
+    )
+    extra_args: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Further `vllm serve` flags, appended as they are (e.g. --enforce-eager). Flags kubetune sets itself are refused.",
+        json_schema_extra=validations(
+            cel(
+                "self.all(a, !a.startsWith('--port') && !a.startsWith('--host') && "
+                "!a.startsWith('--served-model-name') && !a.startsWith('--lora-modules') && "
+                "!a.startsWith('--tensor-parallel-size') && !a.startsWith('--max-model-len') && "
+                "!a.startsWith('--gpu-memory-utilization') && !a.startsWith('--max-lora-rank'))",
+                "vllm.extraArgs may not set --port, --host, --served-model-name, --lora-modules, "
+                "--tensor-parallel-size, --max-model-len, --gpu-memory-utilization or "
+                "--max-lora-rank: kubetune sets them from server.port, model.name, the adapter, "
+                "resources.gpus, server.maxModelLen and server.vllm",
+            ),
+        ),
+    )
+
+
+class ServerSpec(Model):
+    """Inference server settings: the engine (kubetune_server or vLLM, both OpenAI-compatible) and how it serves."""
+
+    model_config = Model.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "!has(self.vllm) || (has(self.engine) && self.engine == 'vllm')",
+                "server.vllm applies to server.engine vllm only",
+                ".vllm",
+            ),
+        )
+    }
+
+    engine: Literal["builtin", "vllm"] = Field(
+        default="builtin",
+        description="builtin: kubetune_server (CPU or one GPU, tests, small models); vllm: vLLM's OpenAI-compatible server with the adapter as a LoRA module, tensor-parallel over resources.gpus (needs GPUs). Part of the revision.",
+    )
+    vllm: VllmSpec | None = Field(
+        default=None, description="vLLM settings (engine vllm; defaults apply when omitted)."
+    )
     image: str | None = Field(
         default=None,
         description=(
-            "Server container image. Default: the operator's (chart value defaults.serverImage, "
-            "else " + DEFAULT_SERVER_IMAGE + "). Part of the revision."
+            "kubetune server image: the server container (engine builtin), or the init container "
+            "that fetches and verifies the weights (engine vllm). Default: the operator's (chart "
+            "value defaults.serverImage, else " + DEFAULT_SERVER_IMAGE + "). Part of the revision."
         ),
         min_length=1,
     )
     max_batch_size: int = Field(
-        default=8, ge=1, le=1024, description="Requests batched into one forward pass."
+        default=8, ge=1, le=1024, description="Requests batched into one forward pass (builtin; vLLM schedules its own continuous batches)."
     )
     batch_wait_ms: int = Field(
-        default=10, ge=0, le=1000, description="How long an idle batcher waits for a burst of requests (two or more queued) to fill a batch; a lone request starts at once, and later ones join a running batch between decode steps."
+        default=10, ge=0, le=1000, description="How long an idle batcher waits for a burst of requests (two or more queued) to fill a batch; a lone request starts at once, and later ones join a running batch between decode steps (builtin)."
     )
     max_queue: int = Field(
-        default=64, ge=1, le=100000, description="Queued requests before 429 Too Many Requests."
+        default=64, ge=1, le=100000, description="Queued requests before 429 Too Many Requests (builtin)."
     )
     max_model_len: int = Field(
-        default=2048, ge=16, description="Context limit: prompt plus generated tokens."
+        default=2048, ge=16, description="Context limit: prompt plus generated tokens (vllm: --max-model-len)."
     )
     max_tokens_limit: int = Field(
-        default=512, ge=1, description="Largest max_tokens a request may ask for."
+        default=512, ge=1, description="Largest max_tokens a request may ask for (builtin)."
     )
     request_timeout_seconds: int = Field(
         default=60,
         ge=1,
         le=3600,
-        description="Per-request timeout. It also bounds the drain on SIGTERM (requests in flight get this long plus 5 s), so serving pods get terminationGracePeriodSeconds = requestTimeoutSeconds + 15.",
+        description="Per-request timeout (builtin). It also bounds the drain on SIGTERM (requests in flight get this long plus 5 s), so serving pods get terminationGracePeriodSeconds = requestTimeoutSeconds + 15.",
     )
     merge_adapter: bool = Field(
         default=False,
-        description="Merge the adapter into the weights at load (faster, one adapter only).",
+        description="Merge the adapter into the weights at load (faster, one adapter only). With engine vllm: serve a FineTuneJob's published merged weights when it has them, else the adapter as a LoRA module.",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        default="auto", description="Weights dtype."
+        default="auto", description="Weights dtype (vllm: --dtype)."
     )
     port: int = Field(
         default=8000, ge=1, le=65535, description="Container port of the HTTP API and /metrics."
@@ -194,7 +254,7 @@ class ServerSpec(Model):
     env: list[EnvVar] = Field(
         default_factory=list,
         max_length=64,
-        description="Extra environment of the server container (fault injection for drills: KUBETUNE_FAULT_ERROR_RATE, KUBETUNE_FAULT_LATENCY_MS). Part of the revision.",
+        description="Extra environment of the server container (fault injection for drills: KUBETUNE_FAULT_ERROR_RATE, KUBETUNE_FAULT_LATENCY_MS, builtin only; VLLM_* variables for vllm). Part of the revision.",
     )
     api_key_secret: SecretKeySelector | None = Field(
         default=None,
@@ -536,6 +596,14 @@ class ModelDeploymentSpec(Model):
                 "podTemplate.env sets a variable server.env also sets; set it in one place",
                 ".podTemplate.env",
             ),
+            cel(
+                # has() guards: nested defaults are not filled in where CEL runs (see TrafficSpec).
+                "!has(self.server) || !has(self.server.engine) || self.server.engine != 'vllm' "
+                "|| !has(self.resources) || !has(self.resources.gpus) || self.resources.gpus > 0",
+                "server.engine vllm needs resources.gpus of at least 1: the vLLM image serves on "
+                "CUDA GPUs (use engine builtin to serve on CPU)",
+                ".resources.gpus",
+            ),
         )
     }
     model: ModelSource = Field(description="What to serve.")
@@ -635,7 +703,13 @@ class RevisionStatus(Model):
         default=None, description="FineTuneJob the artifact came from."
     )
     model_name: str | None = Field(default=None, description="Model name clients send.")
-    image: str | None = Field(default=None, description="Server image.")
+    image: str | None = Field(
+        default=None, description="Image of the serving container (kubetune server or vLLM)."
+    )
+    engine: str | None = Field(default=None, description="Serving engine: builtin or vllm.")
+    adapter_rank: int | None = Field(
+        default=None, description="LoRA rank of the adapter, when its FineTuneJob says it."
+    )
     ready_replicas: int | None = Field(default=None, description="Ready pods.")
     replicas: int | None = Field(default=None, description="Desired pods.")
 

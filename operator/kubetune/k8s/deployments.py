@@ -121,6 +121,9 @@ def observe_revision(
         failure = f"Deployment progress deadline exceeded: {progressing.get('message', '')}".strip()
         failure_reason = Reason.DEADLINE_EXCEEDED
     for pod in pods:
+        found = _init_failure(pod)
+        if found is not None:
+            failure_reason, failure = found
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
             waiting = (cs.get("state") or {}).get("waiting") or {}
             if waiting.get("reason") in FATAL_WAITING:
@@ -147,6 +150,37 @@ def observe_revision(
         failure=failure,
         failure_reason=failure_reason,
     )
+
+
+def _init_failure(pod: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(reason, message)`` of an init container that keeps a pod from ever starting.
+
+    The vLLM engine's fetch container (kubetune.rollout.builders): an adapter that is not the
+    revision's artifact (its termination message has the built-in server's /readyz shape, read
+    by ``builders.readiness_failure``) fails the revision at once with the digest it found; a
+    crash loop or an image that cannot be pulled fails it as the main container's would. The
+    main container meanwhile only waits in PodInitializing.
+    """
+    name = (pod.get("metadata") or {}).get("name")
+    for cs in (pod.get("status") or {}).get("initContainerStatuses") or []:
+        state = cs.get("state") or {}
+        terminated = state.get("terminated") or (cs.get("lastState") or {}).get("terminated") or {}
+        if terminated and terminated.get("exitCode") not in (None, 0):
+            mismatch = builders.readiness_failure(terminated.get("message"))
+            if mismatch:
+                return mismatch[0], f"pod {name}: init container {cs.get('name')}: {mismatch[1]}"
+        waiting = state.get("waiting") or {}
+        if waiting.get("reason") in FATAL_WAITING:
+            why = builders.termination_text(terminated.get("message")) if terminated else None
+            detail = (
+                f"exit code {terminated.get('exitCode')}: {why}"
+                if why and waiting["reason"] == "CrashLoopBackOff"
+                else waiting.get("message", "")
+            )
+            reason = Reason.IMAGE_PULL if "Image" in waiting["reason"] else Reason.CANARY_CRASHLOOP
+            message = f"pod {name}: init container {cs.get('name')}: {waiting['reason']}: {detail}"
+            return reason, message.rstrip(": ")
+    return None
 
 
 async def read_api_key(
@@ -199,9 +233,7 @@ async def observe(
     ftj = None
     if spec.model.fine_tune_job_ref is not None:
         ftj = await client.get(API_VERSION, "FineTuneJob", ns, spec.model.fine_tune_job_ref.name)
-    model = builders.check_pod_template(
-        md, revisions.resolve(spec, name, ftj, defaults), defaults
-    )
+    model = builders.check_pod_template(md, revisions.resolve(spec, name, ftj, defaults), defaults)
 
     selector = {LABEL_OWNER: name, LABEL_KIND: KIND}
     deployments = await client.list("apps/v1", "Deployment", ns, selector)
@@ -243,7 +275,12 @@ async def observe(
                     continue
                 try:
                     interval_metrics[rev] = await scraping.query_prometheus(
-                        _session(), analysis.prometheus, ns, rev, analysis.interval, engines.get(rev)
+                        _session(),
+                        analysis.prometheus,
+                        ns,
+                        rev,
+                        analysis.interval,
+                        engines.get(rev),
                     )
                 except (
                     aiohttp.ClientError,

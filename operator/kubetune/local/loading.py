@@ -58,12 +58,20 @@ def validate_manifest(doc: dict[str, Any], where: str) -> dict[str, Any]:
             f"{where}: kind {kind!r} is not handled by the local runtime (FineTuneJob, ModelDeployment, Secret)"
         )
     try:
-        model.model_validate(doc)
+        parsed = model.model_validate(doc)
     except ValidationError as exc:
         name = (doc.get("metadata") or {}).get("name", "?")
         raise ManifestError(
             f"{where}: {kind} {name!r} is invalid:\n{_format_errors(exc)}"
         ) from None
+    if isinstance(parsed, ModelDeployment) and parsed.spec.server.engine != "builtin":
+        # The local runtime runs container commands as local processes and has no init
+        # containers, GPUs or vLLM image: refuse here rather than crash-loop on `vllm serve`.
+        raise ManifestError(
+            f"{where}: ModelDeployment {parsed.metadata.name!r}: spec.server.engine "
+            f"{parsed.spec.server.engine!r} runs in a cluster only (vLLM needs CUDA GPUs and its "
+            "image); the local runtime serves with engine builtin"
+        )
     return doc
 
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import quote
 
 from kubetune.api.common import (
     API_VERSION,
     LABEL_COMPONENT,
+    LABEL_ENGINE,
     LABEL_KIND,
     LABEL_MANAGED_BY,
     LABEL_OWNER,
@@ -27,10 +29,10 @@ from kubetune.api.common import (
 )
 from kubetune.api.conditions import Reason
 from kubetune.api.defaults import PodDefaults, apply_cluster_defaults
-from kubetune.api.modeldeployment import KIND, ModelDeploymentSpec
+from kubetune.api.modeldeployment import KIND, ModelDeploymentSpec, VllmSpec
 from kubetune.api.pods import PodTemplateError, merge_pod_template
-from kubetune.api.security import container_security_context, pod_security_context
-from kubetune.rollout.revisions import ModelProblem, Revision, resource_name
+from kubetune.api.security import IMAGE_UID, container_security_context, pod_security_context
+from kubetune.rollout.revisions import ModelProblem, Revision, resource_name, server_image
 
 # Role of a revision's Deployment (object label only, never in the pod template; see above).
 LABEL_ROLE = "kubetune.io/role"
@@ -57,6 +59,20 @@ STARTUP_FAILURES = 120
 # Seconds past the server's longest drain (ServerSpec.drain_seconds) before the kubelet's
 # SIGKILL: the engine's worker stops and the process exits.
 EXIT_MARGIN_SECONDS = 10
+
+# --- the vLLM engine (spec.server.engine vllm) ---------------------------------------------
+#
+# vLLM's image cannot read s3:// with kubetune's storage code and manifest checks, so an init
+# container in the kubetune server image (`python -m kubetune_server.fetch`, the same fetch and
+# digest verification the built-in server runs before loading) fills the emptyDir MODELS_DIR;
+# the engine container then serves the local folders:
+#   MODELS_DIR/model             the base model (or a FineTuneJob's merged weights)
+#   MODELS_DIR/adapters/<name>   each LoRA adapter, served under <name>
+FETCH_CONTAINER = "fetch"
+MODELS_DIR = "/models"
+VLLM_HEALTH = "/health"
+# NCCL between tensor-parallel workers needs more shared memory than a container's 64 MiB.
+SHM_DIR = "/dev/shm"
 
 
 def _spec(md: Mapping[str, Any]) -> ModelDeploymentSpec:
@@ -172,6 +188,225 @@ def server_env(md: Mapping[str, Any], revision: Revision) -> list[dict[str, Any]
     return env
 
 
+def _probes(liveness: str, readiness: str) -> dict[str, Any]:
+    http_get = {"port": PORT_NAME}
+    return {
+        "startupProbe": {
+            "httpGet": {**http_get, "path": liveness},
+            "periodSeconds": STARTUP_PERIOD,
+            "failureThreshold": STARTUP_FAILURES,
+        },
+        "livenessProbe": {
+            "httpGet": {**http_get, "path": liveness},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "readinessProbe": {
+            "httpGet": {**http_get, "path": readiness},
+            "periodSeconds": 2,
+            "failureThreshold": 2,
+        },
+    }
+
+
+def served_adapters(revision: Revision) -> dict[str, str]:
+    """Served name -> adapter URI of a revision (the adapter goes by the revision's model name)."""
+    return {revision.model_name: revision.adapter_uri} if revision.adapter_uri else {}
+
+
+def base_served_name(revision: Revision) -> str:
+    """The name the bare base model is served under: the model name, or ``<name>-base`` beside an adapter.
+
+    The built-in server's convention (kubetune_server.config.Settings.base_name), kept for vLLM
+    so a client or the eval gate addresses the same names whichever engine serves them.
+    """
+    return f"{revision.model_name}-base" if served_adapters(revision) else revision.model_name
+
+
+# vLLM accepts only these --max-lora-rank values (vllm/config/lora.py, MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def adapter_folder(root: str, name: str) -> str:
+    """Where the adapter served as ``name`` lies under ``root``: ``<root>/adapters/<quoted name>``.
+
+    URL-quoted because a served name may hold '/' (``org/model``); the fetch init container
+    (kubetune_server.fetch) lays the folders out with this same function.
+    """
+    return f"{root.rstrip('/')}/adapters/{quote(name, safe='')}"
+
+
+def vllm_max_lora_rank(vllm: VllmSpec, revision: Revision) -> int | None:
+    """--max-lora-rank: the spec's, else the adapter's rank rounded up to a value vLLM accepts.
+
+    None leaves vLLM's default (16); the fetch init container checks the adapter against the
+    rank vLLM will reserve (KUBETUNE_MAX_LORA_RANK) and fails with a message rather than let
+    vLLM refuse the adapter at its first request.
+    """
+    if vllm.max_lora_rank is not None:
+        return int(vllm.max_lora_rank)
+    if revision.adapter_rank is None:
+        return None
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= revision.adapter_rank:
+            return allowed
+    return VLLM_LORA_RANKS[-1]
+
+
+def vllm_args(md: Mapping[str, Any], revision: Revision) -> list[str]:
+    """``vllm serve`` arguments of a revision (the engine container's ``args``).
+
+    The folders are the fetch init container's (MODELS_DIR); every served name matches the
+    built-in server's; the tensor-parallel size is ``resources.gpus``.
+    """
+    spec = _spec(md)
+    vllm = spec.server.vllm or VllmSpec()
+    args = [
+        f"{MODELS_DIR}/model",
+        "--served-model-name",
+        base_served_name(revision),
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(spec.server.port),
+        "--tensor-parallel-size",
+        str(max(1, spec.resources.gpus)),
+        "--max-model-len",
+        str(spec.server.max_model_len),
+        "--gpu-memory-utilization",
+        f"{vllm.gpu_memory_utilization:g}",
+        "--dtype",
+        spec.server.dtype,
+    ]
+    adapters = served_adapters(revision)
+    if adapters:
+        args += ["--enable-lora", "--max-loras", str(len(adapters))]
+        rank = vllm_max_lora_rank(vllm, revision)
+        if rank is not None:
+            args += ["--max-lora-rank", str(rank)]
+        args += ["--lora-modules"]
+        args += [f"{name}={adapter_folder(MODELS_DIR, name)}" for name in sorted(adapters)]
+    return args + list(vllm.extra_args)
+
+
+def _vllm_env(md: Mapping[str, Any]) -> list[dict[str, Any]]:
+    spec = _spec(md)
+    env = [
+        # Weights are local (the init container fetched them): never reach for the Hub.
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        # A read-only root filesystem: every cache vLLM, torch and Triton write goes to CACHE_DIR.
+        {"name": "HOME", "value": f"{CACHE_DIR}/home"},
+        {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/hf"},
+        {"name": "VLLM_CACHE_ROOT", "value": f"{CACHE_DIR}/vllm"},
+        {"name": "VLLM_CONFIG_ROOT", "value": f"{CACHE_DIR}/vllm-config"},
+        {"name": "TRITON_CACHE_DIR", "value": f"{CACHE_DIR}/triton"},
+        # No usage reports from inside a cluster.
+        {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+        {"name": "DO_NOT_TRACK", "value": "1"},
+    ]
+    if spec.server.api_key_secret:
+        # vLLM's own API-key check (VLLM_API_KEY, as --api-key): Bearer required on /v1 routes,
+        # /health and /metrics open, like kubetune_server's KUBETUNE_API_KEY.
+        ref = spec.server.api_key_secret
+        env.append(
+            {
+                "name": "VLLM_API_KEY",
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+            }
+        )
+    env.extend({"name": e.name, "value": e.value} for e in spec.server.env)
+    return env
+
+
+def _containers(
+    md: Mapping[str, Any], revision: Revision, image: str | None, defaults: PodDefaults | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(initContainers, containers, volumes)`` of a revision's pods, by engine."""
+    spec = _spec(md)
+    res = spec.resources
+    requests: dict[str, str] = {"cpu": res.cpu, "memory": res.memory}
+    limits: dict[str, str] = {"memory": res.memory}
+    gpu_requests, gpu_limits = dict(requests), dict(limits)
+    if res.gpus:
+        gpu_requests["nvidia.com/gpu"] = str(res.gpus)
+        gpu_limits["nvidia.com/gpu"] = str(res.gpus)
+    ports = [{"name": PORT_NAME, "containerPort": spec.server.port, "protocol": "TCP"}]
+    volumes: list[dict[str, Any]] = [
+        {"name": "cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    base_mounts = [
+        {"name": "cache", "mountPath": CACHE_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if revision.engine != "vllm":
+        container: dict[str, Any] = {
+            "name": CONTAINER,
+            "image": image or revision.image,
+            "command": ["python", "-m", "kubetune_server"],
+            "env": server_env(md, revision),
+            "ports": ports,
+            "resources": {"requests": gpu_requests, "limits": gpu_limits},
+            **_probes("/healthz", "/readyz"),
+            "securityContext": container_security_context(),
+            "volumeMounts": base_mounts,
+            "terminationMessagePath": TERMINATION_LOG,
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+        }
+        return [], [container], volumes
+    # vLLM: the kubetune server image fetches and verifies, vLLM serves.
+    rank = vllm_max_lora_rank(spec.server.vllm or VllmSpec(), revision)
+    # The server's environment without the API key: fetching needs the storage keys only.
+    fetch_env = [e for e in server_env(md, revision) if e["name"] != API_KEY_ENV]
+    fetch_env.append({"name": "KUBETUNE_FETCH_DIR", "value": MODELS_DIR})
+    if served_adapters(revision):
+        # What vLLM reserves (its default 16 when kubetune passes no --max-lora-rank).
+        fetch_env.append({"name": "KUBETUNE_MAX_LORA_RANK", "value": str(rank or 16)})
+    fetch: dict[str, Any] = {
+        "name": FETCH_CONTAINER,
+        "image": server_image(spec, defaults),
+        "command": ["python", "-m", "kubetune_server.fetch"],
+        "env": fetch_env,
+        # No GPU: fetching needs none, and a GPU held by an init container idles for minutes.
+        "resources": {"requests": requests, "limits": limits},
+        "securityContext": container_security_context(),
+        "volumeMounts": [*base_mounts, {"name": "models", "mountPath": MODELS_DIR}],
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    engine: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": image or revision.image,
+        "command": ["vllm", "serve"],
+        "args": vllm_args(md, revision),
+        "env": _vllm_env(md),
+        "ports": ports,
+        "resources": {"requests": gpu_requests, "limits": gpu_limits},
+        # vLLM answers /health once the engine is up and 503 when it died; it has no separate
+        # readiness endpoint, and it only listens after the weights are loaded.
+        **_probes(VLLM_HEALTH, VLLM_HEALTH),
+        # vLLM's image runs as root; the pod's runAsNonRoot needs a user named here (the one
+        # kubetune's images use). Its caches go to CACHE_DIR (an emptyDir any user may write).
+        "securityContext": {
+            **container_security_context(),
+            "runAsUser": IMAGE_UID,
+            "runAsGroup": IMAGE_UID,
+        },
+        "volumeMounts": [
+            *base_mounts,
+            {"name": "models", "mountPath": MODELS_DIR, "readOnly": True},
+            {"name": "shm", "mountPath": SHM_DIR},
+        ],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    volumes += [
+        {"name": "models", "emptyDir": {}},
+        {"name": "shm", "emptyDir": {"medium": "Memory"}},
+    ]
+    return [fetch], [engine], volumes
+
+
 def build_server_deployment(
     md: Mapping[str, Any],
     revision: Revision,
@@ -184,53 +419,21 @@ def build_server_deployment(
     """apps/v1 Deployment ``<mdep>-<revision>`` running the inference server for one revision.
 
     ``replicas`` defaults to ``spec.replicas``; the state machine sizes canaries itself
-    (``weights.canary_replicas``). ``image`` defaults to the revision's (``spec.server.image``
-    or the cluster's); ``defaults`` are the cluster's pod defaults (kubetune.api.defaults).
+    (``weights.canary_replicas``). ``image`` defaults to the revision's serving image
+    (``spec.server.image`` or the cluster's; ``spec.server.vllm.image`` for engine vllm);
+    ``defaults`` are the cluster's pod defaults (kubetune.api.defaults). The engine decides the
+    containers: kubetune_server alone, or a fetch init container and vLLM (see the constants).
     """
     spec = _spec(md)
     name = resource_name(_meta(md)["name"], revision.name)
     pod_labels = revision_labels(md, revision.name)
     res = spec.resources
-    requests: dict[str, str] = {"cpu": res.cpu, "memory": res.memory}
-    limits: dict[str, str] = {"memory": res.memory}
-    if res.gpus:
-        requests["nvidia.com/gpu"] = str(res.gpus)
-        limits["nvidia.com/gpu"] = str(res.gpus)
-    http_get = {"port": PORT_NAME}
-    container: dict[str, Any] = {
-        "name": CONTAINER,
-        "image": image or revision.image,
-        "command": ["python", "-m", "kubetune_server"],
-        "env": server_env(md, revision),
-        "ports": [{"name": PORT_NAME, "containerPort": spec.server.port, "protocol": "TCP"}],
-        "resources": {"requests": requests, "limits": limits},
-        "startupProbe": {
-            "httpGet": {**http_get, "path": "/healthz"},
-            "periodSeconds": STARTUP_PERIOD,
-            "failureThreshold": STARTUP_FAILURES,
-        },
-        "livenessProbe": {
-            "httpGet": {**http_get, "path": "/healthz"},
-            "periodSeconds": 10,
-            "failureThreshold": 3,
-        },
-        "readinessProbe": {
-            "httpGet": {**http_get, "path": "/readyz"},
-            "periodSeconds": 2,
-            "failureThreshold": 2,
-        },
-        "securityContext": container_security_context(),
-        "volumeMounts": [
-            {"name": "cache", "mountPath": CACHE_DIR},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
-        "terminationMessagePath": TERMINATION_LOG,
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-    }
+    init_containers, containers, volumes = _containers(md, revision, image, defaults)
     pod_spec: dict[str, Any] = {
-        "containers": [container],
+        **({"initContainers": init_containers} if init_containers else {}),
+        "containers": containers,
         "securityContext": pod_security_context(),
-        "volumes": [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+        "volumes": volumes,
         # In-flight generations finish; the router already stopped sending (weight 0 first).
         "terminationGracePeriodSeconds": termination_grace_seconds(spec),
         "enableServiceLinks": False,
@@ -248,7 +451,10 @@ def build_server_deployment(
         pod_spec["tolerations"] = [t.dump() for t in res.tolerations]
     if res.priority_class_name:
         pod_spec["priorityClassName"] = res.priority_class_name
-    metadata = _object_meta(md, name, {**pod_labels, LABEL_ROLE: role})
+    # The engine label tells a scraper which metric map reads the pods (never in the immutable
+    # selector: an engine change is a new revision anyway).
+    engine_label = {LABEL_ENGINE: revision.engine}
+    metadata = _object_meta(md, name, {**pod_labels, **engine_label, LABEL_ROLE: role})
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -270,7 +476,7 @@ def build_server_deployment(
                 merge_pod_template(
                     {
                         "metadata": {
-                            "labels": pod_labels,
+                            "labels": {**pod_labels, **engine_label},
                             "annotations": {
                                 "prometheus.io/scrape": "true",
                                 "prometheus.io/port": str(spec.server.port),

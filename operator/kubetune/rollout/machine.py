@@ -206,6 +206,7 @@ def _revision_status(rev: Revision) -> dict[str, Any]:
         "modelUri": rev.model_uri,
         "modelName": rev.model_name,
         "image": rev.image,
+        "engine": rev.engine,
     }
     if rev.adapter_uri:
         out["adapterUri"] = rev.adapter_uri
@@ -213,6 +214,8 @@ def _revision_status(rev: Revision) -> dict[str, Any]:
         out["adapterDigest"] = rev.adapter_digest
     if rev.fine_tune_job:
         out["fineTuneJob"] = rev.fine_tune_job
+    if rev.adapter_rank is not None:
+        out["adapterRank"] = rev.adapter_rank
     return out
 
 
@@ -226,6 +229,8 @@ def revision_from_status(data: Mapping[str, Any], mdep_name: str) -> Revision:
         fine_tune_job=data.get("fineTuneJob"),
         model_name=data.get("modelName") or mdep_name,
         image=data.get("image") or "",
+        engine=data.get("engine") or "builtin",
+        adapter_rank=data.get("adapterRank"),
     )
 
 

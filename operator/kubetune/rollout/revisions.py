@@ -21,7 +21,8 @@ from typing import Any
 
 from kubetune.api.conditions import Reason
 from kubetune.api.defaults import PodDefaults, effective_for_pod
-from kubetune.api.modeldeployment import REVISION_HASH_LENGTH, ModelDeploymentSpec
+from kubetune.api.finetunejob import LoraSpec
+from kubetune.api.modeldeployment import REVISION_HASH_LENGTH, ModelDeploymentSpec, VllmSpec
 
 # Ten hex digits (40 bits): collisions between the handful of revisions one ModelDeployment
 # ever has are out of the question. The CRD limits metadata.name so that `<mdep>-<hash>` fits
@@ -40,6 +41,10 @@ class Revision:
     fine_tune_job: str | None
     model_name: str
     image: str
+    # Serving engine (builtin, vllm) and, when known, the LoRA rank of the adapter (the
+    # FineTuneJob that trained it says it): vLLM reserves room for the largest rank at start.
+    engine: str = "builtin"
+    adapter_rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -53,20 +58,44 @@ class ModelProblem:
 
 
 def server_image(spec: ModelDeploymentSpec, defaults: PodDefaults | None = None) -> str:
-    """spec.server.image, else the cluster's default server image (kubetune.api.defaults)."""
+    """spec.server.image, else the cluster's default server image (kubetune.api.defaults).
+
+    With engine vllm this is the image of the fetch init container; the engine container runs
+    ``serving_image``.
+    """
     return spec.server.image or (defaults or PodDefaults()).server_image
+
+
+def serving_image(spec: ModelDeploymentSpec, defaults: PodDefaults | None = None) -> str:
+    """The image of the serving container: kubetune's server, or vLLM's for engine vllm."""
+    if spec.server.engine == "vllm":
+        return (spec.server.vllm or VllmSpec()).image
+    return server_image(spec, defaults)
 
 
 def _serving_fingerprint(
     spec: ModelDeploymentSpec, resolved: dict[str, Any], defaults: PodDefaults | None = None
 ) -> dict[str, Any]:
-    """The part of the spec that changes serving pods, in wire form (stable key order below)."""
+    """The part of the spec that changes serving pods, in wire form (stable key order below).
+
+    The engine and its settings count (a switch to vLLM, or a new vLLM image, is a new
+    revision), but a builtin server's fingerprint leaves them out: it is then exactly what it
+    was before engines existed, so upgrading the operator starts no canary for an unchanged
+    ModelDeployment.
+    """
     # The image as resolved: a spec that names the built-in default and one that leaves it to
     # the cluster hash alike (so objects stored with the old CRD default keep their revision),
     # and a new cluster default image rolls out as a canary.
+    server = {**spec.server.dump(), "image": server_image(spec, defaults)}
+    if spec.server.engine == "builtin":
+        server.pop("engine", None)
+        server.pop("vllm", None)
+    elif spec.server.vllm is None:
+        # Omitted and spelled-out defaults are the same vLLM settings, so the same revision.
+        server["vllm"] = VllmSpec().dump()
     out = {
         "model": resolved,
-        "server": {**spec.server.dump(), "image": server_image(spec, defaults)},
+        "server": server,
         "resources": spec.resources.dump(),
         "storage": spec.storage.dump(),
     }
@@ -153,6 +182,7 @@ def resolve(
             model_uri, adapter_uri = base, artifact["uri"]
         digest = artifact.get("digest")
         ftj_name: str | None = ref
+        rank = _lora_rank(finetunejob) if adapter_uri else None
     else:
         if source.base_model is None:
             return ModelProblem(
@@ -165,6 +195,7 @@ def resolve(
         # An explicit adapter's "revision" label is the closest thing to a digest we have.
         digest = source.adapter.revision if source.adapter else None
         ftj_name = None
+        rank = None
     resolved = {
         "modelUri": model_uri,
         "adapterUri": adapter_uri,
@@ -179,8 +210,19 @@ def resolve(
         adapter_digest=digest,
         fine_tune_job=ftj_name,
         model_name=model_name,
-        image=server_image(spec, defaults),
+        image=serving_image(spec, defaults),
+        engine=spec.server.engine,
+        adapter_rank=rank,
     )
+
+
+def _lora_rank(finetunejob: dict[str, Any]) -> int | None:
+    """The LoRA rank a FineTuneJob trained with (spec.method.lora.r), None for full fine-tuning."""
+    method = (finetunejob.get("spec") or {}).get("method") or {}
+    if method.get("type", "lora") not in ("lora", "qlora"):
+        return None
+    rank = (method.get("lora") or {}).get("r", LoraSpec().r)
+    return int(rank) if isinstance(rank, int | float) else None
 
 
 def resource_name(mdep_name: str, revision: str) -> str:
