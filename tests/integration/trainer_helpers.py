@@ -53,7 +53,11 @@ def trainer_env(
             # One thread: two cores are shared with other test processes, and oversubscribed
             # BLAS threads slow tiny models down by an order of magnitude.
             "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(REPO),
+            # This checkout's packages first: the venv's editable install may point at another
+            # checkout (a worktree would otherwise test the main checkout's trainer).
+            "PYTHONPATH": os.pathsep.join(
+                str(REPO / d) for d in ("operator", "trainer-image", "server-image", ".")
+            ),
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_VERBOSITY": "error",
         }

@@ -262,3 +262,16 @@ def test_trainer_role_may_only_patch_its_own_status():
         {"kind": "ServiceAccount", "name": "demo-trainer", "namespace": "team-a"}
     ]
     assert binding["roleRef"]["name"] == "demo-trainer"
+
+
+def test_multi_node_full_finetuning_hands_the_strategy_to_every_torchrun_worker():
+    ftj = make_ftj(
+        nodes=2, resources={"gpus": 8}, method={"type": "full"}, distributed={"strategy": "fsdp"}
+    )
+    job = builders.build_train_job(ftj, attempt=0)
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:3] == ["torchrun", "--nnodes=$(NNODES)", "--nproc-per-node=$(NPROC_PER_NODE)"]
+    env = env_of(job)
+    assert env["NNODES"] == "2" and env["NPROC_PER_NODE"] == "8"
+    # The trainer reads the strategy from the spec it is given (docs/contracts.md).
+    assert json.loads(env["KUBETUNE_SPEC"])["distributed"] == {"strategy": "fsdp"}

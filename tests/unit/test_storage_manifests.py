@@ -87,3 +87,12 @@ def test_file_store_writes_are_atomic_and_leave_no_temporaries(tmp_path):
         store.write_json("status.json", {"i": i})
     assert json.loads((tmp_path / "s" / "status.json").read_text()) == {"i": 4}
     assert [p.name for p in (tmp_path / "s").iterdir()] == ["status.json"]
+
+
+def test_manifest_of_gathered_entries_refuses_two_writers_of_one_path():
+    from kubetune.storage.manifests import ManifestError, manifest_of
+
+    entries = [{"path": "__0_0.distcp", "sha256": "a", "size": 1}, {"path": ".metadata", "sha256": "b", "size": 2}]
+    assert manifest_of(entries, {"step": 3}) == {"step": 3, "version": 1, "files": entries}
+    with pytest.raises(ManifestError, match="__0_0.distcp"):
+        manifest_of([*entries, {"path": "__0_0.distcp", "sha256": "c", "size": 1}])

@@ -4,7 +4,8 @@ Covers: a checkpoint is listed as complete only once its manifest exists; resume
 newest checkpoint that verifies, skipping one without a manifest and one with a changed file;
 retention keeps the last K plus the best eval loss and removes stale incomplete folders older
 than the newest complete one (never a newer one: it may be in flight); a failed upload surfaces
-at the next save; the progress callback sees each completed checkpoint.
+at the next save; the progress callback sees each completed checkpoint; a sharded
+checkpoint (several writers) gets one manifest over every writer's files, written by rank 0 last.
 """
 
 from __future__ import annotations
@@ -110,3 +111,58 @@ def test_a_failed_upload_is_raised_at_the_next_save(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         mgr.save(2, writer(b"x"), {})
     mgr.close()
+
+
+class ThreadPeers:
+    """Two writers in one process (threads), meeting like the processes of a sharded run."""
+
+    def __init__(self, rank, barrier, board):
+        self.rank, self._barrier, self._board = rank, barrier, board
+
+    def barrier(self):
+        self._barrier.wait(timeout=30)
+
+    def gather(self, obj):
+        self._board[self.rank] = obj
+        self._barrier.wait(timeout=30)
+        return [self._board[r] for r in sorted(self._board)] if self.rank == 0 else None
+
+
+def test_a_sharded_checkpoint_gets_one_manifest_over_every_writers_files(tmp_path):
+    import threading
+
+    from kubetune.storage.manifests import verify_prefix
+
+    store = open_store((tmp_path / "out").as_uri())
+    # A leftover of a crashed attempt at the same step must not survive into the new folder.
+    store.write_bytes("checkpoints/step-4/__9_0.distcp", b"stale")
+    barrier, board = threading.Barrier(2), {}
+    managers = [CheckpointManager(store, tmp_path / f"rank-{r}", 2, True) for r in (0, 1)]
+
+    def shard(rank):
+        def write(folder: Path) -> None:
+            (folder / f"__{rank}_0.distcp").write_bytes(bytes([rank]) * 10)
+            if rank == 0:
+                (folder / ".metadata").write_bytes(b"meta")
+
+        return write
+
+    threads = [
+        threading.Thread(
+            target=managers[r].save,
+            args=(4, shard(r), {"metrics": {}}),
+            kwargs={"wait": True, "peers": ThreadPeers(r, barrier, board)},
+        )
+        for r in (0, 1)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    manifest = verify_prefix(store, "checkpoints/step-4")
+    assert [f["path"] for f in manifest["files"]] == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not store.exists("checkpoints/step-4/__9_0.distcp")
+    assert [c.step for c in managers[0].complete()] == [4] and managers[0].records[0]["step"] == 4
+    assert managers[1].records == []  # rank 0 completes and reports the checkpoint
+    for m in managers:
+        m.close()

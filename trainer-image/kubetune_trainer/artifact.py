@@ -54,8 +54,12 @@ def _upload(store, folder: Path, prefix: str) -> None:
     store.upload_dir(folder, prefix)
 
 
-def publish(trainer: Trainer) -> dict[str, Any]:
-    """Write and upload model/ (and merged/); returns the status ``artifact`` block."""
+def publish(trainer: Trainer, weights: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write and upload model/ (and merged/); returns the status ``artifact`` block.
+
+    ``weights``: the unsharded weights of a sharded (FSDP) model, gathered on this process;
+    None when ``trainer.model`` holds them itself.
+    """
     spec = trainer.spec
     settings = trainer.settings
     store = trainer.store
@@ -69,7 +73,7 @@ def publish(trainer: Trainer) -> dict[str, Any]:
         for cfg in model.peft_config.values():
             cfg.base_model_name_or_path = spec.base_model.uri
             cfg.revision = spec.base_model.revision
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=weights)
     trainer.tokenizer.save_pretrained(folder)
     content = tree_digest(folder)
     lineage = {
@@ -107,6 +111,7 @@ def publish(trainer: Trainer) -> dict[str, Any]:
         "tokensSeen": trainer.state.tokens_seen,
         "precision": trainer.precision,
         "gradientCheckpointing": trainer.gradient_checkpointing,
+        "strategy": trainer.strategy,
         "worldSize": settings.dist.world_size,
         "image": settings.image,
         "packages": package_versions(),

@@ -16,6 +16,11 @@ while training goes on. At most one checkpoint is in flight: the next save waits
 previous one, so a slow store slows training rather than piling up copies in memory or on local
 disk. A failure is raised at the next save or at the end.
 
+A sharded run (``distributed.strategy: fsdp``) writes one checkpoint from every process: each
+stages and uploads the files it wrote (its shard of weights and optimizer state), hashes them
+where they are, and sends the hashes to rank 0, which writes ``manifest.json`` once every
+process has uploaded -- still last, still the only proof of completeness (``Peers``).
+
 Resume takes the newest checkpoint whose manifest verifies (every file's size and sha256); one
 without a manifest (a crash mid-upload) or with a mismatching file is skipped with a warning.
 Retention keeps the last ``keepLast`` complete checkpoints plus, with ``keepBest``, the one with
@@ -36,15 +41,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from kubetune.storage import Store
 from kubetune.storage.manifests import (
     MANIFEST_NAME,
     ManifestError,
+    build_manifest,
+    canonical_json,
     load_manifest,
+    manifest_of,
     verify_dir,
-    write_manifest,
 )
 
 log = logging.getLogger("kubetune_trainer.checkpoints")
@@ -61,6 +68,31 @@ def now_iso() -> str:
 def step_prefix(step: int) -> str:
     """Store prefix of a checkpoint."""
     return f"{PREFIX}/step-{step}"
+
+
+class Peers(Protocol):
+    """The processes that write one checkpoint together; rank 0 completes it."""
+
+    rank: int
+
+    def barrier(self) -> None:
+        """Every writer meets here."""
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every writer's ``obj`` on rank 0 (in rank order), None elsewhere."""
+
+
+class Alone:
+    """One writer: a single process, or rank 0 writing for all (ddp: the weights are replicated)."""
+
+    rank = 0
+
+    def barrier(self) -> None:
+        """Nobody to wait for."""
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Just this writer's."""
+        return [obj]
 
 
 @dataclass
@@ -136,13 +168,16 @@ class CheckpointManager:
     def fetch(self, step: int, download_to: Path) -> Path:
         """A verified local folder of checkpoint ``step`` (in place for file://); ManifestError if it fails."""
         prefix = step_prefix(step)
-        local = self._local_folder(prefix)
-        if local is None:
-            local = download_to / f"step-{step}"
+        local = self.local_path(step, download_to)
+        if self._local_folder(prefix) is None:
             shutil.rmtree(local, ignore_errors=True)
             self.store.download_dir(prefix, local)
         verify_dir(local)
         return local
+
+    def local_path(self, step: int, download_to: Path) -> Path:
+        """Where :meth:`fetch` puts checkpoint ``step`` (the store's own folder for file://)."""
+        return self._local_folder(step_prefix(step)) or download_to / f"step-{step}"
 
     def _local_folder(self, prefix: str) -> Path | None:
         root = getattr(self.store, "root", None)
@@ -157,33 +192,50 @@ class CheckpointManager:
         extra: dict[str, Any],
         *,
         wait: bool = False,
+        peers: Peers | None = None,
     ) -> None:
         """Serialise (``write_files(folder)``), hash and upload a checkpoint in the background.
 
         ``write_files`` must only touch a snapshot of the training state (CPU copies taken by
-        the caller), since training goes on while it runs.
+        the caller), since training goes on while it runs. With ``peers`` every process calls
+        this for the same step with its own files (a sharded checkpoint).
         """
         self.wait()  # one checkpoint in flight (and surface the previous one's failure now)
-        self._pending = self._pool.submit(self._write_and_upload, step, write_files, extra)
+        self._pending = self._pool.submit(
+            self._write_and_upload, step, write_files, extra, peers or Alone()
+        )
         if wait:
             self.wait()
 
     def _write_and_upload(
-        self, step: int, write_files: Callable[[Path], None], extra: dict[str, Any]
+        self, step: int, write_files: Callable[[Path], None], extra: dict[str, Any], peers: Peers
     ) -> None:
         started = time.perf_counter()
         folder = self.staging / f"step-{step}"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         write_files(folder)
-        manifest = write_manifest(folder, {"kind": "checkpoint", "step": step, **extra})
+        files = build_manifest(folder)["files"]
         prefix = step_prefix(step)
-        # A folder of the same step can only be a leftover of a crashed upload (or an older
-        # run's): clear it, manifest first, so that no stale file is mixed in.
-        self.store.delete(f"{prefix}/{MANIFEST_NAME}")
-        self.store.delete_prefix(f"{prefix}/")
+        if peers.rank == 0:
+            # A folder of the same step can only be a leftover of a crashed upload (or an older
+            # run's): clear it, manifest first, so that no stale file is mixed in.
+            self.store.delete(f"{prefix}/{MANIFEST_NAME}")
+            self.store.delete_prefix(f"{prefix}/")
+        peers.barrier()  # NB: nobody uploads into the folder while rank 0 still clears it
         self.store.upload_dir(folder, prefix)
         shutil.rmtree(folder, ignore_errors=True)
+        gathered = peers.gather(files)
+        if gathered is None:
+            return  # rank 0 completes the checkpoint
+        entries = (
+            gathered[0]
+            if len(gathered) == 1
+            else sorted((f for part in gathered for f in part), key=lambda f: f["path"])
+        )
+        manifest = manifest_of(entries, {"kind": "checkpoint", "step": step, **extra})
+        # Every process' files have landed (gather returned): the manifest goes last.
+        self.store.write_bytes(f"{prefix}/{MANIFEST_NAME}", canonical_json(manifest))
         self.upload_seconds.append(time.perf_counter() - started)
         record = {
             "step": step,

@@ -22,14 +22,16 @@ import copy
 import json
 import logging
 import math
+import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubetune.api.finetunejob import LoraSpec
+from kubetune.api.finetunejob import LoraSpec, resolve_strategy
 from kubetune_trainer.batching import BLOCK, VARLEN, BatchPlan, collate, make_rows, real_tokens
 from kubetune_trainer.checkpoints import CheckpointManager, now_iso, read_state
 from kubetune_trainer.encoding import IGNORE, encode_record, prompt_ids
@@ -226,9 +228,30 @@ def enable_gradient_checkpointing(model) -> None:
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        base.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     except ValueError as exc:
         raise ConfigError(f"hyperparameters.gradientCheckpointing: {exc}") from exc
+
+
+def check_fsdp(spec, precision: str) -> None:
+    """What distributed.strategy fsdp does not cover, refused before anything is downloaded."""
+    if spec.method.type == "qlora":
+        raise ConfigError(
+            "distributed.strategy fsdp applies to method.type full and lora; qlora's 4-bit base "
+            "trains with ddp (set distributed.strategy to auto or ddp)"
+        )
+    if spec.output.merge_adapter:
+        raise ConfigError(
+            "output.mergeAdapter needs the whole base model in one process and distributed.strategy "
+            "fsdp shards it: set distributed.strategy ddp, or merge the published adapter afterwards"
+        )
+    if precision == "fp16":
+        raise ConfigError(
+            "hyperparameters.precision fp16 with distributed.strategy fsdp: the loss scaler would "
+            "have to see every shard; use bf16 (Ampere or newer GPUs) or distributed.strategy ddp"
+        )
 
 
 def trainable_state(model) -> dict[str, Any]:
@@ -341,6 +364,10 @@ class Trainer:
             # Processes of one pod share the emptyDir: each stages in its own folder.
             self.work_dir = self.work_dir / f"rank-{settings.dist.rank}"
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.strategy = resolve_strategy(self.spec)
+        self.fsdp = self.strategy == "fsdp"
+        # A process group exists (run_train makes one of one process for fsdp alone).
+        self.distributed = settings.dist.enabled or self.fsdp
         self.state = TrainState()
         self.resumed_from: int | None = None
         self.last_saved_step: int | None = None
@@ -361,6 +388,10 @@ class Trainer:
         if spec.method.type == "qlora" and self.device.type != "cuda":
             # Fail before downloading anything.
             load_model(self.settings, Path("."), self.device, load_dtype)
+        if self.fsdp:
+            check_fsdp(spec, self.precision)
+        # Under FSDP on GPU the mixed-precision policy computes in bf16; autocast elsewhere.
+        self.autocast = None if (self.fsdp and self.device.type == "cuda") else self.amp
         d = self.settings.dist
         # One download per pod: its first process fetches into the shared work folder, the
         # others wait at the barrier and reuse it.
@@ -412,7 +443,18 @@ class Trainer:
         if self.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         self.ddp = None
-        if self.settings.dist.enabled:
+        if self.fsdp:
+            import torch.distributed as dist
+
+            from kubetune_trainer.sharding import GroupPeers, shard_model
+
+            units = shard_model(self.model, self.device, self.amp)
+            log.info("fsdp: %d decoder layers sharded over %d processes", units, d.world_size)
+            # Checkpoints talk over their own gloo group, from a background thread: never on
+            # the training communicator, which the next steps keep busy.
+            self.ckpt_group = dist.new_group(backend="gloo")
+            self.peers = GroupPeers(self.ckpt_group)
+        elif self.settings.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             self.ddp = DistributedDataParallel(
@@ -449,6 +491,11 @@ class Trainer:
         import torch
         from safetensors.torch import load_file
 
+        if self.fsdp:
+            from kubetune_trainer.sharding import load
+
+            load(self.model, None, folder, f"checkpoint step-{step}")
+            return
         weights = load_file(folder / "weights.safetensors", device=str(self.device))
         params = trainable_state(self.model)
         if set(weights) != set(params):
@@ -486,7 +533,11 @@ class Trainer:
                 st.best_step,
             )
             return st.step
-        folder = self.checkpoints.fetch(st.best_step, self.work_dir / "best")
+        if self.fsdp:
+            folder = self.fetch_per_pod(st.best_step, "best")
+        else:
+            folder = self.checkpoints.fetch(st.best_step, self.work_dir / "best")
+        self.check_layout(folder, st.best_step)
         self.load_weights(folder, st.best_step)
         log.info(
             "publishing the best checkpoint, step %d (eval loss %s < final %s)",
@@ -500,15 +551,21 @@ class Trainer:
         """Restore the newest verified checkpoint, if any."""
         import torch
 
-        found = self.checkpoints.latest_verified(self.work_dir / "resume")
+        found = self.find_resume_folder()
         if found is None:
             return
-        ckpt, folder = found
+        step, folder = found
         started = time.perf_counter()
-        self.load_weights(folder, ckpt.step)
-        self.optimizer.load_state_dict(
-            torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=False)
-        )
+        self.check_layout(folder, step)
+        if self.fsdp:
+            from kubetune_trainer.sharding import load
+
+            load(self.model, self.optimizer, folder, f"checkpoint step-{step}")
+        else:
+            self.load_weights(folder, step)
+            self.optimizer.load_state_dict(
+                torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=False)
+            )
         sched = torch.load(folder / "scheduler.pt", weights_only=False)
         self.scheduler.load_state_dict(sched["scheduler"])
         if self.scaler is not None and sched.get("scaler"):
@@ -523,17 +580,57 @@ class Trainer:
             log.warning(
                 "checkpoint step-%d was written by %s processes, this run has %d: weights, optimizer "
                 "and data position resume exactly, the dropout RNG is re-seeded",
-                ckpt.step,
+                step,
                 rng.get("worldSize"),
                 d.world_size,
             )
-            seed_everything(self.spec.hyperparameters.seed + ckpt.step)
-        self.resumed_from = ckpt.step
+            seed_everything(self.spec.hyperparameters.seed + step)
+        self.resumed_from = step
         self.resume_seconds = time.perf_counter() - started
-        log.info("resumed from checkpoint step-%d (%.2fs)", ckpt.step, self.resume_seconds)
-        self.reporter.report(
-            {"resumedFromStep": ckpt.step, "progress": self._progress()}, urgent=True
+        log.info("resumed from checkpoint step-%d (%.2fs)", step, self.resume_seconds)
+        self.reporter.report({"resumedFromStep": step, "progress": self._progress()}, urgent=True)
+
+    def find_resume_folder(self) -> tuple[int, Path] | None:
+        """``(step, local folder)`` of the newest verified checkpoint, or None.
+
+        A sharded run needs the whole checkpoint in every pod (a rank reads whichever shards
+        its new layout needs): rank 0 chooses the step, the first process of every other pod
+        downloads and verifies that one, the pod's other processes share it.
+        """
+        if not self.fsdp:
+            found = self.checkpoints.latest_verified(self.work_dir / "resume")
+            return None if found is None else (found[0].step, found[1])
+        import torch.distributed as dist
+
+        shared = Path(self.settings.work_dir) / "resume"
+        choice: list[Any] = [None]
+        if self.settings.dist.is_main:
+            found = self.checkpoints.latest_verified(shared)
+            choice = [None if found is None else found[0].step]
+        dist.broadcast_object_list(choice, src=0)
+        if choice[0] is None:
+            return None
+        return choice[0], self.fetch_per_pod(
+            choice[0], "resume", fetched=self.settings.dist.is_main
         )
+
+    def fetch_per_pod(self, step: int, name: str, fetched: bool = False) -> Path:
+        """Checkpoint ``step`` verified in the pod's shared work folder (one download per pod)."""
+        shared = Path(self.settings.work_dir) / name
+        if self.settings.dist.local_rank == 0 and not fetched:
+            self.checkpoints.fetch(step, shared)
+        barrier()
+        return self.checkpoints.local_path(step, shared)
+
+    def check_layout(self, folder: Path, step: int) -> None:
+        """Refuse a checkpoint written under the other strategy (its files are not these)."""
+        written = read_state(folder).get("strategy", "ddp")
+        if written != self.strategy:
+            raise ConfigError(
+                f"checkpoint step-{step} was written with distributed.strategy {written} and this run "
+                f"uses {self.strategy}: set distributed.strategy: {written} to resume it, or delete "
+                f"{self.checkpoints.store.uri_for('checkpoints')} to start over"
+            )
 
     # -- the loop --
 
@@ -602,7 +699,7 @@ class Trainer:
         # HF shifts labels by one: position t predicts labels[t+1].
         targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
         targets_t = torch.tensor(targets, device=self.device)
-        if self.ddp is not None:
+        if self.distributed:
             import torch.distributed as dist
 
             # Normalise by the GLOBAL target count; DDP averages gradients over ranks, so the
@@ -616,11 +713,13 @@ class Trainer:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             tokens += real_tokens(batch)
             ctx = (
-                torch.autocast(self.device.type, dtype=self.amp)
-                if self.amp is not None
+                torch.autocast(self.device.type, dtype=self.autocast)
+                if self.autocast is not None
                 else contextlib.nullcontext()
             )
-            # Gradients are all-reduced only on the last micro-batch of the step.
+            # DDP all-reduces gradients only on the last micro-batch of the step. FSDP
+            # reduce-scatters after every micro-batch: skipping it would keep unsharded
+            # gradients, the memory sharding is there to save.
             sync = (
                 self.ddp.no_sync()
                 if self.ddp is not None and m < len(batches) - 1
@@ -648,7 +747,7 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ddp is not None:
+        if self.distributed:
             import torch.distributed as dist
 
             stats = torch.tensor([total_loss, float(tokens)], device=self.device)
@@ -669,7 +768,7 @@ class Trainer:
 
     def sigterm_everywhere(self) -> bool:
         """Whether any process got SIGTERM (all ranks must checkpoint at the same step)."""
-        if self.ddp is None:
+        if not self.distributed:
             return self.sigterm.raised
         import torch
         import torch.distributed as dist
@@ -696,8 +795,8 @@ class Trainer:
                 if n == 0:
                     continue
                 ctx = (
-                    torch.autocast(self.device.type, dtype=self.amp)
-                    if self.amp is not None
+                    torch.autocast(self.device.type, dtype=self.autocast)
+                    if self.autocast is not None
                     else contextlib.nullcontext()
                 )
                 with ctx:
@@ -778,19 +877,26 @@ class Trainer:
         )
         with torch.no_grad():
             ctx = (
-                torch.autocast(self.device.type, dtype=self.amp)
-                if self.amp is not None
+                torch.autocast(self.device.type, dtype=self.autocast)
+                if self.autocast is not None
                 else contextlib.nullcontext()
             )
             with ctx:
-                out = self.model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=MAX_ANSWER_TOKENS,
-                    do_sample=False,
-                    eos_token_id=self.tokenizer.eos_token_id,
-                    pad_token_id=pad,
-                )
+                if self.fsdp:
+                    from kubetune_trainer.sharding import greedy_decode
+
+                    out = greedy_decode(
+                        self.model, ids, mask, MAX_ANSWER_TOKENS, self.tokenizer.eos_token_id, pad
+                    )
+                else:
+                    out = self.model.generate(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        max_new_tokens=MAX_ANSWER_TOKENS,
+                        do_sample=False,
+                        eos_token_id=self.tokenizer.eos_token_id,
+                        pad_token_id=pad,
+                    )
         hits = 0
         for row, ex in zip(out[:, width:].tolist(), examples, strict=True):
             text = self.tokenizer.decode(row, skip_special_tokens=True)
@@ -805,27 +911,33 @@ class Trainer:
         from safetensors.torch import save_file
 
         step = self.state.step
-        weights = {
-            n: p.detach().to("cpu").contiguous().clone()
-            for n, p in trainable_state(self.model).items()
-        }
-        # A snapshot on the CPU: serialising, hashing and uploading happen in the background
-        # while the next steps run (and update the live tensors in place).
-        optimizer = to_cpu(self.optimizer.state_dict())
+        if self.fsdp:
+            # The previous checkpoint's collectives end before this one's begin (one group).
+            self.checkpoints.wait()
+            shards = self._save_shards(step)
+        else:
+            weights = {
+                n: p.detach().to("cpu").contiguous().clone()
+                for n, p in trainable_state(self.model).items()
+            }
+            # A snapshot on the CPU: serialising, hashing and uploading happen in the
+            # background while the next steps run (and update the live tensors in place).
+            optimizer = to_cpu(self.optimizer.state_dict())
         sched = {
             "scheduler": copy.deepcopy(self.scheduler.state_dict()),
             "scaler": copy.deepcopy(self.scaler.state_dict()) if self.scaler else None,
         }
         rng = {"worldSize": self.settings.dist.world_size, "ranks": [rng_state()]}
-        if self.ddp is not None:
+        main = self.settings.dist.is_main
+        if self.distributed:
             import torch.distributed as dist
 
-            # Every rank's RNG (dropout masks differ per rank); only rank 0 writes.
+            # Every rank's RNG (dropout masks differ per rank); only rank 0 writes it.
             ranks: list[Any] = [None] * self.settings.dist.world_size
             dist.all_gather_object(ranks, rng["ranks"][0])
             rng["ranks"] = ranks
-            if not self.settings.dist.is_main:
-                return
+            if not main and not self.fsdp:
+                return  # ddp: the weights are replicated, rank 0 writes the checkpoint
         train_state = {
             "train": json.loads(json.dumps(self.state.dump())),
             "dataPosition": {
@@ -834,24 +946,48 @@ class Trainer:
             },
             "totalSteps": self.total_steps,
             "method": self.spec.method.type,
+            "strategy": self.strategy,
             "time": now_iso(),
         }
 
         def write(folder: Path) -> None:
-            save_file(weights, str(folder / "weights.safetensors"))
-            torch.save(optimizer, folder / "optimizer.pt")
-            torch.save(sched, folder / "scheduler.pt")
-            torch.save(rng, folder / "rng.pt")
-            (folder / "trainer_state.json").write_text(
-                json.dumps(train_state, indent=2, sort_keys=True), encoding="utf-8"
-            )
+            if self.fsdp:
+                shards(folder)
+            else:
+                save_file(weights, str(folder / "weights.safetensors"))
+                torch.save(optimizer, folder / "optimizer.pt")
+            if main:
+                torch.save(sched, folder / "scheduler.pt")
+                torch.save(rng, folder / "rng.pt")
+                (folder / "trainer_state.json").write_text(
+                    json.dumps(train_state, indent=2, sort_keys=True), encoding="utf-8"
+                )
 
         metrics = dict(self.state.metrics)
         # An eval loss belongs to a checkpoint only when the evaluation ran at this very step.
         if not (self.state.evals and self.state.evals[-1]["step"] == step):
             metrics.pop("evalLoss", None)
-        self.checkpoints.save(step, write, {"metrics": metrics}, wait=wait)
+        peers = self.peers if self.fsdp else None
+        self.checkpoints.save(step, write, {"metrics": metrics}, wait=wait, peers=peers)
         self.last_saved_step = step
+
+    def _save_shards(self, step: int):
+        """Start this rank's DCP write; returns ``write(folder)`` that finishes it into folder."""
+        from kubetune_trainer.sharding import save_async
+
+        out = self.work_dir / "sharded" / f"step-{step}"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        # Returns once the shards are copied to CPU memory; the files are written meanwhile.
+        future = save_async(self.model, self.optimizer, out, self.ckpt_group)
+
+        def finish(folder: Path) -> None:
+            future.result()
+            for path in out.iterdir():
+                os.replace(path, folder / path.name)
+            shutil.rmtree(out, ignore_errors=True)
+
+        return finish
 
     def _on_checkpoint(self, record: dict[str, Any]) -> None:
         records = self.checkpoints.records[-MAX_CHECKPOINTS_REPORTED:]
@@ -900,6 +1036,15 @@ class Trainer:
         from kubetune_trainer.artifact import publish
 
         self.checkpoints.wait()
+        weights = None
+        if self.fsdp:
+            from kubetune_trainer.sharding import full_weights
+
+            # Every rank takes part: rank 0's pruning is over before anyone lists checkpoints,
+            # then the best weights are loaded into every shard and gathered on rank 0.
+            barrier()
+            self.published_step = self.select_best()
+            weights = full_weights(self.model, trainable_only=self.spec.method.type != "full")
         if not self.settings.dist.is_main:
             return Outcome(
                 f"rank {self.settings.dist.rank} done",
@@ -908,8 +1053,9 @@ class Trainer:
                 None,
                 None,
             )
-        self.published_step = self.select_best()
-        artifact = publish(self)
+        if not self.fsdp:
+            self.published_step = self.select_best()
+        artifact = publish(self, weights)
         metrics = dict(self.state.metrics)
         self.reporter.report(
             {"progress": {**self._progress(), "percent": 100, "etaSeconds": 0}, "metrics": metrics},
@@ -937,7 +1083,7 @@ class Trainer:
 
 def run_train(settings: Settings, context: dict[str, Any] | None = None) -> Outcome:
     """Entry point of ``python -m kubetune_trainer train``."""
-    if not settings.dist.enabled:
+    if not settings.dist.enabled and resolve_strategy(settings.spec) != "fsdp":
         return Trainer(settings, context).run()
     import torch
     import torch.distributed as dist
@@ -945,8 +1091,14 @@ def run_train(settings: Settings, context: dict[str, Any] | None = None) -> Outc
     cuda = torch.cuda.is_available() and settings.spec.resources.gpus > 0
     if cuda:
         torch.cuda.set_device(settings.dist.local_rank)
-    # torchrun sets MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE (from the operator's NNODES, ...).
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    backend = "nccl" if cuda else "gloo"
+    if settings.dist.enabled:
+        # torchrun sets MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE (from the operator's NNODES, ...).
+        dist.init_process_group(backend=backend)
+    else:
+        # fsdp in a single process: a group of one, so that the sharded code path and the
+        # checkpoint layout are the same at every size (a job may resume on more GPUs).
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
         return Trainer(settings, context).run()
     finally:

@@ -297,6 +297,12 @@ class FineTuneJobSpec(Model):
                 ".distributed.strategy",
             ),
             cel(
+                "!self.output.mergeAdapter || self.distributed.strategy != 'fsdp'",
+                "output.mergeAdapter needs the whole base model in one process and distributed.strategy "
+                "fsdp shards it: set distributed.strategy ddp, or merge the published adapter afterwards",
+                ".output.mergeAdapter",
+            ),
+            cel(
                 "self.nodes == 1 || self.resources.gpus > 0",
                 "nodes > 1 needs resources.gpus >= 1",
                 ".nodes",

@@ -65,11 +65,24 @@ def build_manifest(local_dir: str | os.PathLike[str], extra: dict[str, Any] | No
         if rel == MANIFEST_NAME:
             continue
         files.append({"path": rel, "sha256": sha256_file(path), "size": path.stat().st_size})
+    return manifest_of(files, extra)
+
+
+def manifest_of(files: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A manifest of ``files`` (``{path, sha256, size}`` entries, kept in the given order).
+
+    Also for entries gathered elsewhere: a sharded checkpoint's processes each hash the files
+    they wrote; two entries with one path would make the manifest lie, so they are refused.
+    """
+    paths = [f["path"] for f in files]
+    if len(set(paths)) != len(paths):
+        dupes = sorted({p for p in paths if paths.count(p) > 1})
+        raise ManifestError(f"two writers claim the same files: {dupes}")
     extra = dict(extra or {})
     clash = {"version", "files"} & extra.keys()
     if clash:
         raise ManifestError(f"extra manifest fields may not override {sorted(clash)}")
-    return {**extra, "version": MANIFEST_VERSION, "files": files}
+    return {**extra, "version": MANIFEST_VERSION, "files": list(files)}
 
 
 def write_manifest(local_dir: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
