@@ -401,10 +401,19 @@ def dry_run(a) -> int:
             model, autocast = build_model(tiny, device, case)
             seconds = train_steps(model, autocast, tiny, small, device, 1)
             print(f"  {case} on the tiny model, CPU: one step in {seconds:.2f}s")
-        est = estimate_gib(config, a, "fsdp-bf16", 8)
-        print(
-            f"  estimate for fsdp-bf16 on 8 GPUs: {f'{est:.1f} GiB' if est is not None else 'n/a (kubetune.finetune.memory not installed)'}"
-        )
+        # What the memory pre-flight expects of the chosen shape on 8 GPUs (the real run
+        # prints these next to the measured peaks).
+        ests = {
+            c: estimate_gib(config, a, c, 8)
+            for c in ("unsharded-bf16", "fsdp-bf16", "fsdp-bf16-ckpt", "qlora")
+        }
+        if all(v is None for v in ests.values()):
+            print("  estimates: n/a (kubetune.finetune.memory not installed)")
+        else:
+            print(
+                "  estimates per GPU, 8 GPUs: "
+                + ", ".join(f"{c} {v:.1f} GiB" for c, v in ests.items() if v is not None)
+            )
     finally:
         dist.destroy_process_group()
     return 0

@@ -2,7 +2,8 @@
 
 Covers: ``--dry-run`` parses the arguments, builds the chosen shape's config (8B weights counted
 as Llama 3.1 8B's), says which cases this machine could run, and trains one step of the tiny
-model sharded (the trainer's own shard_model), with checkpointing, and unsharded; a bad
+model sharded (the trainer's own shard_model), with checkpointing, and unsharded, and prints the
+memory estimate of each case; a bad
 ``--cases`` is refused by name; without a GPU the real run stops with a clear message.
 """
 
@@ -35,6 +36,13 @@ def test_dry_run_builds_the_model_and_trains_one_sharded_step_on_cpu():
     for case in ("fsdp-bf16", "fsdp-bf16-ckpt", "unsharded-bf16"):
         assert f"{case} on the tiny model, CPU: one step" in out
     assert "qlora:" in out and "fsdp-bf16-flash:" in out and "trainer-fsdp: runnable" in out
+    # The memory pre-flight's figures for the same runs: sharding and checkpointing each lower it.
+    line = next(x for x in out.splitlines() if x.strip().startswith("estimates per GPU"))
+    gib = {
+        part.rsplit(" ", 2)[0].strip(): float(part.rsplit(" ", 2)[1])
+        for part in line.split(": ", 1)[1].split(", ")
+    }
+    assert gib["unsharded-bf16"] > gib["fsdp-bf16"] > gib["fsdp-bf16-ckpt"], gib
 
 
 def test_unknown_case_is_refused_by_name():

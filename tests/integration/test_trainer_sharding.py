@@ -7,7 +7,8 @@ manifest; SIGKILL of the whole pod (torchrun and both workers) mid-run, then a r
 from the newest complete checkpoint and ends bit-for-bit where the uninterrupted sharded run
 ends; a checkpoint of 2 processes resumes on 1 and one of 1 resumes on 2 (to PARITY_ATOL of
 the uninterrupted run: the reduction order changes with the layout); LoRA sharded over 2
-processes matches unsharded LoRA; a ddp checkpoint is refused by name under fsdp; gradient
+processes matches unsharded LoRA; early stopping under fsdp publishes the best sharded
+checkpoint, loaded back into the shards; a ddp checkpoint is refused by name under fsdp; gradient
 checkpointing changes memory, not results (same adapter with dropout on).
 """
 
@@ -300,3 +301,35 @@ def test_a_ddp_checkpoint_is_refused_by_name_under_fsdp(
     assert code == 2 and msg["outcome"] == "config_error"
     assert "written with distributed.strategy ddp" in msg["message"]
     assert "set distributed.strategy: ddp" in msg["message"]
+
+
+def test_sharded_early_stopping_publishes_the_best_sharded_checkpoint(
+    tmp_path, tiny_base_model_uri, monkeypatch, one_thread
+):
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    train = synthetic.write_task_dataset(tmp_path / "train.jsonl", 60)
+    out = tmp_path / "out"
+    spec = make_spec(
+        tiny_base_model_uri,
+        train.as_uri(),
+        out.as_uri(),
+        distributed={"strategy": "fsdp"},  # LoRA sharded, one process (a group of one)
+        # As in test_trainer_train: the high learning rate overshoots, eval loss rises, early
+        # stopping ends the run and keepBest loads the best sharded checkpoint back to publish.
+        hyperparameters={"maxSteps": 100, "learningRate": 0.5, "maxGradNorm": 0.0},
+        evaluation={"everySteps": 2, "earlyStopping": {"patience": 2}},
+        checkpoint={"everySteps": 2, "keepLast": 1, "keepBest": True},
+    )
+    code, msg = run_here("train", trainer_env(spec, tmp_path), monkeypatch)
+    assert code == 0 and "early stopping" in msg["message"], msg
+    lineage = json.loads((out / "model/lineage.json").read_text())
+    best = lineage["best"]["step"]
+    assert lineage["strategy"] == "fsdp" and lineage["publishedStep"] == best < msg["step"]
+    dcp_to_torch_save(out / f"checkpoints/step-{best}", tmp_path / "best.pt")
+    kept = torch.load(tmp_path / "best.pt", weights_only=False)["model"]
+    published = load_weights(out / "model")
+    assert len(published) == len(kept) > 0
+    for name, tensor in published.items():
+        assert torch.equal(tensor, kept[name.removesuffix(".weight") + ".default.weight"]), name
