@@ -47,10 +47,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     checked, errors = validate_paths(args.filename)
     for err in errors:
         print(err, file=sys.stderr)
+    print(f"{checked} kubetune manifest(s) checked, {len(errors)} error(s)")
     if not errors:
+        # after the summary line, which scripts read first
         for line in memory_estimates(args.filename, args.model_config):
             print(line)
-    print(f"{checked} kubetune manifest(s) checked, {len(errors)} error(s)")
     return 1 if errors else 0
 
 

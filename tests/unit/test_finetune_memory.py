@@ -397,3 +397,19 @@ def test_the_readme_shows_the_multinode_examples_estimate():
     est = multinode_estimate()
     readme = (REPO / "README.md").read_text()
     assert f"~{est.total / m.GIB:.1f} GiB per GPU" in readme
+
+
+def test_kubetune_validate_prints_the_estimate_after_its_summary_line(capsys):
+    from kubetune.cli import main
+
+    example = str(REPO / "examples/finetunejob-multinode.yaml")
+    config = str(REPO / "docs/model-configs/mistral-7b-v0.3.json")
+    assert main(["validate", "-f", example, "--model-config", config]) == 0
+    first, memory_line = capsys.readouterr().out.splitlines()
+    assert first == "1 kubetune manifest(s) checked, 0 error(s)"
+    assert f"~{multinode_estimate().total / m.GIB:.1f} GiB per GPU, have 79.0" in memory_line
+    assert main(["validate", "-f", example]) == 0  # s3:// base model, no config given
+    assert (
+        "not estimated (s3://models/mistral-7b-v0.3 is not local; pass --model-config)"
+        in capsys.readouterr().out
+    )
