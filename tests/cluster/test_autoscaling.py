@@ -15,7 +15,10 @@ Covered:
   which runs with its own ServiceAccount: below minReplicas it scales the ModelDeployment
   through the scale subresource (the one rescale it makes without metrics; no metrics server
   runs here, so ScalingActive stays False for want of the custom metric), and the operator
-  carries that count to the Deployment.
+  carries that count to the Deployment;
+- ``kubectl scale --replicas=0`` with the HPA in place: the API server takes 0, the HPA
+  controller turns itself off (ScalingDisabled) instead of scaling back up, the operator
+  removes every pod and reports ScaledToZero.
 """
 
 from __future__ import annotations
@@ -134,3 +137,23 @@ async def test_kubectl_scale_and_an_hpa_drive_the_modeldeployment(
     active = condition(got, "ScalingActive") or {}
     assert active.get("status") == "False", got["status"]
     assert (await kube.get(*MDEP, ns, NAME))["spec"]["replicas"] == 2
+
+    # Scaled to zero by hand, with the HPA in place: the API server takes 0 through the
+    # subresource (schema minimum and CEL rules), the HPA controller stands aside (autoscaling
+    # is off while its target is at 0), and the operator removes every pod.
+    run_kubectl(kc, "scale", "-n", ns, f"mdep/{NAME}", "--replicas=0")
+    md = await settled_at(kube, ns, 0)
+    assert phase(md) == "ScaledToZero", md["status"]
+    assert condition(md, "Ready")["reason"] == "ScaledToZero"
+    assert scale_of(kc, ns)["status"]["replicas"] == 0
+
+    def disabled(o: dict) -> Any:
+        return (condition(o, "ScalingActive") or {}).get("reason") == "ScalingDisabled"
+
+    await wait_for_object(kube, *HPA, ns, NAME, disabled, timeout=120)
+    assert (await kube.get(*MDEP, ns, NAME))["spec"]["replicas"] == 0
+
+    async def no_pods() -> bool:
+        return not await kube.list("v1", "Pod", ns, labels={"kubetune.io/owner": NAME})
+
+    await wait_for(no_pods, timeout=120, interval=0.5, what="every serving pod gone")

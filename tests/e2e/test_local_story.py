@@ -132,7 +132,7 @@ def test_status_shows_objects_in_the_clusters_shape(story):
     table = kubetune("local", "status", "--dir", state).stdout
     # `kubectl get ftj` / `kubectl get mdep` columns, then the progress lines.
     assert "NAME           PHASE       PROGRESS   EVAL LOSS   AGE" in table
-    assert "NAME        PHASE        STABLE       CANARY   WEIGHT   AGE" in table
+    assert "NAME        PHASE        REPLICAS   STABLE       CANARY   WEIGHT   AGE" in table
     assert "ftj/assistant-v2" in table and "Succeeded" in table
     assert f"mdep/{MDEP}" in table and "RolledBack" in table
     obj = json.loads(kubetune("local", "status", "mdep", MDEP, "-o", "json", "--dir", state).stdout)
