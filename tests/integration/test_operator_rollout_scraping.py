@@ -3,7 +3,8 @@
 Aspects covered: a revision's ready pods are scraped at their own ``http`` container port and
 summed; pods that are not ready are skipped; one unreachable ready pod makes the whole revision
 "not scraped" with the URL in the error (never a silently smaller sum); a malformed exposition
-names the line; Prometheus queries are rendered with the revision and namespace and read back
+names the line; each pod is read through the metric map of its own engine label (a real vLLM
+scrape is read as vLLM, not as kubetune_server); Prometheus queries are rendered with the revision and namespace and read back
 (vector, empty result, NaN); golden prompts are sent to a ready pod and scored, and a pod that
 answers nothing is an error.
 """
@@ -71,6 +72,31 @@ async def test_ready_pods_are_scraped_and_summed(session):
     finally:
         await r1.cleanup()
         await r2.cleanup()
+
+
+async def test_each_pod_is_read_through_its_engines_metric_map(session):
+    from pathlib import Path
+
+    from kubetune.api.common import LABEL_ENGINE
+
+    # A real vLLM /metrics scrape (its source is in the fixture's header).
+    real = (
+        Path(__file__).parents[1] / "unit" / "fixtures" / "vllm_metrics_opt125m.txt"
+    ).read_text()
+    runner, port = await serve([web.get("/metrics", lambda _r: web.Response(text=real))])
+    try:
+        vllm_pod = pod("v", port)
+        vllm_pod["metadata"]["labels"] = {LABEL_ENGINE: "vllm"}
+        counters, error = await scraping.scrape_revision(session, [vllm_pod])
+        assert error is None and counters is not None
+        assert (counters.requests, counters.errors, counters.generated_tokens) == (1, 0, 7)
+        assert counters.latency.total == 1 and counters.ttft.total == 1
+        # Without the label the pod is a kubetune_server: none of vLLM's names count.
+        unlabelled, error = await scraping.scrape_revision(session, [pod("b", port)])
+        assert error is None and unlabelled is not None
+        assert (unlabelled.requests, unlabelled.latency.total) == (0, 0)
+    finally:
+        await runner.cleanup()
 
 
 async def test_one_unreachable_ready_pod_means_not_scraped(session):
