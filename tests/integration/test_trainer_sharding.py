@@ -5,7 +5,8 @@ Covers: full fine-tuning sharded over 2 processes matches the unsharded run (eva
 every weight within PARITY_ATOL after 8 steps) and writes one DCP shard per process under one
 manifest; SIGKILL of the whole pod (torchrun and both workers) mid-run, then a restart, resumes
 from the newest complete checkpoint and ends bit-for-bit where the uninterrupted sharded run
-ends; a checkpoint of 2 processes resumes on 1 and one of 1 resumes on 2 (to PARITY_ATOL of
+ends; SIGTERM to torchrun makes both workers checkpoint the same step (every shard, one
+manifest) and exit as preempted; a checkpoint of 2 processes resumes on 1 and one of 1 resumes on 2 (to PARITY_ATOL of
 the uninterrupted run: the reduction order changes with the layout); LoRA sharded over 2
 processes matches unsharded LoRA; early stopping under fsdp publishes the best sharded
 checkpoint, loaded back into the shards; a ddp checkpoint is refused by name under fsdp; gradient
@@ -333,3 +334,33 @@ def test_sharded_early_stopping_publishes_the_best_sharded_checkpoint(
     assert len(published) == len(kept) > 0
     for name, tensor in published.items():
         assert torch.equal(tensor, kept[name.removesuffix(".weight") + ".default.weight"]), name
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_checkpoints_every_shard_and_exits_143(tmp_path, tiny_base_model_uri):
+    train = synthetic.write_task_dataset(tmp_path / "train.jsonl", 60, format="text")
+    out = tmp_path / "out"
+    spec = per_process(full_spec(tiny_base_model_uri, train, out), 2)
+    spec["hyperparameters"]["maxSteps"] = 100000
+    spec["checkpoint"] = {"everySteps": 100000}
+    spec["evaluation"] = {"everySteps": 100000}
+    env = trainer_env(spec, tmp_path)
+    progress = tmp_path / "progress.json"
+    proc = torchrun(env)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(progress.read_text()).get("progress", {}).get("step", 0) >= 2:
+                break
+        time.sleep(0.02)
+    # The kubelet's part: SIGTERM to the container's first process, torchrun, which passes it
+    # on to its workers; they agree on a step, checkpoint it together and exit 143.
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    msg = json.loads(Path(env["KUBETUNE_TERMINATION_LOG"]).read_text())
+    assert msg["outcome"] == "preempted" and msg["step"] >= 2, err[-3000:]
+    manifest = verify_prefix(open_store(out.as_uri()), f"checkpoints/step-{msg['step']}")
+    paths = {f["path"] for f in manifest["files"]}
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "trainer_state.json"} <= paths
+    assert err.count("SIGTERM at step") >= 1
