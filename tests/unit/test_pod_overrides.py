@@ -897,3 +897,20 @@ def test_objects_stored_with_the_old_crd_default_image_keep_it_and_the_lineage_r
     assert fb.build_validate_job(make_ftj())["spec"]["template"]["spec"]["containers"][0][
         "image"
     ] == ("ghcr.io/kubetune/trainer:0.1.0")
+
+
+def test_a_sidecar_can_be_started_by_name_from_the_built_manifest(tmp_path):
+    # Found by the cluster tier: the node runner (which plays the kubelet with the local
+    # runtime's container resolution) could not find a sidecar, an initContainer, by name.
+    from kubetune.local.containers import main_container, to_process
+
+    override = {
+        **FULL_OVERRIDE,
+        "sidecars": [{**FULL_OVERRIDE["sidecars"][0], "command": ["python", "-c", "pass"]}],
+    }
+    job = fb.build_validate_job(make_ftj(podTemplate=override))
+    assert main_container(job)["name"] == "validate"
+    process = to_process(
+        job, "p", tmp_path, tmp_path / "c", lambda name, key: "x", container_name="log-shipper"
+    )
+    assert process.argv[1:] == ["-c", "pass", "-c", "/fluent-bit/etc/fluent-bit.conf"]

@@ -77,18 +77,22 @@ def pod_metadata_of(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def main_container(manifest: dict[str, Any], name: str | None = None) -> dict[str, Any]:
-    """The named container, or the only/first one."""
-    containers = pod_spec_of(manifest).get("containers") or []
+    """The named container (regular or init, e.g. a podTemplate sidecar), or the first regular one."""
+    spec = pod_spec_of(manifest)
+    containers = spec.get("containers") or []
     if not containers:
         raise ContainerError(
             f"{manifest.get('kind')} {manifest.get('metadata', {}).get('name')!r} has no containers"
         )
     if name is None:
         return containers[0]
-    for container in containers:
+    # NB: sidecars of spec.podTemplate are initContainers (restartPolicy Always); a runtime
+    # that starts them by name must find them there too.
+    every = containers + (spec.get("initContainers") or [])
+    for container in every:
         if container.get("name") == name:
             return container
-    raise ContainerError(f"no container {name!r} in {[c.get('name') for c in containers]}")
+    raise ContainerError(f"no container {name!r} in {[c.get('name') for c in every]}")
 
 
 def local_argv(container: dict[str, Any]) -> list[str]:
