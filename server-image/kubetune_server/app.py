@@ -54,8 +54,6 @@ from kubetune_server.protocol import (
 log = logging.getLogger("kubetune_server")
 
 MAX_BODY_BYTES = 4 << 20
-# How often a non-streaming request checks that its client is still there.
-DISCONNECT_POLL_SECONDS = 0.25
 WARMUP_PROMPT = "Hello"
 UNKNOWN_MODEL = "unknown"
 # Seconds the engine's worker gets to stop after the HTTP drain (within the pod's exit margin,
@@ -644,23 +642,22 @@ async def _serve(state: ServerState, request: Request, body, kind: str, prompts,
     texts_out = [""] * len(seqs)
     entries: list[list] = [[] for _ in seqs]
     finish: list[str | None] = [None] * len(seqs)
+    # NB: the client hanging up (its own timeout, a load balancer's) is awaited, not polled:
+    # its rows would otherwise generate to max_tokens for nobody. Polling /is_disconnected/
+    # every 250 ms woke this thread during every generation, and each wake-up took the GIL
+    # from the batch worker (bench/RESULTS.md, profile of server_throughput at concurrency 1).
+    gone = asyncio.ensure_future(_disconnected(request))
+    got: asyncio.Future | None = None
     try:
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-            next_check = time.monotonic() + DISCONNECT_POLL_SECONDS
             while any(f is None for f in finish):
-                try:
-                    index, chunk = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
-                except TimeoutError:
-                    chunk = None
-                if time.monotonic() >= next_check:
-                    next_check = time.monotonic() + DISCONNECT_POLL_SECONDS
-                    # NB: a client that hung up (its own timeout, a load balancer's) would
-                    # otherwise keep its rows generating to max_tokens for nobody.
-                    if await request.is_disconnected():
-                        request.state.kubetune_code = 499
-                        return Response(status_code=499)
-                if chunk is None:
-                    continue
+                got = asyncio.ensure_future(events.get())
+                await asyncio.wait({got, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not got.done():
+                    got.cancel()
+                    request.state.kubetune_code = 499
+                    return Response(status_code=499)
+                index, chunk = got.result()
                 # asyncio.timeout only fires at a suspension point; when the loop was starved
                 # (a busy CPU) the queue may already hold every chunk, so check the clock too.
                 if time.monotonic() > deadline:
@@ -681,6 +678,9 @@ async def _serve(state: ServerState, request: Request, body, kind: str, prompts,
             code="timeout",
         ) from None
     finally:
+        gone.cancel()
+        if got is not None:
+            got.cancel()
         for q in seqs:
             q.cancel()
         observe_ttft()
@@ -718,6 +718,12 @@ async def _serve(state: ServerState, request: Request, body, kind: str, prompts,
         "choices": choices,
         "usage": usage,
     }
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has hung up (the body is read: the next message is the end)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _sse(data: Any) -> bytes:
