@@ -13,8 +13,9 @@
    Layers are reused between runs: a source change rebuilds only the last layers.
 4. Torch and the other wheels download once per machine: ``pip download`` fills a wheelhouse
    (``~/.cache/kubetune/images/wheels``) that is mounted into the builds and named by
-   ``PIP_FIND_LINKS``, so pip takes them from there. (pip's own HTTP cache does not work on
-   these machines: the proxy's answers are not cacheable, so a mounted pip cache stays empty.)
+   ``PIP_FIND_LINKS`` with ``PIP_NO_INDEX=1``, so the builds install from it alone. (pip's
+   own HTTP cache does not work on these machines: the proxy's answers are not cacheable, so
+   a mounted pip cache stays empty.)
 
 Prints the build time and size of each image and writes them to
 ``.kubetune/test-artifacts/images-build.json``.
@@ -117,10 +118,11 @@ def ca_bundle() -> str | None:
 
 
 def requirements() -> list[str]:
-    """What the three Dockerfiles install: the project's dependencies, extras and EXTRA."""
+    """What the Dockerfiles install: dependencies, extras, EXTRA and the build backend."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    return sorted({*project["dependencies"], *extras["train"], *extras["serve"], *EXTRA})
+    build = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
+    return sorted({*project["dependencies"], *extras["train"], *extras["serve"], *EXTRA, *build})
 
 
 def fill_wheelhouse() -> Path:
@@ -151,6 +153,9 @@ def build(name: str, base: str) -> dict:
         "--volume", f"{WHEELS}:/run/kubetune-wheels:ro",
         "--build-arg", "PIP_FIND_LINKS=/run/kubetune-wheels",
     ]
+    if not os.environ.get("TORCH_INDEX_URL"):
+        # Only the wheelhouse: with an index too, pip downloads what the wheelhouse holds.
+        args += ["--build-arg", "PIP_NO_INDEX=1"]
     cert = ca_bundle()
     if cert:
         args += ["--volume", f"{cert}:/run/kubetune-ca.crt:ro", "--build-arg", "PIP_CERT=/run/kubetune-ca.crt"]

@@ -145,6 +145,8 @@ def _env_args(
             try:
                 value = secrets[ref["name"]][ref["key"]]
             except KeyError:
+                if ref.get("optional"):
+                    continue  # the kubelet leaves an optional key that is absent unset
                 raise PodSpecError(f"{where}: Secret {ref['name']}/{ref['key']} not given") from None
         elif "fieldRef" in (item.get("valueFrom") or {}):
             path = item["valueFrom"]["fieldRef"]["fieldPath"]
@@ -226,8 +228,8 @@ def _volume_args(
             path.mkdir(parents=True)
             path.chmod(0o777)
             host[mount["name"]] = path
-        ro = ",ro" if mount.get("readOnly") else ""
-        args += ["--volume", f"{path}:{mount['mountPath']}:rw{ro}".replace(":rw,ro", ":ro")]
+        mode = "ro" if mount.get("readOnly") else "rw"
+        args += ["--volume", f"{path}:{mount['mountPath']}:{mode}"]
     return args, host
 
 
@@ -242,6 +244,7 @@ def run_args(
     name: str | None = None,
     node_env: Mapping[str, str] | None = None,
     node_files: Mapping[Path, str] | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> ContainerRun:
     """``podman run`` arguments (after ``run``) running one container of ``pod`` as a kubelet would.
 
@@ -252,11 +255,12 @@ def run_args(
     (the tier's S3 server listens on loopback). ``node_env`` and ``node_files`` (host file →
     read-only container path) are what a node adds to every pod on its own, in place of the
     kubelet's service-account token and ``KUBERNETES_SERVICE_HOST``: a kubeconfig, say.
+    ``config`` is the image's OCI config (read with ``podman image inspect`` when not given).
     """
     containers = {c["name"]: c for c in pod["containers"]}
     container = containers[container_name] if container_name else pod["containers"][0]
     scratch = Path(scratch or tempfile.mkdtemp(prefix="kt-pod-"))
-    config = image_config(image)
+    config = image_config(image) if config is None else config
     args = ["--rm", "--network", "host", "--pull", "never"]
     if name:
         args += ["--name", name]
@@ -282,8 +286,6 @@ def run_args(
     if command:
         args += ["--entrypoint", json.dumps(list(command))]
     args.append(image)
-    if container.get("args") is not None:
-        args += [str(a) for a in container["args"]]
-    elif command:
-        pass  # CMD dropped
+    # NB: podman, like the kubelet, drops the image's CMD once the entrypoint is replaced.
+    args += [str(a) for a in container.get("args") or []]
     return ContainerRun(args=args, volumes=host, termination_log=termination_log)
