@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint crds bench clean cluster-bins prometheus-bin
+.PHONY: demo test lint crds bench clean cluster-bins prometheus-bin images
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,13 @@ prometheus-bin:
 		$(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
-test: lint cluster-bins prometheus-bin
+# The trainer, server and operator images, built from their Dockerfiles with daemonless podman
+# on a local Debian base (apt-get installs podman, runc and debootstrap when missing); layers,
+# the base image and a wheelhouse of the dependencies are cached per machine (docs/images.md).
+images: $(STAMP)
+	nice -n 10 $(PY) -m tests.images.build
+
+test: lint cluster-bins prometheus-bin images
 	$(VENV)/bin/kubetune crds --check
 	$(VENV)/bin/kubetune docs --check
 	$(PY) -m pytest -q -p no:cacheprovider

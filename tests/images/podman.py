@@ -204,7 +204,10 @@ def _security_args(pod: Mapping[str, Any], container: Mapping[str, Any]) -> list
 
 
 def _volume_args(
-    pod: Mapping[str, Any], container: Mapping[str, Any], scratch: Path
+    pod: Mapping[str, Any],
+    container: Mapping[str, Any],
+    scratch: Path,
+    prepared: Mapping[str, Path],
 ) -> tuple[list[str], dict[str, Path]]:
     sources = {v["name"]: v for v in pod.get("volumes") or []}
     args: list[str] = []
@@ -213,6 +216,16 @@ def _volume_args(
         volume = sources.get(mount["name"])
         if volume is None:
             raise PodSpecError(f"volumeMounts {mount['name']!r}: no such volume in the pod")
+        mode = "ro" if mount.get("readOnly") else "rw"
+        if mount["name"] in prepared:
+            # A folder the node filled already (Secret, ConfigMap, projected token, emptyDir).
+            path = prepared[mount["name"]]
+            if "emptyDir" in volume:
+                path.chmod(0o777)
+            host[mount["name"]] = path
+            source = path / mount["subPath"] if mount.get("subPath") else path
+            args += ["--volume", f"{source}:{mount['mountPath']}:{mode}"]
+            continue
         if "emptyDir" not in volume:
             raise PodSpecError(f"volume {mount['name']!r}: only emptyDir volumes are run here")
         if (volume["emptyDir"] or {}).get("medium") == "Memory":
@@ -228,7 +241,6 @@ def _volume_args(
             path.mkdir(parents=True)
             path.chmod(0o777)
             host[mount["name"]] = path
-        mode = "ro" if mount.get("readOnly") else "rw"
         args += ["--volume", f"{path}:{mount['mountPath']}:{mode}"]
     return args, host
 
@@ -245,6 +257,8 @@ def run_args(
     node_env: Mapping[str, str] | None = None,
     node_files: Mapping[Path, str] | None = None,
     config: Mapping[str, Any] | None = None,
+    volume_dirs: Mapping[str, Path] | None = None,
+    termination_log: Path | None = None,
 ) -> ContainerRun:
     """``podman run`` arguments (after ``run``) running one container of ``pod`` as a kubelet would.
 
@@ -256,6 +270,9 @@ def run_args(
     read-only container path) are what a node adds to every pod on its own, in place of the
     kubelet's service-account token and ``KUBERNETES_SERVICE_HOST``: a kubeconfig, say.
     ``config`` is the image's OCI config (read with ``podman image inspect`` when not given).
+    ``volume_dirs`` maps volume names to folders a node prepared already (the node runner's
+    Secrets, ConfigMaps and tokens); ``termination_log`` is the host file of the termination
+    message (default: a new one under ``scratch``).
     """
     containers = {c["name"]: c for c in pod["containers"]}
     container = containers[container_name] if container_name else pod["containers"][0]
@@ -269,14 +286,14 @@ def run_args(
     limit = ((container.get("resources") or {}).get("limits") or {}).get("memory")
     if limit:
         args += ["--memory", str(memory_bytes(limit))]
-    volume_args, host = _volume_args(pod, container, scratch)
+    volume_args, host = _volume_args(pod, container, scratch, volume_dirs or {})
     args += volume_args
-    termination_log = None
-    if container.get("terminationMessagePath"):
-        termination_log = scratch / "termination-log"
+    if container.get("terminationMessagePath") or termination_log:
+        termination_log = termination_log or scratch / "termination-log"
         termination_log.touch()
         termination_log.chmod(0o666)
-        args += ["--volume", f"{termination_log}:{container['terminationMessagePath']}:rw"]
+        path = container.get("terminationMessagePath") or "/dev/termination-log"
+        args += ["--volume", f"{termination_log}:{path}:rw"]
     for host_path, container_path in (node_files or {}).items():
         args += ["--volume", f"{host_path}:{container_path}:ro"]
     args += [a for k, v in (node_env or {}).items() for a in ("--env", f"{k}={v}")]
