@@ -6,7 +6,8 @@ every weight within PARITY_ATOL after 8 steps) and writes one DCP shard per proc
 manifest; SIGKILL of the whole pod (torchrun and both workers) mid-run, then a restart, resumes
 from the newest complete checkpoint and ends bit-for-bit where the uninterrupted sharded run
 ends; SIGTERM to torchrun makes both workers checkpoint the same step (every shard, one
-manifest) and exit as preempted; a checkpoint of 2 processes resumes on 1 and one of 1 resumes on 2 (to PARITY_ATOL of
+manifest) and exit as preempted; through S3, a new pod downloads the newest sharded checkpoint once (its first process; the
+other shares it) and continues bit for bit; a checkpoint of 2 processes resumes on 1 and one of 1 resumes on 2 (to PARITY_ATOL of
 the uninterrupted run: the reduction order changes with the layout); LoRA sharded over 2
 processes matches unsharded LoRA; early stopping under fsdp publishes the best sharded
 checkpoint, loaded back into the shards; a ddp checkpoint is refused by name under fsdp; gradient
@@ -364,3 +365,37 @@ def test_sigterm_to_torchrun_checkpoints_every_shard_and_exits_143(tmp_path, tin
     paths = {f["path"] for f in manifest["files"]}
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "trainer_state.json"} <= paths
     assert err.count("SIGTERM at step") >= 1
+
+
+@pytest.mark.slow
+def test_sharded_checkpoints_through_s3_resume_in_a_new_pod_bit_for_bit(
+    tmp_path, tiny_base_model, s3_env, s3_uri
+):
+    store = open_store(s3_uri)
+    store.upload_dir(tiny_base_model, "base")
+    train = synthetic.write_task_dataset(tmp_path / "train.jsonl", 60, format="text")
+    store.upload_file(train, "in/train.jsonl")
+    spec = make_spec(
+        f"{s3_uri}/base",
+        f"{s3_uri}/in/train.jsonl",
+        f"{s3_uri}/out",
+        method={"type": "full"},
+        dataset={"train": f"{s3_uri}/in/train.jsonl", "maxSeqLength": 128},
+        hyperparameters={"maxSteps": 4, "batchSize": 4, "learningRate": 1e-3},
+        evaluation={"everySteps": 4},
+        checkpoint={"everySteps": 2, "keepLast": 2, "keepBest": False},
+    )
+    first = trainer_env(spec, tmp_path / "first", s3_env)
+    finish(torchrun(first), first)
+    store.download_dir("out/model", tmp_path / "straight")
+    # A new pod (empty work folder) after the artifact is gone: the newest checkpoint (step 2)
+    # comes down from S3 once for the pod, both processes load their shards from it.
+    store.delete_prefix("out/model/")
+    second = trainer_env(spec, tmp_path / "second", s3_env)
+    msg, err = finish(torchrun(second), second)
+    assert "resumed from step 2" in msg["message"]
+    assert (tmp_path / "second/work/resume/step-2/manifest.json").exists()
+    assert not any((tmp_path / "second/work" / f"rank-{r}" / "resume").exists() for r in (0, 1))
+    store.download_dir("out/model", tmp_path / "resumed")
+    a, b = load_weights(tmp_path / "straight"), load_weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a)
