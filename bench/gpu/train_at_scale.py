@@ -25,6 +25,10 @@ Cases, each on the same model, batch and sequence length, measured in this proce
   fsdp, bf16) for a few steps with a checkpoint, then a second run that resumes from it; checks
   that the resumed run ends on the same loss.
 
+Limits: each GPU builds the whole fp32 model before sharding it (8b needs ~32 GB of one GPU
+for a moment); an out-of-memory in the unsharded baseline is expected for large shapes and is
+reported, not fatal.
+
 Each case prints tokens/s (all GPUs), MFU (PaLM convention: 6N + 12·L·d·s FLOPs per token
 against the GPU's dense bf16 peak) and peak memory (``torch.cuda.max_memory_allocated``, the
 largest over ranks) next to the memory estimate of ``kubetune.finetune.memory`` for the same

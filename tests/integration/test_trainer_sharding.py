@@ -1,17 +1,18 @@
 """Sharded training (FSDP2, distributed.strategy fsdp) and activation checkpointing on the tiny
 Llama model, on CPU with gloo, under ``torchrun --nproc-per-node=2``.
 
-Covers: full fine-tuning sharded over 2 processes matches the unsharded run (eval loss and
-every weight within PARITY_ATOL after 8 steps) and writes one DCP shard per process under one
+Covers: full fine-tuning sharded over 2 processes matches the unsharded run (eval loss and every
+weight within PARITY_ATOL after 8 steps) and writes one DCP shard per process under one
 manifest; SIGKILL of the whole pod (torchrun and both workers) mid-run, then a restart, resumes
 from the newest complete checkpoint and ends bit-for-bit where the uninterrupted sharded run
 ends; SIGTERM to torchrun makes both workers checkpoint the same step (every shard, one
-manifest) and exit as preempted; through S3, a new pod downloads the newest sharded checkpoint once (its first process; the
-other shares it) and continues bit for bit; a checkpoint of 2 processes resumes on 1 and one of 1 resumes on 2 (to PARITY_ATOL of
-the uninterrupted run: the reduction order changes with the layout); LoRA sharded over 2
-processes matches unsharded LoRA; early stopping under fsdp publishes the best sharded
-checkpoint, loaded back into the shards; a ddp checkpoint is refused by name under fsdp; gradient
-checkpointing changes memory, not results (same adapter with dropout on).
+manifest) and exit as preempted; through S3, a new pod downloads the newest sharded checkpoint
+once (its first process; the other shares it) and continues bit for bit; a checkpoint of 2
+processes resumes on 1 and one of 1 resumes on 2 (to PARITY_ATOL of the uninterrupted run: the
+reduction order changes with the layout); LoRA sharded over 2 processes matches unsharded LoRA;
+early stopping under fsdp publishes the best sharded checkpoint, loaded back into the shards; a
+ddp checkpoint is refused by name under fsdp; gradient checkpointing changes memory, not results
+(same adapter with dropout on).
 """
 
 from __future__ import annotations
