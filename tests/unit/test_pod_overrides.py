@@ -860,6 +860,10 @@ def test_revision_names_change_with_pod_settings_and_only_then():
         other = ModelDeploymentSpec.model_validate(make_md(**extra)["spec"])
         seen.add(revisions.revision_hash(other, resolved))
     assert len(seen) == 4
+    # The account moved from storage.serviceAccountName to serviceAccountName: same revision.
+    legacy = ModelDeploymentSpec.model_validate(make_md(storage={"serviceAccountName": "sa"})["spec"])
+    moved = ModelDeploymentSpec.model_validate(make_md(serviceAccountName="sa")["spec"])
+    assert revisions.revision_hash(legacy, resolved) == revisions.revision_hash(moved, resolved)
 
 
 # --- cluster defaults (KUBETUNE_POD_DEFAULTS) -------------------------------------------------------

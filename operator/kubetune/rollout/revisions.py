@@ -99,12 +99,15 @@ def _serving_fingerprint(
         "resources": spec.resources.dump(),
         "storage": spec.storage.dump(),
     }
+    if spec.service_account_name:
+        # One account, wherever it is written: moving storage.serviceAccountName to
+        # serviceAccountName is no new revision.
+        out["storage"]["serviceAccountName"] = spec.service_account_name
     # Pod-level settings join the fingerprint only when set, so that the revisions of
     # ModelDeployments written before these fields existed keep their names (no new canary).
     for key, value in (
         ("podTemplate", spec.pod_template.dump() if spec.pod_template else None),
         ("imagePullSecrets", [s.dump() for s in spec.image_pull_secrets or []]),
-        ("serviceAccountName", spec.service_account_name),
         (
             "clusterDefaults",
             effective_for_pod(
