@@ -3,7 +3,9 @@
 Covers: a new revision whose answers fail the golden prompts (``spec.rollout.evalGate``, read
 from a ``promptsUri`` JSONL file, which only the local runtime supports) is rolled back before
 it gets any traffic: ``EvalGateFailed``, ``evalGateScore`` recorded, weight 0, the router never
-sent it a request, and its server processes are gone afterwards.
+sent it a request, and its server processes are gone afterwards. With
+``spec.server.apiKeySecret`` the golden prompts carry the key (issue 13), and the status never
+holds it.
 """
 
 from __future__ import annotations
@@ -95,4 +97,61 @@ def test_canary_failing_the_golden_prompts_never_gets_traffic(tmp_path, demo_ass
         for name, w in table.items()
     )
     assert not any(name.startswith(rejected["name"]) for name in stats)
+    assert processes_under(tmp_path) == []
+
+
+def test_the_gate_sends_the_api_key_the_servers_require(tmp_path, demo_assets):
+    """spec.server.apiKeySecret (issue 13): the golden prompts carry the key from the Secret.
+
+    The gate asks for every prompt to be answered at all (``contains ""``, minScore 1): a
+    request without the key would get a 401, count as unanswered and reject the canary.
+    """
+    import base64
+
+    base_uri = (demo_assets / "models" / "base").resolve().as_uri()
+    golden = tmp_path / "golden.jsonl"
+    golden.write_text(json.dumps({"prompt": "Code word for zorb?", "expected": ""}) + "\n")
+    store = Store(tmp_path / "state")
+    key = "kt-e2e-5f4e3d2c1b"
+
+    def keyed(gate: dict | None, batch: int) -> dict:
+        md = _mdep(base_uri, gate, batch)
+        md["spec"]["server"]["apiKeySecret"] = {"name": "serving-keys"}
+        return md
+
+    async def scenario():
+        runtime = build_runtime(store)
+        await runtime.start()
+        try:
+            store.apply(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "metadata": {"name": "serving-keys"},
+                    "data": {"apiKey": base64.b64encode(key.encode()).decode()},
+                }
+            )
+            store.apply(keyed(None, 8))
+
+            def status():
+                return (store.get("ModelDeployment", "gated") or {}).get("status") or {}
+
+            assert await runtime.run(until=lambda: status().get("phase") == "Healthy", timeout=120)
+            gate = {"promptsUri": golden.as_uri(), "match": "contains", "minScore": 1.0}
+            store.apply(keyed(gate, 4))
+            assert await runtime.run(
+                until=lambda: (
+                    status().get("evalGateScore") is not None
+                    or bool(status().get("rejectedRevisions"))
+                ),
+                timeout=120,
+            )
+            return status()
+        finally:
+            await runtime.stop()
+
+    status = asyncio.run(scenario())
+    assert status["evalGateScore"] == 1.0, status
+    assert not status.get("rejectedRevisions")
+    assert key not in json.dumps(status)
     assert processes_under(tmp_path) == []
