@@ -159,6 +159,45 @@ def run_ours(base, train, tmp: Path, a, name: str, **over):
     return tps, trainer
 
 
+def mask_cost(trainer, rounds: int = 6) -> dict[str, float]:
+    """Forward + backward of the same packed micro-batches: block-diagonal mask vs a plain one.
+
+    The plain padding mask is what packing used before (examples attending to each other); the
+    two are timed alternately in this process, so machine load hits both alike.
+    """
+    import torch
+
+    from kubetune_trainer.batching import collate
+
+    tok = trainer.tokenizer.pad_token_id
+    bs = trainer.spec.hyperparameters.batch_size
+    batches = [collate(trainer.rows[i : i + bs], tok) for i in range(0, bs * 4, bs)]
+
+    batches = [b for b in batches if b["attention_mask"].ndim == 4]  # packed ones only
+
+    def plain(b):
+        # 1 on every real token (the block mask's diagonal), 0 on padding
+        real = b["attention_mask"][:, 0].diagonal(dim1=-2, dim2=-1)
+        return {**b, "attention_mask": real.long()}
+
+    variants = {"block": batches, "plain": [plain(b) for b in batches]}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    model = trainer.model
+    model.train()
+    for _ in range(rounds):
+        for name, bs_ in variants.items():
+            t0 = time.perf_counter()
+            for b in bs_:
+                b = {k: v.to(trainer.device) for k, v in b.items()}
+                model(**b, use_cache=False).loss.backward()
+            model.zero_grad(set_to_none=True)
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    block, plain_t = statistics.median(times["block"][1:]), statistics.median(times["plain"][1:])
+    return {"block_s": block, "plain_s": plain_t, "ratio": block / plain_t}
+
+
 def run_baseline(base: Path, trainer_ours, a, tmp: Path) -> float:
     """transformers.Trainer + peft on the same encoded examples and hyperparameters."""
     import torch
@@ -283,6 +322,11 @@ def append_results(r: dict, seconds: float) -> None:
         lines.append(
             f"| tokens/s, variable-length text, ours padded | {v['ours_padded_tps']:,.0f} | {v['baseline_tps']:,.0f} | {v['ratio_padded']:.2f}x |"
         )
+        if "mask" in v:
+            k = v["mask"]
+            lines.append(
+                f"| forward+backward of 4 packed micro-batches: block-diagonal mask vs the plain mask packing used before (leaks across examples), alternated | {k['block_s'] * 1000:.0f} ms | {k['plain_s'] * 1000:.0f} ms | {k['ratio']:.2f}x |"
+            )
         if "mfu_6N" in v:
             lines.append(
                 f"| MFU (6N + attention, {v['params'] / 1e6:.0f}M params), packed | {v['mfu_6N']:.1%} | | |"
@@ -367,6 +411,13 @@ def main() -> None:
             "ratio_packed": ours_p / hf,
             "ratio_padded": ours_np / hf,
         }
+        results["varlen"]["mask"] = mask_cost(tr)
+        k = results["varlen"]["mask"]
+        print(
+            f"varlen mask cost: block-diagonal {k['block_s'] * 1000:.0f} ms vs plain (leaky) "
+            f"{k['plain_s'] * 1000:.0f} ms = {k['ratio']:.2f}x",
+            flush=True,
+        )
         if a.device == "cuda":
             results["varlen"].update(mfu(ours_p, tr, a.seq))
         print(
