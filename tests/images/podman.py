@@ -290,7 +290,7 @@ def run_args(
     args += volume_args
     if container.get("terminationMessagePath") or termination_log:
         termination_log = termination_log or scratch / "termination-log"
-        termination_log.touch()
+        termination_log.write_text("")  # a restarted container starts with an empty message
         termination_log.chmod(0o666)
         path = container.get("terminationMessagePath") or "/dev/termination-log"
         args += ["--volume", f"{termination_log}:{path}:rw"]
