@@ -1,4 +1,4 @@
-"""A pod runner that plays the kubelet for the test cluster: pods run as host processes.
+"""A pod runner that plays the kubelet for the test cluster: pods run as host processes or containers.
 
 ``python -m tests.cluster.noderunner --kubeconfig K --workdir D --node cpu-0:cpu --node gpu-0:gpu``
 
@@ -28,6 +28,12 @@ For each node it:
 - stops the processes when their Pod is deleted, honouring the grace period (SIGTERM, then
   SIGKILL), then removes the Pod (the kubelet's final delete with grace 0).
 
+Container mode (``--images``; ``KUBETUNE_CLUSTER_IMAGES=1`` for the cluster tier): each
+container runs in kubetune's own image (``make images``) under podman instead of as a host
+process, with the images tier's converter (tests/images/podman.py): the image's user, a
+read-only root, dropped capabilities, the volumes above bind-mounted, the host's network with
+the same bind shim.
+
 It authenticates as the test admin (a real kubelet uses the Node authorizer). It is
 level-triggered: every ``--sync`` seconds it lists its pods and reconciles each.
 """
@@ -56,6 +62,7 @@ import aiohttp
 from kubetune.k8s.client import ApiError, KubeClient
 from kubetune.local.containers import pod_spec_of, to_process
 from kubetune.local.processes import ProcessSpec, Supervisor
+from tests.images.podman import IMAGES, image_config, image_ref, podman, podman_env, run_args
 
 log = logging.getLogger("noderunner")
 
@@ -205,6 +212,7 @@ class NodeRunner:
         sync_seconds: float = 0.5,
         shim: Path | None = None,
         subnet: int = 0,
+        images: bool = False,
     ) -> None:
         self.client = client
         self.workdir = workdir
@@ -213,6 +221,9 @@ class NodeRunner:
         self.api_port = api_port
         self.sync_seconds = sync_seconds
         self.shim = shim
+        # Container mode: every container runs in kubetune's own image under podman.
+        self.images = images
+        self._image_configs: dict[str, dict[str, Any]] = {}
         # Paths that stand in for the container image: never hidden by a volume mount.
         self.keep = _outermost([str(Path.cwd()), sys.prefix, str(workdir.resolve())])
         self.supervisor = Supervisor(registry=workdir / "processes.json", grace_seconds=30)
@@ -457,6 +468,8 @@ class NodeRunner:
                 env[item["name"]] = run.ip
             elif path == "spec.nodeName":
                 env[item["name"]] = pod_spec_of(run.pod).get("nodeName", "")
+        if self.images:
+            return self._container_spec(run, container, spec)
         env["HOSTNAME"] = run.name
         env["KUBERNETES_SERVICE_HOST"] = self.api_host
         env["KUBERNETES_SERVICE_PORT"] = str(self.api_port)
@@ -522,6 +535,71 @@ class NodeRunner:
             "/bin/sh", "-c", "\n".join(script), "container", *spec.argv,
         ]  # fmt: skip
         return spec
+
+    def _container_spec(
+        self, run: PodRun, container: dict[str, Any], spec: ProcessSpec
+    ) -> ProcessSpec:
+        """Container mode: ``podman run`` of the container in its kubetune image.
+
+        The arguments come from :func:`tests.images.podman.run_args`, the images tier's
+        converter (user, read-only root, capabilities, env, volumes); the volumes are the
+        folders this runner filled (Secrets, ConfigMaps, the projected token, emptyDirs). What a
+        node adds on its own is the same as for processes: the API server's address, the pod
+        address and the bind shim (mounted into the container; the images' glibc is Debian's).
+        """
+        image = local_image(container.get("image", ""))
+        if image not in self._image_configs:
+            self._image_configs[image] = image_config(image)
+        secrets: dict[str, dict[str, str]] = {}
+        for (name, key), value in run.secrets.items():
+            secrets.setdefault(name, {})[key] = value
+        pod_spec = pod_spec_of(run.pod)
+        node_env = {
+            "HOSTNAME": run.name,
+            "KUBERNETES_SERVICE_HOST": self.api_host,
+            "KUBERNETES_SERVICE_PORT": str(self.api_port),
+            "KUBETUNE_POD_IP": run.ip,
+        }
+        node_files: dict[Path, str] = {}
+        if self.shim is not None:
+            node_env["LD_PRELOAD"] = str(self.shim)
+            node_files[self.shim] = str(self.shim)
+        volumes = {
+            v["name"]: run.folder / "volumes" / v["name"] for v in pod_spec.get("volumes") or []
+        }
+        converted = run_args(
+            pod_spec,
+            image=image,
+            container_name=container["name"],
+            secrets=secrets,
+            pod_fields={
+                "metadata.name": run.name,
+                "metadata.namespace": run.namespace,
+                "metadata.uid": run.uid,
+                "status.podIP": run.ip,
+                "spec.nodeName": pod_spec.get("nodeName", ""),
+            },
+            scratch=run.folder,
+            name=container_name(run, container["name"]),
+            node_env=node_env,
+            node_files=node_files,
+            config=self._image_configs[image],
+            volume_dirs=volumes,
+            termination_log=run.folder / f"{container['name']}.termination-log",
+        )
+        # --replace: a restarted container takes over its predecessor's name.
+        spec.argv = ["podman", "--runtime", "runc", "run", "--replace", *converted.args]
+        spec.env = podman_env()
+        return spec
+
+    async def _remove_containers(self, run: PodRun) -> None:
+        """Container mode: remove what SIGKILL of ``podman run`` may have left running."""
+        if not self.images:
+            return
+        names = [container_name(run, c.name) for c in run.containers.values()]
+        await asyncio.to_thread(
+            podman, "rm", "--force", "--ignore", "--time", "0", *names, check=False
+        )
 
     async def _resolve_secrets(self, run: PodRun) -> None:
         secrets: dict[tuple[str, str], str] = {}
@@ -729,6 +807,7 @@ class NodeRunner:
         await asyncio.gather(*(self.supervisor.stop(n, grace_seconds=float(grace)) for n in names))
         for n in names:
             self.supervisor.forget(n)
+        await self._remove_containers(run)
         for stash in STASH_ROOT.glob(f"{run.uid[:8]}-*"):
             shutil.rmtree(stash, ignore_errors=True)  # empty mount points, gone with the namespace
         if final_delete:
@@ -755,6 +834,24 @@ class NodeRunner:
             if run.task is not None:
                 run.task.cancel()
         await self.supervisor.stop_all(grace_seconds=5)
+        for run in list(self.pods.values()):
+            await self._remove_containers(run)
+
+
+def local_image(reference: str) -> str:
+    """The local build (``make images``) standing in for a pod's image reference.
+
+    ``ghcr.io/kubetune/trainer:0.1.0``, ``REGISTRY/kubetune-server@sha256:...`` and the chart's
+    ``ghcr.io/kubetune/operator:test`` map to ``localhost/kubetune/<name>:dev``.
+    """
+    name = reference.rsplit("/", 1)[-1].split("@")[0].split(":")[0].removeprefix("kubetune-")
+    if name not in IMAGES:
+        raise ValueError(f"image {reference!r}: no local kubetune image for it ({sorted(IMAGES)})")
+    return image_ref(name)
+
+
+def container_name(run: PodRun, container: str) -> str:
+    return f"kt-{run.namespace}-{run.name}-{container}"[:200]
 
 
 POD_NETWORK = "198.18.0.0/16"
@@ -810,6 +907,7 @@ async def amain(args: argparse.Namespace) -> None:
         args.sync,
         shim=build_shim(Path(args.workdir)),
         subnet=args.subnet,
+        images=args.images,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -827,6 +925,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--node", action="append", required=True, help="NAME[:cpu|gpu]")
     parser.add_argument("--sync", type=float, default=0.5)
     parser.add_argument("--subnet", type=int, default=0, help="first third octet of pod addresses")
+    parser.add_argument(
+        "--images",
+        action="store_true",
+        help="container mode: run pods in kubetune's images (make images) under podman",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"

@@ -139,6 +139,8 @@ class NodeRunnerProcess:
         ]
         for name, kind in nodes:
             argv += ["--node", f"{name}:{kind}"]
+        if os.environ.get("KUBETUNE_CLUSTER_IMAGES") == "1":
+            argv.append("--images")  # container mode: pods run in the images (make images)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 argv,

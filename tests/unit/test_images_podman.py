@@ -85,3 +85,24 @@ def test_memory_emptydir_is_a_sized_tmpfs_and_a_missing_secret_is_named(tmp_path
 @pytest.mark.parametrize(("quantity", "expected"), [("4Gi", 4 << 30), ("512M", 512 * 10**6), ("1000", 1000)])
 def test_memory_quantities(quantity, expected):
     assert memory_bytes(quantity) == expected
+
+
+@pytest.mark.parametrize(
+    ("reference", "local"),
+    [
+        ("ghcr.io/kubetune/trainer:0.1.0", "localhost/kubetune/trainer:dev"),
+        ("ghcr.io/kubetune/operator:test", "localhost/kubetune/operator:dev"),
+        ("registry.example/team/kubetune-server@sha256:ab", "localhost/kubetune/server:dev"),
+    ],
+)
+def test_node_runner_container_mode_runs_the_local_build_of_a_pods_image(reference, local):
+    from tests.cluster.noderunner import local_image
+
+    assert local_image(reference) == local
+
+
+def test_node_runner_container_mode_names_an_image_it_has_no_build_for():
+    from tests.cluster.noderunner import local_image
+
+    with pytest.raises(ValueError, match="busybox"):
+        local_image("docker.io/library/busybox:1")
