@@ -145,10 +145,43 @@ def fill_wheelhouse() -> Path:
     return WHEELS
 
 
+# What goes into every image besides its Dockerfile (the build context the Dockerfiles COPY).
+SOURCES = (
+    ".dockerignore", "pyproject.toml", "README.md",
+    "operator", "trainer-image/kubetune_trainer", "server-image/kubetune_server",
+)
+INPUTS_LABEL = "io.kubetune.inputs"
+
+
+def inputs_digest(name: str, base: str) -> str:
+    """A hash of everything the build of ``name`` reads: its Dockerfile, the sources it copies,
+    the base image, the wheelhouse's requirement list and the pip settings passed in."""
+    digest = hashlib.sha256()
+    settings = {k: os.environ.get(k, "") for k in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "TORCH_INDEX_URL")}
+    digest.update(json.dumps([name, base, requirements(), settings]).encode())
+    files: list[Path] = [REPO / IMAGES[name]]
+    for source in SOURCES:
+        path = REPO / source
+        files += sorted(path.rglob("*")) if path.is_dir() else [path]
+    for path in files:
+        if not path.is_file() or "__pycache__" in path.parts or path.suffix == ".pyc":
+            continue
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def build(name: str, base: str) -> dict:
+    inputs = inputs_digest(name, base)
+    if image_exists(image_ref(name)):
+        labels = podman("image", "inspect", "--format", "{{json .Labels}}", image_ref(name)).stdout
+        if (json.loads(labels) or {}).get(INPUTS_LABEL) == inputs:
+            # Nothing it reads has changed: even a fully cached podman build re-hashes the
+            # multi-GB virtualenv layer for minutes, so skip it.
+            log(f"{image_ref(name)} is up to date (inputs {inputs})")
+            return {"image": image_ref(name), "seconds": 0.0, "reused": True, "inputs": inputs}
     args = [
         "build", "--network", "host", "--layers", "--pull=never",
-        "-f", str(REPO / IMAGES[name]), "-t", image_ref(name),
+        "-f", str(REPO / IMAGES[name]), "-t", image_ref(name), "--label", f"{INPUTS_LABEL}={inputs}",
         "--build-arg", f"CUDA_IMAGE={base}", "--build-arg", f"PYTHON_IMAGE={base}",
         "--volume", f"{WHEELS}:/run/kubetune-wheels:ro",
         "--build-arg", "PIP_FIND_LINKS=/run/kubetune-wheels",
@@ -169,7 +202,7 @@ def build(name: str, base: str) -> dict:
     seconds = time.monotonic() - started
     size = int(podman("image", "inspect", "--format", "{{.Size}}", image_ref(name)).stdout.strip())
     log(f"{image_ref(name)}: {seconds:.0f} s, {size / 1e9:.2f} GB")
-    return {"image": image_ref(name), "seconds": round(seconds, 1), "bytes": size}
+    return {"image": image_ref(name), "seconds": round(seconds, 1), "bytes": size, "inputs": inputs}
 
 
 def main(argv: list[str]) -> int:

@@ -152,4 +152,36 @@ def test_trainer_and_server_builds_share_the_torch_layer():
     trainer = _instructions_up_to_torch(REPO / "trainer-image" / "Dockerfile")
     server = _instructions_up_to_torch(REPO / "server-image" / "Dockerfile")
     assert trainer == server
-    assert trainer[0] == "FROM ${CUDA_IMAGE} AS build"
+    assert trainer[0] == "FROM ${CUDA_IMAGE} AS deps"
+
+
+def _stages(dockerfile: Path) -> dict[str, list[str]]:
+    """Instructions per stage (comments dropped, continuations joined); the last stage is ''."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    stages: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in (ln.strip() for ln in text.splitlines()):
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("FROM "):
+            words = line.split()
+            current = stages.setdefault(words[3] if len(words) > 3 else "", [])
+        current.append(line)
+    return stages
+
+
+@pytest.mark.parametrize("name", ["trainer", "server", "operator"])
+def test_a_source_change_leaves_the_virtualenv_layer_alone(name: str):
+    # The final stage's multi-GB virtualenv comes from stages that never see the sources, so a
+    # code change rebuilds (and copies) only the small application folder.
+    stages = _stages(REPO / f"{name}-image" / "Dockerfile")
+    final = stages[""]
+    venv_from = next(line.split()[1].removeprefix("--from=") for line in final
+                     if line.startswith("COPY --from=") and line.endswith("/opt/kubetune /opt/kubetune"))
+    chain, stage = [], venv_from
+    while stage in stages:
+        chain.append(stage)
+        stage = stages[stage][0].split()[1]
+    copied = [line for s in chain for line in stages[s] if line.startswith("COPY ")]
+    assert copied == ["COPY pyproject.toml ./"], copied
+    assert any(line.startswith("COPY --from=") and "/opt/kubetune-app" in line for line in final)
