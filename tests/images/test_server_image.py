@@ -69,9 +69,9 @@ def model_deployment(name: str, endpoint: str, base: str, adapter: str, **server
     }
 
 
-def queue_depth(metrics: str) -> float:
-    """``kubetune_server_queue_depth`` from a /metrics text."""
-    line = next(x for x in metrics.splitlines() if x.startswith("kubetune_server_queue_depth "))
+def gauge(metrics: str, name: str) -> float:
+    """An unlabelled gauge's value from a /metrics text."""
+    line = next(x for x in metrics.splitlines() if x.startswith(f"{name} "))
     return float(line.split()[-1])
 
 
@@ -142,10 +142,10 @@ def test_serves_the_trainer_images_artifact_and_drains_on_sigterm(
         image_assets.endpoint,
         image_assets.base_uri,
         f"{trained_artifact.output_uri}/model",
-        # A request waits up to a second for companions in the batch queue, where /metrics
-        # shows it: so the test knows it is in flight before sending SIGTERM.
-        batchWaitMs=1000,
-        maxBatchSize=8,
+        # Each request is held 2 s before generating (the fault-injection delay), where /metrics
+        # counts it in flight: so the test knows it is in flight before sending SIGTERM. (A lone
+        # request no longer waits batchWaitMs in the queue: 98176f2.)
+        env=[{"name": "KUBETUNE_FAULT_LATENCY_MS", "value": "2000"}],
     )
     srv = ServerPod(md, built_images["server"], tmp_path / "pod")
     try:
@@ -169,7 +169,7 @@ def test_serves_the_trainer_images_artifact_and_drains_on_sigterm(
         thread = threading.Thread(target=ask)
         thread.start()
         deadline = time.monotonic() + 30
-        while queue_depth(srv.metrics()) < 1:
+        while gauge(srv.metrics(), "kubetune_server_requests_in_flight") < 1:
             assert thread.is_alive() and time.monotonic() < deadline, (
                 f"the request was never seen queued: {result}"
             )
