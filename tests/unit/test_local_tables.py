@@ -13,7 +13,7 @@ from kubetune.local.tables import age, printer_columns, table
 
 def test_columns_are_the_crds_printer_columns():
     names = [c["name"] for c in printer_columns("ModelDeployment")]
-    assert names[:4] == ["Phase", "Stable", "Canary", "Weight"]
+    assert names[:5] == ["Phase", "Replicas", "Stable", "Canary", "Weight"]
 
 
 def test_table_reads_json_paths_and_hides_priority_columns_unless_wide():
@@ -27,7 +27,7 @@ def test_table_reads_json_paths_and_hides_priority_columns_unless_wide():
         },
     }
     lines = table("ModelDeployment", [obj]).splitlines()
-    assert lines[0].split()[:5] == ["NAME", "PHASE", "STABLE", "CANARY", "WEIGHT"]
+    assert lines[0].split()[:6] == ["NAME", "PHASE", "REPLICAS", "STABLE", "CANARY", "WEIGHT"]
     assert lines[1].split()[:5] == ["assistant", "Progressing", "abc", "def", "20"]
     ftj = {"metadata": {"name": "j"}, "status": {"phase": "Running", "restarts": 2}}
     assert "RESTARTS" not in table("FineTuneJob", [ftj])
