@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -270,8 +271,12 @@ def test_a_cpu_training_steps_peak_rss_is_within_25_percent_of_the_estimate():
     # resident weights vs the estimate without its weights part (no CUDA context on CPU).
     # Measured when written: 488 MiB vs 531 MiB estimated.
     pytest.importorskip("torch")
+    # A clean environment: in the whole suite (not alone) the probe once measured twice the
+    # peak, with the environment earlier tests leave behind; the probe needs only the venv.
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "PYTHONPATH") if k in os.environ}
     out = subprocess.run(
-        [sys.executable, "-c", RSS_PROBE], capture_output=True, text=True, timeout=300, check=True
+        [sys.executable, "-c", RSS_PROBE], capture_output=True, text=True, timeout=300, check=True,
+        env=env,
     )
     delta = json.loads(out.stdout.strip().splitlines()[-1])["delta"]
     shape = m.ModelShape("llama", 2048, 256, 688, 4, 8, 4, 32, False)
