@@ -142,6 +142,9 @@ def test_pool_never_crosses_a_step():
     stable = healthy_stable(sim)
     sim.set_spec(make_md("s3://models/adapter-b", rollout=spec))
     canary = revision_of(sim.md).name
+    # Stable's baseline in this module's bucket layout: with healthy_stable's layout the stable
+    # interval was unmeasurable and the canary passed on absolute limits alone (the gap below).
+    sim.revs[stable] = ready(4, counters(0))
     sim.revs[canary] = ready(1, counters(0))
     sim.step()
     sim.tick(5)

@@ -821,3 +821,20 @@ def test_without_a_router_no_canary_starts_and_status_says_why():
     assert degraded["reason"] == m.TRAFFIC_UNAVAILABLE
     out = sim.step()  # fixed: the canary starts
     assert out.status["canary"]["name"] == revision_of(sim.md).name
+
+
+def test_no_stable_figures_never_pass_a_canary_judged_against_stable():
+    # Found by the real Prometheus (test_healthy_canary_is_promoted_on_prometheus_figures,
+    # KeyError 'stable'): stable's query returned nothing, stable was None, and the relative
+    # checks were skipped, so the canary passed on the absolute limits alone.
+    from kubetune.api.modeldeployment import AnalysisSpec, Thresholds
+
+    canary = an.IntervalMetrics(50, 0.0, 0.05, 0.05)
+    verdict = an.evaluate(an.Measurement("t", canary, None), AnalysisSpec(min_samples=20))
+    assert verdict.phase == "Inconclusive"
+    assert "0 stable requests" in verdict.message and "maxLatencyRatio" in verdict.message
+    # With no relative threshold asked for, absolute limits alone may pass it.
+    absolute = AnalysisSpec(
+        min_samples=20, thresholds=Thresholds(max_latency_ratio=None, max_error_rate_increase=None)
+    )
+    assert an.evaluate(an.Measurement("t", canary, None), absolute).phase == "Successful"

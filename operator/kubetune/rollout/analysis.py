@@ -732,11 +732,11 @@ def evaluate(
         )
         if value is not None
     ]
-    if stable is not None and stable.requests < spec.min_samples and relative:
+    if (stable is None or stable.requests < spec.min_samples) and relative:
         where = "in the interval" if pooled <= 1 else f"in {pooled} pooled intervals"
         return Verdict(
             INCONCLUSIVE,
-            f"only {int(stable.requests)} stable requests {where} (minSamples {spec.min_samples}):"
+            f"only {int(stable.requests) if stable else 0} stable requests {where} (minSamples {spec.min_samples}):"
             f" {' and '.join(relative)} cannot compare the canary's {samples} with stable yet",
             samples,
             **figures,
