@@ -580,41 +580,48 @@ class DeploymentDriver:
         return result
 
     async def _act(self, obj: dict[str, Any], state: MdepState, action: Any) -> None:
-        from kubetune.rollout.machine import revision_from_status
+        from kubetune.api.actions import Event, Requeue
+        from kubetune.rollout.machine import (
+            DeleteRevision,
+            EnsureRevision,
+            RemoveAnnotation,
+            SetWeights,
+            revision_from_status,
+        )
 
-        kind = type(action).__name__
         name = obj["metadata"]["name"]
-        if kind == "EnsureRevision":
-            source = action.source
-            if source is None:
-                # Recreate a lost Deployment from what status remembers of the revision.
-                status = obj.get("status") or {}
-                for role in ("stable", "canary"):
-                    if (status.get(role) or {}).get("name") == action.revision:
-                        source = revision_from_status(status[role], name)
-            if source is None and action.revision not in state.revisions:
-                return
-            await self._ensure_revision(
-                obj, state, source, action.revision, action.replicas, action.role
-            )
-        elif kind == "SetWeights":
-            state.weights = {str(k): int(v) for k, v in dict(action.weights).items()}
-        elif kind == "DeleteRevision":
-            await self._delete_revision(state, action.revision)
-        elif kind == "RemoveAnnotation":
-            # A one-shot annotation (promote, abort) was acted on, as `kubectl annotate key-`.
-            self.store.patch_annotations(KIND, name, {action.key: None})
-        elif kind == "Event":
-            self._event(obj, action)
-        # Requeue: the runtime reconciles every tick anyway.
+        match action:
+            case EnsureRevision():
+                source = action.source
+                if source is None:
+                    # Recreate a lost Deployment from what status remembers of the revision.
+                    status = obj.get("status") or {}
+                    for role in ("stable", "canary"):
+                        if (status.get(role) or {}).get("name") == action.revision:
+                            source = revision_from_status(status[role], name)
+                if source is None and action.revision not in state.revisions:
+                    return
+                await self._ensure_revision(
+                    obj, state, source, action.revision, action.replicas, action.role
+                )
+            case SetWeights():
+                state.weights = {str(k): int(v) for k, v in dict(action.weights).items()}
+            case DeleteRevision():
+                await self._delete_revision(state, action.revision)
+            case RemoveAnnotation():
+                # A one-shot annotation (promote, abort) was acted on, as `kubectl annotate key-`.
+                self.store.patch_annotations(KIND, name, {action.key: None})
+            case Event():
+                self._event(obj, action)
+            case Requeue():
+                pass  # the runtime reconciles every tick anyway
+            case _:
+                raise TypeError(f"ModelDeployment action {action!r} has no local executor")
 
     def _event(self, obj: dict[str, Any], action: Any) -> None:
-        type_ = getattr(action, "type", "Normal")
-        reason = getattr(action, "reason", "")
-        message = getattr(action, "message", "")
-        self.store.record_event(obj, type_, reason, message)
+        self.store.record_event(obj, action.type, action.reason, action.message)
         if self.on_event is not None:
-            self.on_event(KIND, obj["metadata"]["name"], type_, reason, message)
+            self.on_event(KIND, obj["metadata"]["name"], action.type, action.reason, action.message)
 
 
 def _last_line(log: Any) -> str:

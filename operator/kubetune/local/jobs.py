@@ -313,18 +313,24 @@ class JobDriver:
     # --- acting -----------------------------------------------------------------------------
 
     async def _act(self, ftj: dict[str, Any], action: Any) -> None:
-        kind = type(action).__name__
-        if kind == "CreateJob":
-            await self._create_job(ftj, action.manifest)
-        elif kind == "DeleteJob":
-            await self._delete_job(action.name, getattr(action, "reason", ""))
-        elif kind == "Event":
-            self._event(ftj, action)
-        elif kind == "DeleteFineTuneJob":
-            # ttlSecondsAfterFinished elapsed: the object goes, its artifact stays.
-            self.store.delete(KIND, ftj["metadata"]["name"])
-            await self.forget(ftj["metadata"]["name"])
-        # Requeue: the runtime reconciles every tick anyway.
+        from kubetune.api.actions import Event, Requeue
+        from kubetune.finetune.reconcile import CreateJob, DeleteFineTuneJob, DeleteJob
+
+        match action:
+            case CreateJob():
+                await self._create_job(ftj, action.manifest)
+            case DeleteJob():
+                await self._delete_job(action.name, action.reason)
+            case Event():
+                self._event(ftj, action)
+            case DeleteFineTuneJob():
+                # ttlSecondsAfterFinished elapsed: the object goes, its artifact stays.
+                self.store.delete(KIND, ftj["metadata"]["name"])
+                await self.forget(ftj["metadata"]["name"])
+            case Requeue():
+                pass  # the runtime reconciles every tick anyway
+            case _:
+                raise TypeError(f"FineTuneJob action {action!r} has no local executor")
 
     async def _create_job(self, ftj: dict[str, Any], manifest: dict[str, Any]) -> None:
         """Create a Job (idempotent, like a 409 on create) and start its container as a process."""
@@ -373,12 +379,9 @@ class JobDriver:
         del self.jobs[name]
 
     def _event(self, ftj: dict[str, Any], action: Any) -> None:
-        type_ = getattr(action, "type", "Normal")
-        reason = getattr(action, "reason", "")
-        message = getattr(action, "message", "")
-        self.store.record_event(ftj, type_, reason, message)
+        self.store.record_event(ftj, action.type, action.reason, action.message)
         if self.on_event is not None:
-            self.on_event(KIND, ftj["metadata"]["name"], type_, reason, message)
+            self.on_event(KIND, ftj["metadata"]["name"], action.type, action.reason, action.message)
 
     async def _restart_if_spec_changed(self, obj: dict[str, Any]) -> dict[str, Any]:
         """A finished FineTuneJob with a new spec generation runs again (local convenience)."""
