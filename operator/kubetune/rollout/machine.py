@@ -57,16 +57,29 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune.api import conditions as cond
+from kubetune.api import phases
 from kubetune.api.actions import Event, Requeue  # noqa: F401  (re-exported: part of Action)
 from kubetune.api.common import ANNOTATION_ABORT, ANNOTATION_PAUSE, ANNOTATION_PROMOTE
 from kubetune.api.conditions import Reason
 from kubetune.api.modeldeployment import ModelDeploymentSpec
 from kubetune.rollout import analysis as an
 from kubetune.rollout import builders, evalgate
+from kubetune.rollout import steps as steps_
 from kubetune.rollout import weights as wt
 from kubetune.rollout.builders import INVALID_SPEC as INVALID_SPEC_REASON
 from kubetune.rollout.builders import ROLE_CANARY, ROLE_STABLE
+from kubetune.rollout.outcomes import (
+    STEADY_REQUEUE,
+    WAIT_REQUEUE,
+    Advance,
+    Outcome,
+    Pause,
+    Rollback,
+    StepContext,
+    Wait,
+)
 from kubetune.rollout.revisions import ModelProblem, Revision
+from kubetune.rollout.steps import pause as pause_step
 
 # How many analysis results status keeps (newest last); failureLimit counts within them.
 MAX_ANALYSIS_RESULTS = 30
@@ -74,9 +87,6 @@ MAX_REJECTED = 10
 # Most interval starts a pool keeps: each holds both revisions' counters in status, so a short
 # interval with a long poolWindow must not grow the object without bound.
 MAX_POOLED = 20
-# Requeue periods (seconds).
-STEADY_REQUEUE = 30.0
-WAIT_REQUEUE = 2.0
 # z of a one-sided 99% bound: the fast-fail check must be sure, not just suspicious.
 FAST_FAIL_Z = 2.326
 TRAFFIC_UNAVAILABLE = "TrafficRoutingUnavailable"
@@ -275,7 +285,7 @@ class _Run:
         self.deletes: list[Action] = []
         self.events: list[Action] = []
         self.requeues: list[float] = []
-        self.phase = "Pending"
+        self.phase = phases.PENDING
         self.reason = Reason.PENDING
         self.message = ""
         self.canary_weight = 0  # requested canary weight after this step
@@ -371,7 +381,7 @@ class _Run:
         self.clear_canary()
         self.canary_weight = 0
         self.event(WARNING, Reason.ROLLED_BACK, f"canary {name} rolled back ({reason}): {message}")
-        self.phase, self.reason = "RolledBack", reason
+        self.phase, self.reason = phases.ROLLED_BACK, reason
         self.message = f"canary {name} rolled back: {message}; stable {self.stable()['name']} serves all traffic"
 
     def promote_canary(self, why: str) -> None:
@@ -389,7 +399,7 @@ class _Run:
             Reason.PROMOTED,
             f"canary {canary['name']} promoted to stable ({why}); {old['name']} retired",
         )
-        self.phase, self.reason = "Healthy", Reason.PROMOTED
+        self.phase, self.reason = phases.HEALTHY, Reason.PROMOTED
         self.message = f"revision {canary['name']} promoted ({why})"
 
     def clear_canary(self) -> None:
@@ -438,7 +448,7 @@ class _Run:
             else:
                 self.canary_rollout(model)
             if self.obs.traffic_problem:
-                self.phase, self.reason = "Degraded", TRAFFIC_UNAVAILABLE
+                self.phase, self.reason = phases.DEGRADED, TRAFFIC_UNAVAILABLE
                 self.message = f"{self.obs.traffic_problem}; no canary is started until it is fixed"
         self.consume_annotations()
         return self.finish()
@@ -457,7 +467,7 @@ class _Run:
         stable = self.stable()
         if stable is not None:
             self.ensure_stable()
-        self.phase = "Degraded" if problem.terminal else "Pending"
+        self.phase = phases.DEGRADED if problem.terminal else phases.PENDING
         self.reason = problem.reason
         self.message = problem.message + (
             f"; stable {stable['name']} keeps serving" if stable else "; nothing deployed"
@@ -509,50 +519,50 @@ class _Run:
         if self.spec.replicas == 0:
             self.scaled_to_zero(stable["name"], obs)
             return
-        waking = self.old.get("phase") == "ScaledToZero"
+        waking = self.old.get("phase") == phases.SCALED_TO_ZERO
         if waking:
             # Scaled up from zero: the pods start like a first deploy's, Progressing within the
             # progress deadline (counted from now), not Degraded at once for being unready.
             self.st["stepStartedAt"] = self.ts
         first = waking or (
             not self.old.get("stable")
-            or self.old.get("phase") in (None, "Pending", "Progressing")
+            or self.old.get("phase") in (None, phases.PENDING, phases.PROGRESSING)
             and not self.old.get("canary")
         )
         if obs.available:
-            self.phase, self.reason = "Healthy", Reason.STABLE_READY
+            self.phase, self.reason = phases.HEALTHY, Reason.STABLE_READY
             self.message = f"revision {stable['name']} serving ({obs.ready_replicas}/{self.spec.replicas} ready)"
-            if self.old.get("phase") != "Healthy" and first:
+            if self.old.get("phase") != phases.HEALTHY and first:
                 self.event(NORMAL, Reason.STABLE_READY, self.message)
             self.st["stepStartedAt"] = None
             self.requeue(STEADY_REQUEUE)
             return
         started = self.st.get("stepStartedAt")
         if first and (obs.failure is None) and self.since(started) <= self.deadline:
-            self.phase, self.reason = "Progressing", Reason.DEPLOYING
+            self.phase, self.reason = phases.PROGRESSING, Reason.DEPLOYING
             self.message = f"waiting for revision {stable['name']} ({obs.ready_replicas}/{self.spec.replicas} ready)"
             self.requeue(WAIT_REQUEUE)
             return
-        self.phase = "Degraded"
+        self.phase = phases.DEGRADED
         self.reason = obs.failure_reason or (
             Reason.DEADLINE_EXCEEDED if first else Reason.STABLE_NOT_READY
         )
         detail = obs.failure or f"{obs.ready_replicas}/{self.spec.replicas} pods ready"
         self.message = f"stable revision {stable['name']} is not available: {detail}"
-        if self.old.get("phase") != "Degraded":
+        if self.old.get("phase") != phases.DEGRADED:
             self.event(WARNING, self.reason, self.message)
         self.requeue(WAIT_REQUEUE * 5)
 
     def scaled_to_zero(self, stable: str, obs: RevisionObservation) -> None:
         """spec.replicas 0: the stable revision keeps its place but has no pods (ScaledToZero)."""
-        self.phase, self.reason = "ScaledToZero", Reason.SCALED_TO_ZERO
+        self.phase, self.reason = phases.SCALED_TO_ZERO, Reason.SCALED_TO_ZERO
         stopping = f"; {obs.replicas} pods still stopping" if obs.replicas else ""
         self.message = (
             f"scaled to zero (spec.replicas 0): revision {stable} has no pods and serves nothing"
             f"{stopping}; scale up to serve (kubectl scale mdep {self.name} --replicas 1)"
         )
         self.st["stepStartedAt"] = None
-        if self.old.get("phase") != "ScaledToZero":
+        if self.old.get("phase") != phases.SCALED_TO_ZERO:
             self.event(NORMAL, Reason.SCALED_TO_ZERO, self.message)
         self.requeue(STEADY_REQUEUE)
 
@@ -575,7 +585,7 @@ class _Run:
         """
         self.cancel_canary("scaled to zero (spec.replicas 0) during the rollout")
         self.steady()
-        if self.phase == "Degraded":
+        if self.phase == phases.DEGRADED:
             return
         self.reason = Reason.ROLLOUT_NEEDS_REPLICAS
         if self.spec.replicas == 0:
@@ -592,8 +602,8 @@ class _Run:
     def hold_rejected(self, target: Revision) -> None:
         self.steady()
         rejected = next(r for r in self.st["rejectedRevisions"] if r["name"] == target.name)
-        if self.phase == "Healthy":
-            self.phase, self.reason = "RolledBack", Reason.ROLLED_BACK
+        if self.phase == phases.HEALTHY:
+            self.phase, self.reason = phases.ROLLED_BACK, Reason.ROLLED_BACK
             self.message = (
                 f"revision {target.name} was rolled back ({rejected['reason']}); "
                 f"stable {self.stable()['name']} serves; change the spec to try again"
@@ -659,105 +669,86 @@ class _Run:
             return
 
         while idx < len(steps):
-            step = steps[idx]
+            ctx = self.step_context(idx, obs)
             if self.pause and not self.has_promote:
-                self.st["paused"] = True
-                self.phase, self.reason = "Paused", Reason.CANARY_PAUSED
-                self.message = f"paused through the {ANNOTATION_PAUSE} annotation at step {idx}"
-                self.keep_canary_size(target)
-                self.requeue(STEADY_REQUEUE if self.canary_weight == 0 else self.check_period())
-                return
-            if step.set_weight is not None:
-                need = self.size_for(step.set_weight)
-                canary["replicas"] = need
-                self.ups.append(
-                    EnsureRevision(canary["name"], canary["replicas"], ROLE_CANARY, target)
+                outcome: Outcome = pause_step.held(ctx)
+            else:
+                outcome = steps_.decide(
+                    steps[idx],
+                    ctx,
+                    self.results_at_step(idx),
+                    self.spec.rollout.analysis.inconclusive_limit,
                 )
-                if self.mode in wt.EXACT_MODES and obs.ready_replicas < need:
-                    # Never send an exact weight to pods that are not there yet.
-                    if self.stalled():
-                        return
-                    self.progressing(
-                        f"scaling canary to {need} pods for {step.set_weight}% (step {idx})"
-                    )
-                    self.requeue(WAIT_REQUEUE)
-                    return
-                self.canary_weight = step.set_weight
-                self.st["analysisBaseline"] = None  # the traffic mix changed: new interval
-                idx = self.advance(idx, f"weight {step.set_weight}%")
-                continue
-            if step.pause is not None:
-                if step.pause.duration:
-                    left = an.parse_duration(step.pause.duration) - self.since(
-                        self.st.get("stepStartedAt")
-                    )
-                    if left > 0 and self.has_promote:
-                        self.consume_promote = True
-                    elif left > 0:
-                        self.keep_canary_size(target)
-                        self.progressing(f"pausing {step.pause.duration} at step {idx}")
-                        self.requeue(min(left, self.check_period()) if self.canary_weight else left)
-                        return
-                    idx = self.advance(idx, "pause over")
-                    continue
-                if self.has_promote:
-                    self.consume_promote = True
-                    self.st["paused"] = None
-                    idx = self.advance(idx, "resumed through the promote annotation")
-                    continue
-                self.st["paused"] = True
-                self.phase, self.reason = "Paused", Reason.CANARY_PAUSED
-                self.message = f"paused at step {idx} until {ANNOTATION_PROMOTE}=true"
-                self.keep_canary_size(target)
-                self.requeue(self.check_period() if self.canary_weight else STEADY_REQUEUE)
+            self.fold(outcome, target)
+            if not isinstance(outcome, Advance):
                 return
-            # analysis step
-            assert step.analysis is not None
-            results = [
-                r
-                for r in self.st.get("analysis") or []
-                if r.get("revision") == canary["name"]
-                and r.get("step") == idx
-                and (parse_time(r.get("time")) or self.now)
-                >= (parse_time(self.st.get("stepStartedAt")) or self.now)
-            ]
-            passed = sum(1 for r in results if r["phase"] == an.SUCCESSFUL)
-            if passed >= step.analysis.intervals:
-                idx = self.advance(idx, f"{passed} successful analysis intervals")
-                continue
-            streak = 0
-            for r in reversed(results):
-                if r["phase"] in (an.INCONCLUSIVE, an.ERROR):
-                    streak += 1
-                else:
-                    break
-            if self.has_promote:
-                self.consume_promote = True
-                idx = self.advance(idx, "analysis skipped through the promote annotation")
-                continue
-            self.keep_canary_size(target)
-            limit = self.spec.rollout.analysis.inconclusive_limit
-            if limit and streak >= limit:
-                self.st["paused"] = True
-                self.phase, self.reason = "Paused", Reason.ANALYSIS_INCONCLUSIVE
-                self.message = (
-                    f"{streak} inconclusive analysis intervals at step {idx}; "
-                    f"set {ANNOTATION_PROMOTE}=true to continue or {ANNOTATION_ABORT}=true to roll back"
-                )
-                if not (self.old.get("paused") and self.old.get("phase") == "Paused"):
-                    self.event(WARNING, Reason.ANALYSIS_INCONCLUSIVE, self.message)
-                self.requeue(self.check_period())
-                return
-            self.st["paused"] = None
-            if streak and self.stalled():
-                return
-            self.progressing(
-                f"analysis at step {idx}: {passed}/{step.analysis.intervals} intervals passed"
-            )
-            if self.canary_weight == 0:
-                self.analyse(canary["name"])
-            return
+            idx += 1
         self.finish_promotion(target, "all steps passed")
+
+    def step_context(self, idx: int, obs: RevisionObservation) -> StepContext:
+        canary = self.canary()
+        assert canary is not None
+        return StepContext(
+            index=idx,
+            elapsed=self.since(self.st.get("stepStartedAt")),
+            canary=canary["name"],
+            canary_weight=self.canary_weight,
+            ready=obs.ready_replicas,
+            mode=self.mode,
+            replicas=self.spec.replicas,
+            check_period=self.check_period(),
+            promote=self.has_promote,
+            was_paused=bool(self.old.get("paused")) and self.old.get("phase") == phases.PAUSED,
+        )
+
+    def fold(self, outcome: Outcome, target: Revision) -> None:
+        """Do what a step decided: the one place a step's outcome reaches status and actions."""
+        canary = self.canary()
+        assert canary is not None
+        if isinstance(outcome, Rollback):
+            self.rollback(outcome.reason, outcome.message)
+            return
+        if isinstance(outcome, Advance):
+            if outcome.size is not None:
+                canary["replicas"] = outcome.size
+                self.ups.append(EnsureRevision(canary["name"], outcome.size, ROLE_CANARY, target))
+            if outcome.weight is not None:
+                self.canary_weight = outcome.weight
+                self.st["analysisBaseline"] = None  # the traffic mix changed: new interval
+            if outcome.consumes_promote:
+                self.consume_promote = True
+            self.advance(int(self.st.get("currentStepIndex") or 0), outcome.why)
+            return
+        # Wait and Pause hold the canary at its size (derived from spec.replicas every time).
+        self.keep_canary_size(target, outcome.size)
+        if isinstance(outcome, Pause):
+            self.st["paused"] = True
+            self.phase, self.reason, self.message = phases.PAUSED, outcome.reason, outcome.message
+            if outcome.warn:
+                self.event(WARNING, outcome.reason, outcome.message)
+            self.requeue(outcome.requeue)
+            return
+        if outcome.unpause:
+            self.st["paused"] = None
+        if outcome.stall and self.stalled():
+            return
+        self.progressing(outcome.message)
+        if outcome.requeue is not None:
+            self.requeue(outcome.requeue)
+        if outcome.analyse:
+            self.analyse(canary["name"])
+
+    def results_at_step(self, idx: int) -> list[dict[str, Any]]:
+        """This canary's analysis results recorded since the step ``idx`` started."""
+        canary = (self.canary() or {}).get("name")
+        started = parse_time(self.st.get("stepStartedAt")) or self.now
+        return [
+            r
+            for r in self.st.get("analysis") or []
+            if r.get("revision") == canary
+            and r.get("step") == idx
+            and (parse_time(r.get("time")) or self.now) >= started
+        ]
 
     def eval_gate_passed(self, target: Revision) -> bool:
         """The golden-prompt gate before any traffic: True once passed (or not configured)."""
@@ -769,19 +760,16 @@ class _Run:
         got = self.obs.eval_gate
         if got is None or got.revision != canary["name"] or got.canary_score is None:
             # The runtime runs the prompts when eval_gate_due() says so; wait for the result.
-            self.keep_canary_size(target)
-            if self.stalled():
-                return False
             detail = f": {got.error}" if got is not None and got.error else ""
-            self.progressing(f"eval gate: golden prompts against canary {canary['name']}{detail}")
-            self.requeue(WAIT_REQUEUE)
+            message = f"eval gate: golden prompts against canary {canary['name']}{detail}"
+            self.fold(Wait(message, WAIT_REQUEUE, stall=True), target)
             return False
         self.st["evalGateScore"] = round(got.canary_score, 4)
         if got.stable_score is not None:
             self.st["evalGateStableScore"] = round(got.stable_score, 4)
         why = evalgate.verdict(gate, got)
         if why:
-            self.rollback(Reason.EVAL_GATE_FAILED, why)
+            self.fold(Rollback(Reason.EVAL_GATE_FAILED, why), target)
             return False
         self.event(
             NORMAL,
@@ -813,16 +801,7 @@ class _Run:
 
     def analysis_summary(self) -> str | None:
         """The last analysis at this step in one line (figures, samples, verdict); None if none."""
-        canary = (self.canary() or {}).get("name")
-        idx = int(self.st.get("currentStepIndex") or 0)
-        started = parse_time(self.st.get("stepStartedAt")) or self.now
-        here = [
-            r
-            for r in self.st.get("analysis") or []
-            if r.get("revision") == canary
-            and r.get("step") == idx
-            and (parse_time(r.get("time")) or self.now) >= started
-        ]
+        here = self.results_at_step(int(self.st.get("currentStepIndex") or 0))
         if not here:
             return None
         last = here[-1]
@@ -855,18 +834,19 @@ class _Run:
         return idx + 1
 
     def progressing(self, message: str) -> None:
-        self.phase, self.reason = "Progressing", Reason.CANARY_PROGRESSING
+        self.phase, self.reason = phases.PROGRESSING, Reason.CANARY_PROGRESSING
         self.message = message
 
     def size_for(self, weight: int) -> int:
         return wt.canary_replicas(self.mode, self.spec.replicas, weight)
 
-    def keep_canary_size(self, target: Revision) -> None:
+    def keep_canary_size(self, target: Revision, size: int | None = None) -> None:
         # Derived from spec.replicas on every step, both ways: when a scaler changes the count
         # mid-rollout, the canary keeps its share of it (never more pods than the share needs).
         canary = self.canary()
         assert canary is not None
-        size = self.size_for(self.canary_weight)
+        if size is None:
+            size = self.size_for(self.canary_weight)
         canary["replicas"] = size
         self.ups.append(EnsureRevision(canary["name"], size, ROLE_CANARY, target))
 
@@ -1144,7 +1124,7 @@ class _Run:
         conds = self.st.get("conditions") or []
         stable = self.stable()
         stable_ok = bool(stable) and self.rev_obs(stable["name"]).available
-        if self.phase == "ScaledToZero":
+        if self.phase == phases.SCALED_TO_ZERO:
             conds = cond.set_condition(
                 conds,
                 cond.READY,
@@ -1174,7 +1154,7 @@ class _Run:
                 self.ts,
                 self.generation,
             )
-        progressing = self.phase in ("Progressing", "Paused")
+        progressing = self.phase in (phases.PROGRESSING, phases.PAUSED)
         conds = cond.set_condition(
             conds,
             cond.PROGRESSING,
@@ -1184,7 +1164,7 @@ class _Run:
             self.ts,
             self.generation,
         )
-        degraded = self.phase in ("Degraded", "RolledBack")
+        degraded = self.phase in (phases.DEGRADED, phases.ROLLED_BACK)
         conds = cond.set_condition(
             conds,
             cond.DEGRADED,
@@ -1258,7 +1238,7 @@ def _invalid_spec(md: Mapping[str, Any], exc: ValidationError, now: datetime.dat
     conds = cond.set_condition(conds, cond.DEGRADED, True, INVALID_SPEC, message, ts, gen)
     if not status.get("stable"):
         conds = cond.set_condition(conds, cond.READY, False, INVALID_SPEC, message, ts, gen)
-    status.update(phase="Degraded", message=message, observedGeneration=gen, conditions=conds)
+    status.update(phase=phases.DEGRADED, message=message, observedGeneration=gen, conditions=conds)
     events: list[Action] = []
     if (md.get("status") or {}).get("message") != message:
         events.append(Event(WARNING, INVALID_SPEC, message))
