@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kubetune.api.modeldeployment import AnalysisSpec
 from kubetune.rollout.metricmaps import BUILTIN_MAP, MetricMap
@@ -68,6 +68,9 @@ LATENCY_RATIO_FLOOR_SECONDS = 0.05
 
 # One-sided z of the confidence an interval needs to call an error rate too high (95%).
 ERROR_RATE_Z = 1.645
+# The same at 99%, for a failure called on a partial interval (``fast_failure``): looked at every
+# check period, it must be sure, not just suspicious.
+FAST_FAIL_Z = 2.326
 
 # Sequential latency test (``sequential_latency``). The bar is a multiple of stable's p99; a
 # canary no slower than maxLatencyRatio x stable puts about 1% of its requests above it, and
@@ -746,6 +749,53 @@ def evaluate(
     if starved_note:
         message += f"; {starved_note}"
     return Verdict(SUCCESSFUL, message, samples, **figures, **extra)
+
+
+def fast_failure(
+    measured: Measurement,
+    verdict: Verdict,
+    spec: AnalysisSpec,
+    elapsed: float,
+    pooled: int = 1,
+) -> Verdict | None:
+    """The Failed verdict of a *partial* interval when the evidence is already conclusive.
+
+    A pass needs a whole interval, but a failure does not: between intervals the machine asks
+    this every check period. ``verdict`` is ``evaluate``'s on the partial figures ``measured``
+    (``elapsed`` seconds of the interval, ``pooled`` intervals). It fails early when the canary's
+    error rate is 99% certainly above ``maxErrorRate`` (Wilson lower bound), when the share of
+    canary requests above ``maxLatencyRatio`` x stable's p95 is 99% certainly above 5%, or when
+    the verdict's own evidence is conclusive on few samples (``Verdict.early``: the sequential
+    latency test, starvation with latency or errors pointing the same way). None: keep waiting.
+    That turns "rollback after interval x failureLimit" (Flagger: 5 minutes by default) into
+    seconds for a canary that returns errors or is far slower than stable, without failing a
+    healthy canary on noise.
+    """
+    c, s = measured.canary, measured.stable
+    errors = (c.error_rate or 0.0) * c.requests
+    certain_errors = (
+        c.requests >= spec.min_samples
+        and wilson_lower(errors, c.requests, FAST_FAIL_Z) > spec.thresholds.max_error_rate
+    )
+    certain_latency = (
+        c.requests >= spec.min_samples
+        and s is not None
+        and s.requests >= spec.min_samples
+        and spec.thresholds.max_latency_ratio is not None
+        and latency_ratio_exceeded(c, s, spec.thresholds.max_latency_ratio, FAST_FAIL_Z)
+    )
+    early = verdict.phase == FAILED and verdict.early
+    if not (certain_errors or certain_latency or early):
+        return None
+    how = "conclusive" if early and not certain_errors else "99% certain"
+    message = verdict.message
+    if certain_latency and not certain_errors and not early:
+        message = str(certain_latency) + (f" ({pooled} intervals pooled)" if pooled > 1 else "")
+    return replace(
+        verdict,
+        phase=FAILED,
+        message=f"{message} (fast failure: {how} within {elapsed:.1f}s)",
+    )
 
 
 # --- Prometheus query provider (pure part: the query text) -------------------------------

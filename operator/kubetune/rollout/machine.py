@@ -27,12 +27,8 @@ The recipe (reads like Argo Rollouts' ``rolloutCanary()``):
    promoted: it becomes stable, the old stable's weight goes to 0, then its pods go.
 
 Fast failure: a pass needs a whole interval, but a failure does not. Between intervals the
-machine re-checks the partial interval every ``check period`` and fails early when it is
-statistically certain (99% Wilson lower bound) that the canary's error rate is above the
-limit, or when the sequential latency test (or starvation with latency or errors pointing the
-same way) is conclusive. That turns "rollback after interval x failureLimit" (Flagger: 5
-minutes by default) into seconds for a canary that returns errors or is far slower than stable,
-without failing a healthy canary on noise.
+machine re-checks the partial interval every ``check period`` and fails early when the evidence
+is already conclusive (``analysis.fast_failure``: 99% certain, or the sequential latency test).
 
 Scalers: ``spec.replicas`` is written by people and by scalers alike (``kubectl scale``, an HPA
 or a KEDA ScaledObject through the scale subresource). The machine never writes it; it derives
@@ -51,7 +47,7 @@ from __future__ import annotations
 import copy
 import datetime
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -87,8 +83,7 @@ MAX_REJECTED = 10
 # Most interval starts a pool keeps: each holds both revisions' counters in status, so a short
 # interval with a long poolWindow must not grow the object without bound.
 MAX_POOLED = 20
-# z of a one-sided 99% bound: the fast-fail check must be sure, not just suspicious.
-FAST_FAIL_Z = 2.326
+FAST_FAIL_Z = an.FAST_FAIL_Z
 TRAFFIC_UNAVAILABLE = "TrafficRoutingUnavailable"
 # Event types.
 NORMAL = "Normal"
@@ -913,41 +908,12 @@ class _Run:
                 pooled=pooled,
             )
             if not due:
-                # Fast failure on a partial interval: a statistically certain error rate, or
-                # evidence that is conclusive on few samples (sequential latency test,
-                # starvation with latency or errors pointing the same way).
-                c, s = measured.canary, measured.stable
-                errors = (c.error_rate or 0.0) * c.requests
-                certain_errors = (
-                    c.requests >= spec.min_samples
-                    and wilson_lower(errors, c.requests) > spec.thresholds.max_error_rate
-                )
-                # The same for latency: the share of canary requests above maxLatencyRatio x
-                # stable's p95, 99% certain to exceed 5% (an.latency_ratio_exceeded).
-                certain_latency = (
-                    c.requests >= spec.min_samples
-                    and s is not None
-                    and s.requests >= spec.min_samples
-                    and spec.thresholds.max_latency_ratio is not None
-                    and an.latency_ratio_exceeded(
-                        c, s, spec.thresholds.max_latency_ratio, FAST_FAIL_Z
-                    )
-                )
-                early = verdict.phase == an.FAILED and verdict.early
-                if not (certain_errors or certain_latency or early):
+                # Fast failure on a partial interval: only on conclusive evidence.
+                early = an.fast_failure(measured, verdict, spec, elapsed, pooled)
+                if early is None:
                     self.requeue(min(self.check_period(), self.interval - elapsed))
                     return False
-                how = "conclusive" if early and not certain_errors else "99% certain"
-                message = verdict.message
-                if certain_latency and not certain_errors and not early:
-                    message = str(certain_latency) + (
-                        f" ({pooled} intervals pooled)" if pooled > 1 else ""
-                    )
-                verdict = replace(
-                    verdict,
-                    phase=an.FAILED,
-                    message=f"{message} (fast failure: {how} within {elapsed:.1f}s)",
-                )
+                verdict = early
         self.record(verdict, canary)
         # An interval too thin to judge joins the pool; any verdict (or an error) empties it.
         keep = (
