@@ -100,7 +100,7 @@ async def finetunejob_pod_event(labels: dict, namespace: str, memo: kopf.Memo, *
 # ---------------------------------------------------------------------------------------------
 # Same pattern as FineTuneJob: events only trigger a level-triggered reconcile of the
 # ModelDeployment in a coalescing per-key queue; kubetune.k8s.deployments.reconcile observes,
-# asks the pure state machine (kubetune.rollout.machine.step), acts and writes status once. The
+# asks the pure state machine (kubetune.rollout.machine.step), writes status once, then acts. The
 # machine's Requeue is the queue's delayed re-run (it always asks for one, 30 s when steady), so
 # no Kopf timer is needed -- and none is used, because a timer makes Kopf put a finalizer on
 # every ModelDeployment. Everything the machine remembers is in status (restarts continue).

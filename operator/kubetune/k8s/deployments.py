@@ -1,4 +1,4 @@
-"""ModelDeployment reconcile I/O: observe the cluster, run the state machine, act, write status once.
+"""ModelDeployment reconcile I/O: observe the cluster, run the state machine, write status, act.
 
 ``reconcile(client, namespace, name)`` is the whole level-triggered reconcile the handlers call
 for any event (the ModelDeployment itself, its Deployments, the referenced FineTuneJob) and on
@@ -9,9 +9,11 @@ the requeue the state machine asks for:
    Deployments and pods, scrape the stable and canary pods' /metrics (or query Prometheus), and
    find the traffic mode (Gateway API discovery);
 3. ``kubetune.rollout.machine.step`` decides (pure);
-4. execute its actions in order: Deployments/Services/PDBs, the HTTPRoute or the shared
-   Service, deletions, Events, annotation removal;
-5. one status patch, only when the status changed.
+4. one status patch, only when the status changed, BEFORE acting: the status is the machine's
+   memory, so a decision is recorded before it is carried out (docs/contracts.md, "Record, then
+   act"; the FineTuneJob reconcile and the local runtime do the same);
+5. execute its actions in order: Deployments/Services/PDBs, the HTTPRoute or the shared
+   Service, deletions, Events, annotation removal.
 
 Returns the seconds until the machine wants to look again.
 """
@@ -461,6 +463,8 @@ async def reconcile(
         return None
     observed = await observe(client, md, defaults)
     decided = machine.step(md, observed, datetime.datetime.now(datetime.UTC))
-    requeue = await execute(client, md, decided, observed.mode, defaults)
+    # Record, then act: a crash after the patch finds the decision in status and re-derives
+    # the actions from it; acting first could, for instance, remove an abort annotation and
+    # die before the rollback is recorded, and the next step would route to the canary again.
     await client.patch_status(API_VERSION, KIND, namespace, name, md.get("status"), decided.status)
-    return requeue
+    return await execute(client, md, decided, observed.mode, defaults)

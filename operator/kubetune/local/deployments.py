@@ -141,7 +141,7 @@ class DeploymentDriver:
     # --- the Driver protocol ----------------------------------------------------------------
 
     async def reconcile(self, obj: dict[str, Any]) -> None:
-        """Observe the revisions, ask the state machine, act, write status once."""
+        """Observe the revisions, ask the state machine, write status once, then act."""
         from kubetune.api.modeldeployment import ModelDeploymentSpec
         from kubetune.rollout import revisions
         from kubetune.rollout.builders import check_pod_template
@@ -160,8 +160,9 @@ class DeploymentDriver:
         self._apply_router(state)
         observed = await self._observe(obj, state, resolved)
         decided = step(obj, observed, datetime.now(UTC))
-        # Status first, then act (as the operator does): the next step reads back what this
-        # one decided (a rejection recorded, a retiring revision's clock started).
+        # Record, then act, as the operator does (docs/contracts.md, "Record, then act"): the
+        # next step reads back what this one decided (a rejection recorded, a retiring
+        # revision's clock started) even if acting fails half-way.
         self.store.write_status(KIND, name, decided.status)
         for action in decided.actions:
             await self._act({**obj, "status": decided.status}, state, action)

@@ -144,7 +144,7 @@ class JobDriver:
     # --- the Driver protocol ----------------------------------------------------------------
 
     async def reconcile(self, obj: dict[str, Any]) -> None:
-        """One level-triggered pass: observe both Jobs, ask ``plan``, act, write status once."""
+        """One level-triggered pass: observe both Jobs, ask ``plan``, write status once, then act."""
         from kubetune.finetune.reconcile import observe_job, plan
 
         name = obj["metadata"]["name"]
@@ -163,8 +163,8 @@ class JobDriver:
         # plan() carries the trainer's fields through; re-apply the freshest fragment anyway so
         # a plan that rebuilt the status from scratch never hides a progress report.
         new_status.update(self._trainer_fragment(name))
-        # Status first, then act (as the operator does): a crash in between leaves a status the
-        # next plan reads back, e.g. a restart already counted.
+        # Record, then act, as the operator does (docs/contracts.md, "Record, then act"): a
+        # crash in between leaves a status the next plan reads back, e.g. a restart counted.
         self.store.write_status(KIND, name, new_status)
         for action in decided.actions:
             await self._act(current, action)
