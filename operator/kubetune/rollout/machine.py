@@ -75,6 +75,7 @@ from kubetune.rollout.outcomes import (
     Wait,
 )
 from kubetune.rollout.revisions import ModelProblem, Revision
+from kubetune.rollout.state import RolloutState
 from kubetune.rollout.steps import pause as pause_step
 
 # How many analysis results status keeps (newest last); failureLimit counts within them.
@@ -257,7 +258,8 @@ class _Run:
         self.generation = self.meta.get("generation")
         self.spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
         self.old = md.get("status") or {}
-        self.st: dict[str, Any] = copy.deepcopy(dict(self.old))
+        # The working state, typed; turned into the status dict once, in finish().
+        self.st = RolloutState.from_status(self.old)
         self.obs = observed
         self.now = now
         self.ts = format_time(now)
@@ -272,6 +274,8 @@ class _Run:
         self.has_promote = self.promote in ("true", "1", "yes", "full")
         self.has_abort_annotation = ANNOTATION_ABORT in annotations
         self.has_promote_annotation = ANNOTATION_PROMOTE in annotations
+        # Set when a step acted on the promote annotation (one-shot: it is removed then).
+        self.consume_promote = False
         # Action buckets, concatenated in this order: scale up and create, route, scale down,
         # delete, tell. Weight changes always precede any scale-down or deletion.
         self.ups: list[Action] = []
@@ -307,26 +311,26 @@ class _Run:
         return self.obs.mode
 
     def stable(self) -> dict[str, Any] | None:
-        return self.st.get("stable")
+        return self.st.stable
 
     def canary(self) -> dict[str, Any] | None:
-        return self.st.get("canary")
+        return self.st.canary
 
     # --- retiring ----------------------------------------------------------------------
 
     def retire(self, name: str, reason: str) -> None:
         """Take a revision out of traffic now; its pods go after scaleDownDelaySeconds."""
-        retiring = [r for r in self.st.get("retiring") or [] if r["name"] != name]
+        retiring = [r for r in self.st.retiring if r["name"] != name]
         retiring.append({"name": name, "reason": reason, "zeroWeightSince": self.ts})
-        self.st["retiring"] = retiring
+        self.st.retiring = retiring
 
     def unretire(self, name: str) -> None:
-        self.st["retiring"] = [r for r in self.st.get("retiring") or [] if r["name"] != name]
+        self.st.retiring = [r for r in self.st.retiring if r["name"] != name]
 
     def process_retiring(self) -> None:
         delay = float(self.spec.rollout.scale_down_delay_seconds)
         keep = []
-        for r in self.st.get("retiring") or []:
+        for r in self.st.retiring:
             waited = self.since(r.get("zeroWeightSince"))
             if waited >= delay:
                 self.deletes.append(DeleteRevision(r["name"], r.get("reason", "")))
@@ -336,7 +340,7 @@ class _Run:
                 self.downs.append(EnsureRevision(r["name"], 0, ROLE_CANARY))
             self.requeue(delay - waited)
             keep.append(r)
-        self.st["retiring"] = keep
+        self.st.retiring = keep
 
     # --- transitions ---------------------------------------------------------------------
 
@@ -349,15 +353,15 @@ class _Run:
                 f"canary {superseded} superseded by {target.name} (spec changed)",
             )
         self.unretire(target.name)
-        self.st["canary"] = _revision_status(target)
-        self.st["currentStepIndex"] = 0
-        self.st["canaryStartedAt"] = self.ts
-        self.st["stepStartedAt"] = self.ts
-        self.st["analysisBaseline"] = None
-        self.st["paused"] = None
-        self.st["evalGateScore"] = None
-        self.st["evalGateStableScore"] = None
-        self.st["weights"] = {**(self.st.get("weights") or {}), "requestedCanary": 0}
+        self.st.canary = _revision_status(target)
+        self.st.current_step_index = 0
+        self.st.canary_started_at = self.ts
+        self.st.step_started_at = self.ts
+        self.st.analysis_baseline = None
+        self.st.paused = None
+        self.st.eval_gate_score = None
+        self.st.eval_gate_stable_score = None
+        self.st.weights = {**(self.st.weights or {}), "requestedCanary": 0}
         self.event(
             NORMAL,
             Reason.CANARY_PROGRESSING,
@@ -370,9 +374,9 @@ class _Run:
         assert canary is not None
         name = canary["name"]
         self.retire(name, Reason.ROLLED_BACK)
-        rejected = [r for r in self.st.get("rejectedRevisions") or [] if r["name"] != name]
+        rejected = [r for r in self.st.rejected_revisions if r["name"] != name]
         rejected.append({"name": name, "reason": f"{reason}: {message}", "time": self.ts})
-        self.st["rejectedRevisions"] = rejected[-MAX_REJECTED:]
+        self.st.rejected_revisions = rejected[-MAX_REJECTED:]
         self.clear_canary()
         self.canary_weight = 0
         self.event(WARNING, Reason.ROLLED_BACK, f"canary {name} rolled back ({reason}): {message}")
@@ -383,7 +387,7 @@ class _Run:
         canary = self.canary()
         old = self.stable()
         assert canary is not None and old is not None
-        self.st["stable"] = {
+        self.st.stable = {
             k: v for k, v in canary.items() if k not in ("readyReplicas", "replicas")
         }
         self.retire(old["name"], Reason.PROMOTED)
@@ -398,15 +402,9 @@ class _Run:
         self.message = f"revision {canary['name']} promoted ({why})"
 
     def clear_canary(self) -> None:
-        for key in (
-            "canary",
-            "currentStepIndex",
-            "stepStartedAt",
-            "canaryStartedAt",
-            "analysisBaseline",
-            "paused",
-        ):
-            self.st[key] = None
+        st = self.st
+        st.canary = st.current_step_index = st.step_started_at = st.canary_started_at = None
+        st.analysis_baseline = st.paused = None
 
     # --- the recipe -------------------------------------------------------------------------
 
@@ -415,8 +413,8 @@ class _Run:
         if isinstance(model, ModelProblem):
             self.unresolved(model)
         else:
-            self.st["conditions"] = cond.set_condition(
-                self.st.get("conditions") or [],
+            self.st.conditions = cond.set_condition(
+                self.st.conditions,
                 cond.MODEL_RESOLVED,
                 True,
                 Reason.MODEL_RESOLVED,
@@ -425,7 +423,7 @@ class _Run:
                 self.generation,
             )
             stable = self.stable()
-            rejected = {r["name"] for r in self.st.get("rejectedRevisions") or []}
+            rejected = {r["name"] for r in self.st.rejected_revisions}
             if stable is None:
                 self.first_deploy(model)
             elif model.name == stable["name"]:
@@ -449,8 +447,8 @@ class _Run:
         return self.finish()
 
     def unresolved(self, problem: ModelProblem) -> None:
-        self.st["conditions"] = cond.set_condition(
-            self.st.get("conditions") or [],
+        self.st.conditions = cond.set_condition(
+            self.st.conditions,
             cond.MODEL_RESOLVED,
             False,
             problem.reason,
@@ -499,9 +497,9 @@ class _Run:
         return obs
 
     def first_deploy(self, target: Revision) -> None:
-        self.st["stable"] = _revision_status(target)
+        self.st.stable = _revision_status(target)
         if not self.old.get("stable"):
-            self.st["stepStartedAt"] = self.ts
+            self.st.step_started_at = self.ts
             self.event(
                 NORMAL, Reason.DEPLOYING, f"deploying first revision {target.name} as stable"
             )
@@ -518,7 +516,7 @@ class _Run:
         if waking:
             # Scaled up from zero: the pods start like a first deploy's, Progressing within the
             # progress deadline (counted from now), not Degraded at once for being unready.
-            self.st["stepStartedAt"] = self.ts
+            self.st.step_started_at = self.ts
         first = waking or (
             not self.old.get("stable")
             or self.old.get("phase") in (None, phases.PENDING, phases.PROGRESSING)
@@ -529,10 +527,10 @@ class _Run:
             self.message = f"revision {stable['name']} serving ({obs.ready_replicas}/{self.spec.replicas} ready)"
             if self.old.get("phase") != phases.HEALTHY and first:
                 self.event(NORMAL, Reason.STABLE_READY, self.message)
-            self.st["stepStartedAt"] = None
+            self.st.step_started_at = None
             self.requeue(STEADY_REQUEUE)
             return
-        started = self.st.get("stepStartedAt")
+        started = self.st.step_started_at
         if first and (obs.failure is None) and self.since(started) <= self.deadline:
             self.phase, self.reason = phases.PROGRESSING, Reason.DEPLOYING
             self.message = f"waiting for revision {stable['name']} ({obs.ready_replicas}/{self.spec.replicas} ready)"
@@ -556,7 +554,7 @@ class _Run:
             f"scaled to zero (spec.replicas 0): revision {stable} has no pods and serves nothing"
             f"{stopping}; scale up to serve (kubectl scale mdep {self.name} --replicas 1)"
         )
-        self.st["stepStartedAt"] = None
+        self.st.step_started_at = None
         if self.old.get("phase") != phases.SCALED_TO_ZERO:
             self.event(NORMAL, Reason.SCALED_TO_ZERO, self.message)
         self.requeue(STEADY_REQUEUE)
@@ -596,7 +594,7 @@ class _Run:
 
     def hold_rejected(self, target: Revision) -> None:
         self.steady()
-        rejected = next(r for r in self.st["rejectedRevisions"] if r["name"] == target.name)
+        rejected = next(r for r in self.st.rejected_revisions if r["name"] == target.name)
         if self.phase == phases.HEALTHY:
             self.phase, self.reason = phases.ROLLED_BACK, Reason.ROLLED_BACK
             self.message = (
@@ -612,7 +610,7 @@ class _Run:
             self.start_canary(target, canary["name"] if canary else None)
         canary = self.canary()
         assert canary is not None
-        self.canary_weight = int((self.st.get("weights") or {}).get("requestedCanary") or 0)
+        self.canary_weight = int((self.st.weights or {}).get("requestedCanary") or 0)
         stable_obs = self.ensure_stable()
         del stable_obs
         obs = self.rev_obs(canary["name"])
@@ -636,7 +634,7 @@ class _Run:
         if (
             canary is not None
             and self.canary_weight > 0
-            and self.st.get("analysisBaseline") is None
+            and self.st.analysis_baseline is None
         ):
             # The weight changed in this step: the next interval starts now.
             self.rebaseline(canary["name"], (self.stable() or {}).get("name"))
@@ -647,11 +645,11 @@ class _Run:
         canary = self.canary()
         assert canary is not None
         steps = self.spec.rollout.steps
-        idx = int(self.st.get("currentStepIndex") or 0)
+        idx = self.st.step_index
         if obs.ready_replicas < 1:
             canary["replicas"] = self.size_for(max(self.canary_weight, 0))
             self.ups.append(EnsureRevision(canary["name"], canary["replicas"], ROLE_CANARY, target))
-            if self.since(self.st.get("canaryStartedAt")) > self.deadline:
+            if self.since(self.st.canary_started_at) > self.deadline:
                 self.rollback(
                     Reason.DEADLINE_EXCEEDED,
                     f"canary pods not ready within progressDeadlineSeconds ({int(self.deadline)}s)",
@@ -685,7 +683,7 @@ class _Run:
         assert canary is not None
         return StepContext(
             index=idx,
-            elapsed=self.since(self.st.get("stepStartedAt")),
+            elapsed=self.since(self.st.step_started_at),
             canary=canary["name"],
             canary_weight=self.canary_weight,
             ready=obs.ready_replicas,
@@ -709,22 +707,22 @@ class _Run:
                 self.ups.append(EnsureRevision(canary["name"], outcome.size, ROLE_CANARY, target))
             if outcome.weight is not None:
                 self.canary_weight = outcome.weight
-                self.st["analysisBaseline"] = None  # the traffic mix changed: new interval
+                self.st.analysis_baseline = None  # the traffic mix changed: new interval
             if outcome.consumes_promote:
                 self.consume_promote = True
-            self.advance(int(self.st.get("currentStepIndex") or 0), outcome.why)
+            self.advance(self.st.step_index, outcome.why)
             return
         # Wait and Pause hold the canary at its size (derived from spec.replicas every time).
         self.keep_canary_size(target, outcome.size)
         if isinstance(outcome, Pause):
-            self.st["paused"] = True
+            self.st.paused = True
             self.phase, self.reason, self.message = phases.PAUSED, outcome.reason, outcome.message
             if outcome.warn:
                 self.event(WARNING, outcome.reason, outcome.message)
             self.requeue(outcome.requeue)
             return
         if outcome.unpause:
-            self.st["paused"] = None
+            self.st.paused = None
         if outcome.stall and self.stalled():
             return
         self.progressing(outcome.message)
@@ -736,10 +734,10 @@ class _Run:
     def results_at_step(self, idx: int) -> list[dict[str, Any]]:
         """This canary's analysis results recorded since the step ``idx`` started."""
         canary = (self.canary() or {}).get("name")
-        started = parse_time(self.st.get("stepStartedAt")) or self.now
+        started = parse_time(self.st.step_started_at) or self.now
         return [
             r
-            for r in self.st.get("analysis") or []
+            for r in self.st.analysis
             if r.get("revision") == canary
             and r.get("step") == idx
             and (parse_time(r.get("time")) or self.now) >= started
@@ -748,7 +746,7 @@ class _Run:
     def eval_gate_passed(self, target: Revision) -> bool:
         """The golden-prompt gate before any traffic: True once passed (or not configured)."""
         gate = self.spec.rollout.eval_gate
-        if gate is None or self.st.get("evalGateScore") is not None:
+        if gate is None or self.st.eval_gate_score is not None:
             return True
         canary = self.canary()
         assert canary is not None
@@ -759,9 +757,9 @@ class _Run:
             message = f"eval gate: golden prompts against canary {canary['name']}{detail}"
             self.fold(Wait(message, WAIT_REQUEUE, stall=True), target)
             return False
-        self.st["evalGateScore"] = round(got.canary_score, 4)
+        self.st.eval_gate_score = round(got.canary_score, 4)
         if got.stable_score is not None:
-            self.st["evalGateStableScore"] = round(got.stable_score, 4)
+            self.st.eval_gate_stable_score = round(got.stable_score, 4)
         why = evalgate.verdict(gate, got)
         if why:
             self.fold(Rollback(Reason.EVAL_GATE_FAILED, why), target)
@@ -780,10 +778,10 @@ class _Run:
         where a user looks first, and "no progress" alone hides a canary that was slow on too
         few samples to judge.
         """
-        waited = self.since(self.st.get("stepStartedAt"))
+        waited = self.since(self.st.step_started_at)
         if waited <= self.deadline:
             return False
-        idx = self.st.get("currentStepIndex")
+        idx = self.st.current_step_index
         summary = self.analysis_summary()
         if summary:
             message = f"no verdict at step {idx} for {waited:.0f}s (progressDeadlineSeconds {int(self.deadline)}s): {summary}"
@@ -796,7 +794,7 @@ class _Run:
 
     def analysis_summary(self) -> str | None:
         """The last analysis at this step in one line (figures, samples, verdict); None if none."""
-        here = self.results_at_step(int(self.st.get("currentStepIndex") or 0))
+        here = self.results_at_step(self.st.step_index)
         if not here:
             return None
         last = here[-1]
@@ -822,9 +820,9 @@ class _Run:
         ).strip()
 
     def advance(self, idx: int, why: str) -> int:
-        self.st["currentStepIndex"] = idx + 1
-        self.st["stepStartedAt"] = self.ts
-        self.st["paused"] = None
+        self.st.current_step_index = idx + 1
+        self.st.step_started_at = self.ts
+        self.st.paused = None
         self.event(NORMAL, Reason.CANARY_PROGRESSING, f"step {idx} done ({why})")
         return idx + 1
 
@@ -858,7 +856,7 @@ class _Run:
         self.ups.append(EnsureRevision(canary["name"], full, ROLE_STABLE, target))
         if obs.ready_replicas < min(full, self.spec.replicas or 1):
             # Scale the canary to full size BEFORE it takes all traffic.
-            self.st["currentStepIndex"] = len(self.spec.rollout.steps)
+            self.st.current_step_index = len(self.spec.rollout.steps)
             if self.stalled():
                 return
             self.progressing(f"scaling canary {canary['name']} to {full} pods before promotion")
@@ -874,7 +872,7 @@ class _Run:
         """Run due analysis; returns True when it rolled the canary back."""
         spec = self.spec.rollout.analysis
         stable = (self.stable() or {}).get("name")
-        base = self.st.get("analysisBaseline")
+        base = self.st.analysis_baseline
         # Cumulative counters (built-in provider, and Prometheus with its default queries):
         # interval deltas and pooling. Custom Prometheus templates give interval figures.
         counted = an.uses_counters(spec)
@@ -926,7 +924,7 @@ class _Run:
         if verdict.phase == an.FAILED:
             failures = sum(
                 1
-                for r in self.st.get("analysis") or []
+                for r in self.st.analysis
                 if r.get("revision") == canary and r["phase"] == an.FAILED
             )
             if failures >= spec.failure_limit or verdict.early:
@@ -943,7 +941,7 @@ class _Run:
 
     def live_pool(self, base: Mapping[str, Any], canary: str) -> list[dict[str, Any]]:
         """Pooled interval starts still usable now: same step, this canary, within poolWindow."""
-        step_idx = int(self.st.get("currentStepIndex") or 0)
+        step_idx = self.st.step_index
         if base.get("step") is not None and base.get("step") != step_idx:
             return []
         window = an.parse_duration(self.spec.rollout.analysis.pool_window)
@@ -956,7 +954,7 @@ class _Run:
 
     def expected_share(self) -> float | None:
         """The canary's share of requests that its applied weight promises (None: unknown)."""
-        applied = (self.st.get("weights") or {}).get("canary")
+        applied = (self.st.weights or {}).get("canary")
         weight = applied if applied is not None else self.canary_weight
         return weight / 100 if weight else None
 
@@ -999,11 +997,11 @@ class _Run:
         base: dict[str, Any] = {
             "time": self.ts,
             "revisions": revisions,
-            "step": int(self.st.get("currentStepIndex") or 0),
+            "step": self.st.step_index,
         }
         if pool:
             base["pool"] = pool
-        self.st["analysisBaseline"] = base
+        self.st.analysis_baseline = base
 
     def record(self, verdict: an.Verdict, canary: str) -> None:
         entry: dict[str, Any] = {
@@ -1012,7 +1010,7 @@ class _Run:
             "samples": verdict.samples,
             "message": verdict.message,
             "revision": canary,
-            "step": int(self.st.get("currentStepIndex") or 0),
+            "step": self.st.step_index,
         }
         if verdict.canary:
             entry["canary"] = verdict.canary
@@ -1025,11 +1023,9 @@ class _Run:
             entry["expectedCanaryShare"] = verdict.expected_share
             if verdict.message and "(starved)" in verdict.message:
                 entry["starved"] = True
-        self.st["analysis"] = [*(self.st.get("analysis") or []), entry][-MAX_ANALYSIS_RESULTS:]
+        self.st.analysis = [*(self.st.analysis), entry][-MAX_ANALYSIS_RESULTS:]
 
     # --- annotations and the final status --------------------------------------------------
-
-    consume_promote = False
 
     def consume_annotations(self) -> None:
         # abort is one-shot: acted on (a canary existed) or not, it must not hit the next canary.
@@ -1045,7 +1041,7 @@ class _Run:
         stable_name = stable["name"] if stable else None
         canary_name = canary["name"] if canary else None
         weights = wt.traffic_weights(stable_name, canary_name, self.canary_weight)
-        for r in self.st.get("retiring") or []:
+        for r in self.st.retiring:
             weights.setdefault(r["name"], 0)
         if (stable_name or canary_name) and not self.obs.traffic_problem:
             self.route.append(
@@ -1068,26 +1064,24 @@ class _Run:
             )
             if warning:
                 w["warning"] = warning
-        self.st["weights"] = w if (stable_name or canary_name) else None
+        self.st.weights = w if (stable_name or canary_name) else None
 
-        self.st["phase"] = self.phase
-        self.st["message"] = self.message
-        self.st["observedGeneration"] = self.generation
+        self.st.phase = self.phase
+        self.st.message = self.message
+        self.st.observed_generation = self.generation
         # The scale subresource's status half: the stable revision's pods now, and the selector
         # of every serving pod (an HPA averages pod metrics over them).
-        self.st["replicas"] = self.rev_obs(stable_name).replicas if stable_name else 0
-        self.st["selector"] = builders.scale_selector(self.md)
+        self.st.replicas = self.rev_obs(stable_name).replicas if stable_name else 0
+        self.st.selector = builders.scale_selector(self.md)
         self.set_conditions()
-        status = {k: v for k, v in self.st.items() if v is not None and v != []}
-        if "analysis" not in status and self.st.get("analysis"):
-            status["analysis"] = self.st["analysis"]
+        status = self.st.to_status()
         actions: list[Action] = [*self.ups, *self.route, *self.downs, *self.deletes, *self.events]
         if self.requeues:
             actions.append(Requeue(round(min(self.requeues), 3)))
         return Step(status, actions)
 
     def set_conditions(self) -> None:
-        conds = self.st.get("conditions") or []
+        conds = self.st.conditions
         stable = self.stable()
         stable_ok = bool(stable) and self.rev_obs(stable["name"]).available
         if self.phase == phases.SCALED_TO_ZERO:
@@ -1140,7 +1134,7 @@ class _Run:
             self.ts,
             self.generation,
         )
-        self.st["conditions"] = conds
+        self.st.conditions = conds
 
 
 def _has_reason(status: Mapping[str, Any], reason: str) -> bool:
