@@ -96,6 +96,33 @@ def test_parse_exposition_and_counters():
         an.parse_exposition("ok 1\nnot a sample {\n")
 
 
+EDGES = """# TYPE tgi_request_count counter
+tgi_request_count 7
+kubetune_server_requests_total{model="a\\\\b\\nc",code="200"} 3 1700000000000
+kubetune_server_requests_created{model="a"} 1.7e9
+g{x="y"} NaN
+  h{le="+Inf"}\t-Inf
+"""
+
+
+def test_parse_exposition_edge_cases_read_like_the_hand_parser_did():
+    samples = an.parse_exposition(EDGES)
+    # Names as written: a counter typed without _total is not renamed; _created is a sample.
+    assert [s.name for s in samples] == [
+        "tgi_request_count",
+        "kubetune_server_requests_total",
+        "kubetune_server_requests_created",
+        "g",
+        "h",
+    ]
+    assert samples[1].labels["model"] == "a\\b\nc" and samples[1].value == 3.0
+    assert math.isnan(samples[3].value) and samples[4].value == -math.inf
+    assert samples[4].labels == {"le": "+Inf"} and all(type(s.value) is float for s in samples)
+    for bad, line in [("a 1\nb{l=x} 2", 2), ('a 1\n\nb{l="x} 1', 3), ("a abc", 1), ("a", 1)]:
+        with pytest.raises(ValueError, match=f"line {line}: not a Prometheus sample"):
+            an.parse_exposition(bad)
+
+
 def test_interval_and_reset():
     before = an.counters_from_text(TEXT)
     after = an.sum_counters([before, before])

@@ -48,6 +48,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from kubetune.api.modeldeployment import AnalysisSpec
 from kubetune.rollout.metricmaps import BUILTIN_MAP, MetricMap
 
@@ -109,53 +111,31 @@ class Sample:
     value: float
 
 
-_LINE = re.compile(
-    r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<labels>.*)\})?\s+(?P<value>\S+)(\s+\S+)?$"
-)
-_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
-
-
-def _unescape(value: str) -> str:
-    return (
-        value.replace(r"\\", "\x00").replace(r"\"", '"').replace(r"\n", "\n").replace("\x00", "\\")
-    )
-
-
-def _parse_value(text: str) -> float:
-    # Go's and Python's clients write +Inf, -Inf and NaN; float() understands all three.
-    return float(text)
-
-
 def parse_exposition(text: str) -> list[Sample]:
-    """Parse the Prometheus text format (version 0.0.4) into samples.
+    """Parse the Prometheus text format (version 0.0.4) into samples, with prometheus_client.
 
-    Comments (``# HELP``, ``# TYPE``) and blank lines are skipped. A malformed line raises
-    ValueError naming the line number, so a broken exporter is reported as an analysis
-    *Error* with a reason rather than silently read as zero traffic.
+    Comments (``# HELP``, ``# TYPE``) and blank lines are skipped; timestamps are read and
+    dropped; label values are unescaped; ``+Inf``, ``-Inf`` and ``NaN`` are floats. A malformed
+    line raises ValueError naming the line number, so a broken exporter is reported as an
+    analysis *Error* with a reason rather than silently read as zero traffic.
+
+    Each sample line goes to ``text_string_to_metric_families`` on its own: that gives the line
+    number of an error, and keeps every name as written (given a whole text, the library renames
+    the samples of a counter whose ``# TYPE`` name lacks ``_total`` to ``<name>_total``).
     """
     samples: list[Sample] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        match = _LINE.match(line)
-        if not match:
-            raise ValueError(f"line {number}: not a Prometheus sample: {raw[:120]!r}")
-        labels: dict[str, str] = {}
-        body = match.group("labels")
-        if body:
-            pos = 0
-            while pos < len(body):
-                lm = _LABEL.match(body, pos)
-                if not lm:
-                    raise ValueError(f"line {number}: bad label set: {body[:120]!r}")
-                labels[lm.group(1)] = _unescape(lm.group(2))
-                pos = lm.end()
         try:
-            value = _parse_value(match.group("value"))
-        except ValueError:
-            raise ValueError(f"line {number}: bad value {match.group('value')!r}") from None
-        samples.append(Sample(match.group("name"), labels, value))
+            parsed = [s for family in text_string_to_metric_families(line) for s in family.samples]
+        except (ValueError, IndexError) as err:
+            why = str(err) or "malformed"
+            raise ValueError(
+                f"line {number}: not a Prometheus sample ({why}): {raw[:120]!r}"
+            ) from None
+        samples.extend(Sample(s.name, s.labels, float(s.value)) for s in parsed)
     return samples
 
 
@@ -285,7 +265,7 @@ def _histogram(samples: Iterable[Sample], name: str) -> Histogram:
     by_bound: dict[float, float] = {}
     for s in samples:
         if s.name == f"{name}_bucket" and "le" in s.labels:
-            le = _parse_value(s.labels["le"])
+            le = float(s.labels["le"])
             by_bound[le] = by_bound.get(le, 0.0) + s.value
     if not by_bound:
         return Histogram()
