@@ -711,7 +711,7 @@ def test_invalid_spec_names_the_field_and_touches_nothing():
     bad["spec"]["rollout"]["steps"] = [{"setWeight": 150}]
     sim.set_spec(bad)
     out = m.step(
-        sim.md, m.Observed(model=ModelProblem(m.INVALID_SPEC, "x", terminal=True)), sim.now
+        sim.md, m.Observed(model=ModelProblem(Reason.INVALID_SPEC, "x", terminal=True)), sim.now
     )
     assert (
         out.status["phase"] == "Degraded"
@@ -818,7 +818,7 @@ def test_without_a_router_no_canary_starts_and_status_says_why():
         in out.actions
     )
     degraded = next(c for c in out.status["conditions"] if c["type"] == "Degraded")
-    assert degraded["reason"] == m.TRAFFIC_UNAVAILABLE
+    assert degraded["reason"] == Reason.TRAFFIC_UNAVAILABLE
     out = sim.step()  # fixed: the canary starts
     assert out.status["canary"]["name"] == revision_of(sim.md).name
 

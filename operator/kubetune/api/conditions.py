@@ -1,4 +1,4 @@
-"""Condition types, reasons and the one function that sets a condition.
+"""Condition types, reasons, the one function that sets a condition, and the invalid-spec status.
 
 Every reason string the operator writes is a constant here (STYLE.md: one place, like Kubeflow
 Trainer's ``...Reason`` constants), so that docs, tests and Argo CD health scripts agree.
@@ -8,7 +8,13 @@ rely on the types.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+from pydantic import ValidationError
+
+from kubetune.api.actions import Event
 
 # --- FineTuneJob condition types ---
 DATA_VALIDATED = "DataValidated"
@@ -51,6 +57,9 @@ class Reason:
     NOT_STARTED = "NotStarted"
     PENDING = "Pending"
 
+    # Both kinds: a spec the schema refuses (see ``invalid_spec_status``).
+    INVALID_SPEC = "InvalidSpec"
+
     # ModelDeployment lifecycle
     WAITING_FOR_MODEL = "WaitingForFineTuneJob"
     MODEL_NOT_FOUND = "FineTuneJobNotFound"
@@ -72,6 +81,10 @@ class Reason:
     ABORTED = "Aborted"
     PROMOTED = "Promoted"
     ROLLED_BACK = "RolledBack"
+    # A canary replaced by a newer revision before it finished (also a retired revision's reason).
+    SUPERSEDED = "Superseded"
+    # The HTTPRoute cannot be written (no Gateway API, or the route refused): Degraded.
+    TRAFFIC_UNAVAILABLE = "TrafficRoutingUnavailable"
     TOO_FEW_REPLICAS = "TooFewReplicasForWeight"
     SCALED_TO_ZERO = "ScaledToZero"
     # A new revision waits at spec.replicas 0: a canary needs stable pods to be compared with.
@@ -128,3 +141,55 @@ def is_true(conditions: list[dict[str, Any]] | None, type_: str) -> bool:
     """Whether the condition exists with status True."""
     cond = get_condition(conditions, type_)
     return bool(cond and cond.get("status") == "True")
+
+
+# --- a spec the operator cannot act on ---------------------------------------------------------
+#
+# A real API server rejects such a spec through the CRD schema; this is the defence for servers
+# without validation (kmock, an outdated CRD) and for the local runtime. Both kinds' decision
+# functions report it the same way: the fields named like kubectl names them, reason
+# InvalidSpec, one Warning Event when the message changes, nothing else touched.
+
+
+def invalid_spec_message(exc: Exception) -> str:
+    """``invalid spec: spec.<field path>: <problem>`` for the first few schema errors.
+
+    Any other error (a pod-template override the merge refused) names its field itself: its
+    text is used as it is.
+    """
+    if isinstance(exc, ValidationError):
+        errors = "; ".join(
+            "spec." + ".".join(str(p) for p in err["loc"]) + ": " + err["msg"]
+            for err in exc.errors()[:5]
+        )
+    else:
+        errors = str(exc)
+    return f"invalid spec: {errors}"
+
+
+def invalid_spec_status(
+    obj: Mapping[str, Any],
+    message: str,
+    now: str,
+    phase: str,
+    conditions: Iterable[tuple[str, bool]],
+) -> tuple[dict[str, Any], list[Event]]:
+    """``obj``'s new status for an invalid spec, and the Warning Event to emit (if any).
+
+    ``conditions`` lists the condition types to set with reason InvalidSpec and ``message``;
+    everything else in the status (what serves, restarts, progress) is kept. The Event goes out
+    only when phase or message change, so a requeued invalid object does not repeat it.
+    """
+    old = obj.get("status") or {}
+    gen = (obj.get("metadata") or {}).get("generation")
+    status = copy.deepcopy(dict(old))
+    conds = status.get("conditions") or []
+    for type_, value in conditions:
+        conds = set_condition(conds, type_, value, Reason.INVALID_SPEC, message, now, gen)
+    status.update(phase=phase, message=message, conditions=conds)
+    if gen is not None:
+        status["observedGeneration"] = gen
+    events: list[Event] = []
+    if old.get("phase") != phase or old.get("message") != message:
+        events.append(Event("Warning", Reason.INVALID_SPEC, message))
+    return status, events

@@ -39,6 +39,7 @@ from kubetune.api.actions import Event, Requeue  # noqa: F401  (re-exported: par
 from kubetune.api.conditions import Reason
 from kubetune.api.defaults import PodDefaults
 from kubetune.api.pods import PodTemplateError
+from kubetune.api.times import format_time, parse_time
 from kubetune.finetune import builders
 
 # --- observations ----------------------------------------------------------------------------------
@@ -340,15 +341,10 @@ STALE_JOB_REQUEUE = 1.0
 WAITING_REQUEUE = 30.0
 
 
-def _ts(now: datetime.datetime) -> str:
-    return now.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _parse_ts(text: str | None) -> datetime.datetime | None:
-    if not text:
-        return None
+    # A time a person edited into nonsense is "unknown" here, not a reconcile that always fails.
     try:
-        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parse_time(text)
     except ValueError:
         return None
 
@@ -366,7 +362,7 @@ class _Builder:
     ) -> None:
         self.ftj = ftj
         self.now = now
-        self.stamp = _ts(now)
+        self.stamp = format_time(now)
         self.image = image
         self.report = report
         self.defaults = defaults
@@ -596,37 +592,17 @@ def plan(
     return _train(b, train)
 
 
-INVALID_SPEC = "InvalidSpec"
-
-
 def _invalid_spec(
     ftj: dict[str, Any], exc: ValidationError | PodTemplateError, now: datetime.datetime
 ) -> Plan:
-    # A real API server rejects such a spec through the CRD schema; this is the defence for
-    # servers without validation (kmock, an outdated CRD) and names the field like kubectl would.
-    # A PodTemplateError is an override the merge refused against the built pods (its message
-    # names spec.podTemplate.<field> already).
-    if isinstance(exc, PodTemplateError):
-        errors = str(exc)
-    else:
-        errors = "; ".join(
-            "spec." + ".".join(str(p) for p in err["loc"]) + ": " + err["msg"]
-            for err in exc.errors()[:5]
-        )
-    old = dict(ftj.get("status") or {})
-    status = json.loads(json.dumps(old))
-    stamp = _ts(now)
-    gen = (ftj.get("metadata") or {}).get("generation")
-    message = f"invalid spec: {errors}"
-    status.update(phase="Failed", message=message, restarts=status.get("restarts") or 0)
-    if gen is not None:
-        status["observedGeneration"] = gen
-    status["conditions"] = c.set_condition(
-        status.get("conditions") or [], c.FAILED, True, INVALID_SPEC, message, stamp, gen
+    # The job fails for good (a spec fix is a new generation, which the plan reads afresh); the
+    # restart count stays what it was. A PodTemplateError is an override the merge refused
+    # against the built pods (its message names spec.podTemplate.<field> already).
+    status, events = c.invalid_spec_status(
+        ftj, c.invalid_spec_message(exc), format_time(now), "Failed", [(c.FAILED, True)]
     )
-    actions: list[Action] = []
-    if old.get("phase") != "Failed" or old.get("message") != message:
-        actions.append(Event("Warning", INVALID_SPEC, message))
+    status["restarts"] = status.get("restarts") or 0
+    actions: list[Action] = [*events]
     return Plan(status, actions)
 
 

@@ -30,7 +30,7 @@ import aiohttp
 from pydantic import ValidationError
 
 from kubetune.api.common import API_VERSION, LABEL_ENGINE, LABEL_KIND, LABEL_OWNER, LABEL_REVISION
-from kubetune.api.conditions import Reason
+from kubetune.api.conditions import Reason, invalid_spec_message
 from kubetune.api.defaults import PodDefaults
 from kubetune.api.modeldeployment import KIND, ModelDeploymentSpec
 from kubetune.k8s import scraping
@@ -229,7 +229,7 @@ async def observe(
     except ValidationError as exc:
         # machine.step reports it (status Degraded, the field named); nothing to observe.
         problem = revisions.ModelProblem(
-            machine.INVALID_SPEC, machine.invalid_spec_message(exc), terminal=True
+            Reason.INVALID_SPEC, invalid_spec_message(exc), terminal=True
         )
         return machine.Observed(model=problem)
     ftj = None

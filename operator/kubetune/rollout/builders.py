@@ -27,7 +27,7 @@ from kubetune.api.common import (
     LABEL_OWNER,
     LABEL_REVISION,
 )
-from kubetune.api.conditions import Reason
+from kubetune.api.conditions import Reason, invalid_spec_message
 from kubetune.api.defaults import PodDefaults, apply_cluster_defaults
 from kubetune.api.modeldeployment import KIND, ModelDeploymentSpec, VllmSpec
 from kubetune.api.pods import PodTemplateError, merge_pod_template
@@ -508,12 +508,8 @@ def check_pod_template(
     try:
         build_server_deployment(md, resolved, role=ROLE_CANARY, defaults=defaults)
     except PodTemplateError as exc:
-        return ModelProblem(INVALID_SPEC, f"invalid spec: {exc}", terminal=True)
+        return ModelProblem(Reason.INVALID_SPEC, invalid_spec_message(exc), terminal=True)
     return resolved
-
-
-# The machine's reason for a spec it cannot act on (kubetune.rollout.machine.INVALID_SPEC).
-INVALID_SPEC = "InvalidSpec"
 
 
 def build_revision_service(md: Mapping[str, Any], revision: str) -> dict[str, Any]:

@@ -44,7 +44,6 @@ next verdict is judged on all their samples; the progress deadline quotes the la
 
 from __future__ import annotations
 
-import copy
 import datetime
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -58,11 +57,11 @@ from kubetune.api.actions import Event, Requeue  # noqa: F401  (re-exported: par
 from kubetune.api.common import ANNOTATION_ABORT, ANNOTATION_PAUSE, ANNOTATION_PROMOTE
 from kubetune.api.conditions import Reason
 from kubetune.api.modeldeployment import ModelDeploymentSpec
+from kubetune.api.times import format_time, parse_time
 from kubetune.rollout import analysis as an
 from kubetune.rollout import builders, evalgate
 from kubetune.rollout import steps as steps_
 from kubetune.rollout import weights as wt
-from kubetune.rollout.builders import INVALID_SPEC as INVALID_SPEC_REASON
 from kubetune.rollout.builders import ROLE_CANARY, ROLE_STABLE
 from kubetune.rollout.outcomes import (
     STEADY_REQUEUE,
@@ -85,7 +84,6 @@ MAX_REJECTED = 10
 # interval with a long poolWindow must not grow the object without bound.
 MAX_POOLED = 20
 FAST_FAIL_Z = an.FAST_FAIL_Z
-TRAFFIC_UNAVAILABLE = "TrafficRoutingUnavailable"
 # Event types.
 NORMAL = "Normal"
 WARNING = "Warning"
@@ -188,24 +186,6 @@ class Step:
         return [a for a in self.actions if isinstance(a, kind)]
 
 
-# --- time helpers ------------------------------------------------------------------------
-
-
-def format_time(now: datetime.datetime) -> str:
-    """RFC 3339 in UTC with milliseconds (analysis intervals can be short)."""
-    return (
-        now.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.")
-        + f"{now.microsecond // 1000:03d}Z"
-    )
-
-
-def parse_time(text: str | None) -> datetime.datetime | None:
-    """Inverse of ``format_time`` (also accepts seconds precision); None for None."""
-    if not text:
-        return None
-    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
 def _revision_status(rev: Revision) -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": rev.name,
@@ -262,7 +242,7 @@ class _Run:
         self.st = RolloutState.from_status(self.old)
         self.obs = observed
         self.now = now
-        self.ts = format_time(now)
+        self.ts = format_time(now, millis=True)
         annotations = (
             observed.annotations
             if observed.annotations is not None
@@ -346,10 +326,10 @@ class _Run:
 
     def start_canary(self, target: Revision, superseded: str | None) -> None:
         if superseded:
-            self.retire(superseded, "Superseded")
+            self.retire(superseded, Reason.SUPERSEDED)
             self.event(
                 NORMAL,
-                "Superseded",
+                Reason.SUPERSEDED,
                 f"canary {superseded} superseded by {target.name} (spec changed)",
             )
         self.unretire(target.name)
@@ -441,7 +421,7 @@ class _Run:
             else:
                 self.canary_rollout(model)
             if self.obs.traffic_problem:
-                self.phase, self.reason = phases.DEGRADED, TRAFFIC_UNAVAILABLE
+                self.phase, self.reason = phases.DEGRADED, Reason.TRAFFIC_UNAVAILABLE
                 self.message = f"{self.obs.traffic_problem}; no canary is started until it is fixed"
         self.consume_annotations()
         return self.finish()
@@ -471,8 +451,8 @@ class _Run:
         canary = self.canary()
         if canary is None:
             return
-        self.retire(canary["name"], "Superseded")
-        self.event(NORMAL, "Superseded", f"canary {canary['name']} stopped: {why}")
+        self.retire(canary["name"], Reason.SUPERSEDED)
+        self.event(NORMAL, Reason.SUPERSEDED, f"canary {canary['name']} stopped: {why}")
         self.clear_canary()
 
     def ensure_stable(self) -> RevisionObservation:
@@ -1154,9 +1134,6 @@ def step(md: Mapping[str, Any], observed: Observed, now: datetime.datetime) -> S
     return _Run(md, observed, now).run()
 
 
-INVALID_SPEC = INVALID_SPEC_REASON
-
-
 def eval_gate_due(md: Mapping[str, Any]) -> tuple[str, bool] | None:
     """``(canary revision, with_stable)`` when a runtime should run the eval gate now, else None.
 
@@ -1176,30 +1153,15 @@ def eval_gate_due(md: Mapping[str, Any]) -> tuple[str, bool] | None:
     return canary, gate.max_score_drop is not None
 
 
-def invalid_spec_message(exc: ValidationError) -> str:
-    """``spec.<field path>: <problem>`` for the first few errors, the way kubectl names fields."""
-    return "invalid spec: " + "; ".join(
-        "spec." + ".".join(str(p) for p in err["loc"]) + ": " + err["msg"]
-        for err in exc.errors()[:5]
-    )
-
-
 def _invalid_spec(md: Mapping[str, Any], exc: ValidationError, now: datetime.datetime) -> Step:
-    # A real API server rejects such a spec through the CRD schema; this is the defence for
-    # servers without validation (kmock, an outdated CRD) and the local runtime. Nothing is
-    # touched: whatever serves keeps serving until the spec is fixed.
-    meta = md.get("metadata") or {}
-    gen = meta.get("generation")
-    ts = format_time(now)
-    message = invalid_spec_message(exc)
-    status = copy.deepcopy(dict(md.get("status") or {}))
-    conds = status.get("conditions") or []
-    conds = cond.set_condition(conds, cond.PROGRESSING, False, INVALID_SPEC, message, ts, gen)
-    conds = cond.set_condition(conds, cond.DEGRADED, True, INVALID_SPEC, message, ts, gen)
-    if not status.get("stable"):
-        conds = cond.set_condition(conds, cond.READY, False, INVALID_SPEC, message, ts, gen)
-    status.update(phase=phases.DEGRADED, message=message, observedGeneration=gen, conditions=conds)
-    events: list[Action] = []
-    if (md.get("status") or {}).get("message") != message:
-        events.append(Event(WARNING, INVALID_SPEC, message))
-    return Step(status, events)
+    # Nothing is touched: whatever serves keeps serving until the spec is fixed, so Ready stays
+    # as it is while a stable revision serves.
+    conds = [(cond.PROGRESSING, False), (cond.DEGRADED, True)]
+    if not (md.get("status") or {}).get("stable"):
+        conds.append((cond.READY, False))
+    message = cond.invalid_spec_message(exc)
+    status, events = cond.invalid_spec_status(
+        md, message, format_time(now, millis=True), phases.DEGRADED, conds
+    )
+    actions: list[Action] = [*events]
+    return Step(status, actions)
