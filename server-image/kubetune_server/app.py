@@ -602,6 +602,17 @@ async def _serve(state: ServerState, request: Request, body, kind: str, prompts,
         first = min((q.first_token_at for q in seqs if q.first_token_at is not None), default=None)
         if first is not None:
             metrics.ttft.labels(model=name).observe(max(0.0, first - started))
+        # Decoding speed, one observation per request like vLLM's
+        # vllm:request_time_per_output_token_seconds (the canary analysis counts requests).
+        per_token = [
+            (q.last_token_at - q.first_token_at) / (len(q.generated) - 1)
+            for q in seqs
+            if q.first_token_at is not None
+            and q.last_token_at is not None
+            and len(q.generated) >= 2
+        ]
+        if per_token:
+            metrics.tpot.labels(model=name).observe(max(0.0, sum(per_token) / len(per_token)))
 
     def format_logprobs(entries, offset: int = 0) -> dict[str, Any] | None:
         if logprobs is None:

@@ -96,6 +96,7 @@ class Sequence:
     stream: bool = True
     cancelled: bool = False
     first_token_at: float | None = None
+    last_token_at: float | None = None
     # Worker-side state.
     generated: list[int] = field(default_factory=list)
     emitted: int = 0
@@ -359,6 +360,7 @@ class Engine:
             seq = batch[i]
             if seq.first_token_at is None:
                 seq.first_token_at = now
+            seq.last_token_at = now
             if not self._advance(seq, tokens[j]):
                 keep.append(j)
         return keep

@@ -15,6 +15,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# A request's mean time per output token: ~1.25x apart where engines decode (1 ms to 0.1 s), so
+# the canary analysis' decoding-speed test counts a request above 1.5x stable's p99 at a bound
+# at most 1.25x beyond that bar (coarser buckets undercount a slow decoder and cost power).
+TPOT_BUCKETS = (
+    *(0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.006, 0.008),
+    *(0.01, 0.0125, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.08),
+    *(0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5),
+)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -42,6 +50,14 @@ class Metrics:
             "Time from receiving a request to its first generated token.",
             ["model"],
             buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "kubetune_server_time_per_output_token_seconds",
+            "Per request: time from its first to its last generated token over the tokens after"
+            " the first (requests of two or more tokens; n > 1: the mean over its choices).",
+            ["model"],
+            buckets=TPOT_BUCKETS,
             registry=r,
         )
         self.generated_tokens = Counter(

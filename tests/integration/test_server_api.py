@@ -625,6 +625,7 @@ def test_metrics_have_the_contract_names_and_count(server, client, adapter_dir):
         "kubetune_server_requests_total",
         "kubetune_server_request_duration_seconds_bucket",
         "kubetune_server_time_to_first_token_seconds_bucket",
+        "kubetune_server_time_per_output_token_seconds_bucket",
         "kubetune_server_generated_tokens_total",
         "kubetune_server_prompt_tokens_total",
         "kubetune_server_queue_depth",
@@ -636,6 +637,16 @@ def test_metrics_have_the_contract_names_and_count(server, client, adapter_dir):
     assert metric_value(text, "kubetune_server_requests_total", model=MODEL, code="400") >= 1
     assert metric_value(text, "kubetune_server_generated_tokens_total", model=MODEL) >= 3
     assert metric_value(text, "kubetune_server_time_to_first_token_seconds_count", model=MODEL) >= 1
+    # One decoding-speed observation per request of two or more tokens (the 3-token one), read
+    # by the canary analysis' decoding-speed test.
+    tpot_count = metric_value(
+        text, "kubetune_server_time_per_output_token_seconds_count", model=MODEL
+    )
+    tpot_sum = metric_value(text, "kubetune_server_time_per_output_token_seconds_sum", model=MODEL)
+    assert tpot_count >= 1 and 0 < tpot_sum / tpot_count < 60
+    from kubetune.rollout.analysis import counters_from_text
+
+    assert counters_from_text(text).tpot.total == tpot_count
     digest = manifest_digest(read_manifest(adapter_dir))
     assert (
         metric_value(

@@ -85,7 +85,8 @@ class UriRef(Model):
 
     uri: str = Field(description=URI_DESCRIPTION, pattern=URI_PATTERN)
     revision: str | None = Field(
-        default=None, description="Optional revision label, recorded in status. Written as a manifest digest (sha256:...), it is enforced: a server whose adapter has another digest stays unready (AdapterDigestMismatch)."
+        default=None,
+        description="Optional revision label, recorded in status. Written as a manifest digest (sha256:...), it is enforced: a server whose adapter has another digest stays unready (AdapterDigestMismatch).",
     )
 
 
@@ -221,16 +222,27 @@ class ServerSpec(Model):
         min_length=1,
     )
     max_batch_size: int = Field(
-        default=8, ge=1, le=1024, description="Requests batched into one forward pass (builtin; vLLM schedules its own continuous batches)."
+        default=8,
+        ge=1,
+        le=1024,
+        description="Requests batched into one forward pass (builtin; vLLM schedules its own continuous batches).",
     )
     batch_wait_ms: int = Field(
-        default=10, ge=0, le=1000, description="How long an idle batcher waits for a burst of requests (two or more queued) to fill a batch; a lone request starts at once, and later ones join a running batch between decode steps (builtin)."
+        default=10,
+        ge=0,
+        le=1000,
+        description="How long an idle batcher waits for a burst of requests (two or more queued) to fill a batch; a lone request starts at once, and later ones join a running batch between decode steps (builtin).",
     )
     max_queue: int = Field(
-        default=64, ge=1, le=100000, description="Queued requests before 429 Too Many Requests (builtin)."
+        default=64,
+        ge=1,
+        le=100000,
+        description="Queued requests before 429 Too Many Requests (builtin).",
     )
     max_model_len: int = Field(
-        default=2048, ge=16, description="Context limit: prompt plus generated tokens (vllm: --max-model-len)."
+        default=2048,
+        ge=16,
+        description="Context limit: prompt plus generated tokens (vllm: --max-model-len).",
     )
     max_tokens_limit: int = Field(
         default=512, ge=1, description="Largest max_tokens a request may ask for (builtin)."
@@ -391,7 +403,9 @@ class Thresholds(Model):
     max_latency_ratio: float | None = Field(
         default=1.5,
         gt=0,
-        description="Canary p95 latency may be at most this multiple of stable's.",
+        description="Canary p95 latency may be at most this multiple of stable's; the"
+        " sequential test also holds each request's latency and time per output token (decoding"
+        " speed) to this multiple of stable's p99.",
     )
 
 
@@ -776,6 +790,16 @@ class CounterSnapshot(Model):
         default_factory=list, description="Cumulative count per TTFT bound."
     )
     ttft_total: float = Field(default=0.0, description="TTFT observations (the +Inf bucket).")
+    tpot_bounds: list[float] = Field(
+        default_factory=list,
+        description="Finite bucket bounds of the per-request time per output token (seconds).",
+    )
+    tpot_counts: list[float] = Field(
+        default_factory=list, description="Cumulative count per time-per-output-token bound."
+    )
+    tpot_total: float = Field(
+        default=0.0, description="Time-per-output-token observations (the +Inf bucket)."
+    )
     pods: int = Field(default=0, description="Pods scraped.")
     generated_tokens: float = Field(default=0.0, description="Completion tokens generated.")
     prompt_tokens: float = Field(default=0.0, description="Prompt tokens processed.")

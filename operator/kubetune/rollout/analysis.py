@@ -33,6 +33,10 @@ interval judge never reaches minSamples. Three answers, all built on the same co
   requests above ``maxLatencyRatio`` x stable's p99 (and above ``maxP95LatencySeconds``). It is
   conclusive on few requests ("8 of 8 slower than stable's p99") and, being a test martingale
   under the null, its false-alarm rate is bounded by SPRT_ALPHA however often it is looked at.
+  The same test runs on decoding speed (each request's time per output token, when the engine
+  exports it): end-to-end latency varies with the answer's length, so a canary that decodes 4x
+  slower puts only ~20% of its requests above 1.5x stable's p99 latency, too few for the test,
+  while nearly all of them are above 1.5x stable's p99 time per output token.
 - Starvation (``starvation``): the canary's share of requests far below the share its weight
   promises is reported, and counts toward failure only with latency or errors pointing the
   same way; idle traffic promises too few requests to ever count as starvation.
@@ -57,6 +61,7 @@ from kubetune.rollout.metricmaps import BUILTIN_MAP, MetricMap
 REQUESTS = BUILTIN_MAP.requests.name
 LATENCY = BUILTIN_MAP.latency
 TTFT = BUILTIN_MAP.ttft
+TPOT = BUILTIN_MAP.tpot
 
 SUCCESSFUL = "Successful"
 FAILED = "Failed"
@@ -86,6 +91,11 @@ STABLE_QUANTILE = 0.99
 SLOW_SHARE_OK = 0.05
 SLOW_SHARE_BAD = 0.5
 SPRT_ALPHA = 5e-6
+
+# The decoding-speed bar of the sequential test is maxLatencyRatio x stable's p99 time per
+# output token, and at least this much slower per token (a 2 ms/token engine is not judged on
+# scheduling jitter).
+TPOT_RATIO_FLOOR_SECONDS = 0.002
 
 # The share of requests a p95 leaves above it (``latency_ratio_exceeded``).
 P95_SHARE = 0.05
@@ -210,6 +220,8 @@ class RevisionCounters:
     pods: int = 0
     generated_tokens: float = 0.0
     prompt_tokens: float = 0.0
+    # One observation per request: its mean time per output token (empty: engine has none).
+    tpot: Histogram = field(default_factory=Histogram)
 
     def __add__(self, other: RevisionCounters) -> RevisionCounters:
         return RevisionCounters(
@@ -220,6 +232,7 @@ class RevisionCounters:
             self.pods + other.pods,
             self.generated_tokens + other.generated_tokens,
             self.prompt_tokens + other.prompt_tokens,
+            self.tpot + other.tpot,
         )
 
     def to_dict(self) -> dict:
@@ -233,6 +246,9 @@ class RevisionCounters:
             "ttftBounds": list(self.ttft.bounds),
             "ttftCounts": list(self.ttft.counts),
             "ttftTotal": self.ttft.total,
+            "tpotBounds": list(self.tpot.bounds),
+            "tpotCounts": list(self.tpot.counts),
+            "tpotTotal": self.tpot.total,
             "pods": self.pods,
             "generatedTokens": self.generated_tokens,
             "promptTokens": self.prompt_tokens,
@@ -257,6 +273,11 @@ class RevisionCounters:
             pods=int(data.get("pods", 0)),
             generated_tokens=float(data.get("generatedTokens", 0)),
             prompt_tokens=float(data.get("promptTokens", 0)),
+            tpot=Histogram(
+                tuple(data.get("tpotBounds", ())),
+                tuple(data.get("tpotCounts", ())),
+                float(data.get("tpotTotal", 0)),
+            ),
         )
 
 
@@ -318,6 +339,7 @@ def counters_from_samples(
         pods=pods,
         generated_tokens=generated,
         prompt_tokens=prompt,
+        tpot=_histogram(samples, metrics.tpot) if metrics.tpot else Histogram(),
     )
 
 
@@ -345,6 +367,8 @@ class IntervalMetrics:
     latency: Histogram | None = None
     # Tokens generated in the interval (built-in provider only; None when unknown).
     generated_tokens: float | None = None
+    # Each request's mean time per output token in the interval (None: the engine exports none).
+    tpot: Histogram | None = None
 
     def as_status(self) -> dict[str, float]:
         """The figures for status.analysis[].canary/stable (camelCase; unknowns left out)."""
@@ -396,7 +420,17 @@ def interval(before: RevisionCounters, after: RevisionCounters) -> IntervalMetri
         ttft_p95_seconds=ttft.quantile(0.95),
         latency=latency,
         generated_tokens=generated if generated >= 0 else None,
+        tpot=_tpot_interval(before.tpot, after.tpot),
     )
+
+
+def _tpot_interval(before: Histogram, after: Histogram) -> Histogram | None:
+    # Decoding speed is optional evidence: buckets that changed (an engine upgrade) or went
+    # backwards leave the interval without it instead of discarding the interval.
+    if not after.bounds or (before.bounds and before.bounds != after.bounds):
+        return None
+    got = after.minus(before)
+    return got if got.total >= 0 and all(c >= 0 for c in got.counts) else None
 
 
 @dataclass(frozen=True)
@@ -490,37 +524,62 @@ def sequential_latency(
 ) -> list[str]:
     """Latency failures that are conclusive on however few canary requests (module docstring).
 
-    Two bars, each a one-sided Wald SPRT on the count of canary requests above it:
+    Three bars, each a one-sided Wald SPRT on the count of canary requests above it:
     - relative: ``maxLatencyRatio`` x stable's p99 (and at least LATENCY_RATIO_FLOOR_SECONDS
       above it), when stable saw minSamples requests over the same span;
+    - decoding speed: ``maxLatencyRatio`` x stable's p99 time per output token (and at least
+      TPOT_RATIO_FLOOR_SECONDS above it), when both revisions' engines export it and stable has
+      minSamples such observations;
     - absolute: ``maxP95LatencySeconds``.
-    A healthy canary puts at most SLOW_SHARE_OK of its requests above either bar, so the test
+    A healthy canary puts at most SLOW_SHARE_OK of its requests above any bar, so each test
     crosses its bound with probability at most SPRT_ALPHA however often it is looked at.
     """
     thr = spec.thresholds
-    bars: list[tuple[float, str]] = []
-    if (
+    # (the canary's histogram, the bar, what the bar is, how a request is slow)
+    bars: list[tuple[Histogram | None, float, str, str]] = []
+    stable_ok = (
         thr.max_latency_ratio is not None
         and stable is not None
         and stable.requests >= spec.min_samples
-        and stable.latency is not None
-    ):
+    )
+    if stable_ok and stable is not None and stable.latency is not None:
         sp99 = stable.latency.quantile(STABLE_QUANTILE)
         if sp99 is not None:
             bar = max(thr.max_latency_ratio * sp99, sp99 + LATENCY_RATIO_FLOOR_SECONDS)
-            bars.append((bar, f"{thr.max_latency_ratio}x stable's p99 {sp99:.3f}s"))
+            what = f"{thr.max_latency_ratio}x stable's p99 {sp99:.3f}s"
+            bars.append((canary.latency, bar, what, "slower than {bound:g}s"))
+    if (
+        stable_ok
+        and stable is not None
+        and stable.tpot is not None
+        and stable.tpot.total >= spec.min_samples
+    ):
+        sp99 = stable.tpot.quantile(STABLE_QUANTILE)
+        if sp99 is not None:
+            bar = max(thr.max_latency_ratio * sp99, sp99 + TPOT_RATIO_FLOOR_SECONDS)
+            what = (
+                f"{thr.max_latency_ratio}x stable's p99 time per output token {sp99 * 1000:.1f} ms"
+            )
+            bars.append((canary.tpot, bar, what, "decoding slower than {ms:g} ms per token"))
     if thr.max_p95_latency_seconds is not None:
-        bars.append((thr.max_p95_latency_seconds, "maxP95LatencySeconds"))
+        bars.append(
+            (
+                canary.latency,
+                thr.max_p95_latency_seconds,
+                "maxP95LatencySeconds",
+                "slower than {bound:g}s",
+            )
+        )
     out: list[str] = []
-    for bar, what in bars:
-        got = slow_count(canary.latency, bar)
-        if got is None:
+    for hist, bar, what, slow_how in bars:
+        got = slow_count(hist, bar)
+        if got is None or hist is None:
             continue
         slow, bound = got
-        total = canary.latency.total if canary.latency else 0.0
-        if sprt_llr(slow, total) >= SPRT_BOUND:
+        if sprt_llr(slow, hist.total) >= SPRT_BOUND:
+            how = slow_how.format(bound=bound, ms=round(bound * 1000, 3))
             out.append(
-                f"{int(slow)} of {int(total)} canary requests slower than {bound:g}s ({what}): "
+                f"{int(slow)} of {int(hist.total)} canary requests {how} ({what}): "
                 f"conclusive (sequential test, false alarm <= {SPRT_ALPHA:g})"
             )
     return out
@@ -817,7 +876,9 @@ def counter_queries(metrics: MetricMap = BUILTIN_MAP) -> dict[str, str]:
         queries[name] = f"sum{by} ({name}{_SEL})"
     for name in (metrics.generated_tokens, metrics.prompt_tokens):
         queries[name] = f"sum({name}{_SEL})"
-    for histogram in (metrics.latency, metrics.ttft):
+    for histogram in (metrics.latency, metrics.ttft, metrics.tpot):
+        if histogram is None:
+            continue
         queries[histogram + "_bucket"] = f"sum by (le) ({histogram}_bucket{_SEL})"
     return queries
 

@@ -1,8 +1,9 @@
 """One metric map per serving engine: where its ``/metrics`` keeps what the canary analysis reads.
 
-The analysis (``kubetune.rollout.analysis``) needs the same four quantities from every engine:
+The analysis (``kubetune.rollout.analysis``) needs the same quantities from every engine:
 requests by outcome (answered, and of those the server errors), a latency histogram, a
-time-to-first-token histogram, and tokens (generated, prompt). Each engine exports them under
+time-to-first-token histogram, a histogram of each request's time per output token (decoding
+speed; optional), and tokens (generated, prompt). Each engine exports them under
 its own names; a ``MetricMap`` says which, so the built-in scraper and the Prometheus
 provider's default queries read every engine through the same code.
 
@@ -25,7 +26,12 @@ errors; ``abort`` (the client went away) is not an error, as 499 is not for kube
 
 Latency is vLLM's ``vllm:e2e_request_latency_seconds`` (engine arrival to last token; it leaves
 out HTTP parsing, which kubetune_server's histogram includes) and TTFT its
-``vllm:time_to_first_token_seconds``. Both engines' histograms have their own buckets; the
+``vllm:time_to_first_token_seconds``. Decoding speed is
+``vllm:request_time_per_output_token_seconds`` (one observation per request, its mean time per
+output token; vLLM 0.11 and later): not the older ``vllm:time_per_output_token_seconds``, which
+observes every token, so its count is tokens and its observations are not independent requests
+(the sequential test counts requests). A vLLM without it simply has no decoding-speed test.
+Both engines' histograms have their own buckets; the
 analysis never adds histograms of different engines (each revision is scraped with its own
 map and judged from its own quantiles and bucket counts).
 """
@@ -81,6 +87,9 @@ class MetricMap:
     ttft: str
     generated_tokens: str
     prompt_tokens: str
+    # Histogram with ONE observation per request: its mean time per output token (decoding
+    # speed). None: the engine has none, and the analysis has no decoding-speed test.
+    tpot: str | None = None
     # Used for a scrape in which ``requests`` has no sample at all (an engine version that does
     # not export it); both counters start at 0 with the process, so a revision whose pods move
     # from one source to the other between two scrapes still yields a true difference.
@@ -96,6 +105,7 @@ BUILTIN_MAP = MetricMap(
     ttft="kubetune_server_time_to_first_token_seconds",
     generated_tokens="kubetune_server_generated_tokens_total",
     prompt_tokens="kubetune_server_prompt_tokens_total",
+    tpot="kubetune_server_time_per_output_token_seconds",
 )
 
 # The OpenAI routes vLLM serves under /v1 (completions, chat/completions, embeddings, ...);
@@ -113,6 +123,7 @@ VLLM_MAP = MetricMap(
     ttft="vllm:time_to_first_token_seconds",
     generated_tokens="vllm:generation_tokens_total",
     prompt_tokens="vllm:prompt_tokens_total",
+    tpot="vllm:request_time_per_output_token_seconds",
     fallback_requests=CounterRule("vllm:request_success_total"),
     fallback_errors=CounterRule("vllm:request_success_total", {"finished_reason": "error"}),
 )
