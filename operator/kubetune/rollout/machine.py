@@ -46,14 +46,13 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
 from kubetune.api import conditions as cond
 from kubetune.api import phases
-from kubetune.api.actions import Event, Requeue  # noqa: F401  (re-exported: part of Action)
+from kubetune.api.actions import Event, Requeue
 from kubetune.api.common import ANNOTATION_ABORT, ANNOTATION_PAUSE, ANNOTATION_PROMOTE
 from kubetune.api.conditions import Reason
 from kubetune.api.modeldeployment import ModelDeploymentSpec
@@ -62,7 +61,16 @@ from kubetune.rollout import analysis as an
 from kubetune.rollout import builders, evalgate
 from kubetune.rollout import steps as steps_
 from kubetune.rollout import weights as wt
+from kubetune.rollout.actions import (
+    Action,
+    DeleteRevision,
+    EnsureRevision,
+    RemoveAnnotation,
+    SetWeights,
+    Step,
+)
 from kubetune.rollout.builders import ROLE_CANARY, ROLE_STABLE
+from kubetune.rollout.observed import Observed, RevisionObservation
 from kubetune.rollout.outcomes import (
     STEADY_REQUEUE,
     WAIT_REQUEUE,
@@ -89,101 +97,23 @@ NORMAL = "Normal"
 WARNING = "Warning"
 
 
-# --- inputs ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RevisionObservation:
-    """What a runtime sees of one revision's pods right now."""
-
-    # Pods the revision has now (not yet terminated; a Deployment's status.replicas).
-    replicas: int = 0
-    ready_replicas: int = 0
-    available: bool = False
-    # Set when the pods will not become ready by waiting: CrashLoopBackOff, ImagePullBackOff,
-    # the Deployment's ProgressDeadlineExceeded. ``failure_reason`` is a Reason constant.
-    failure: str | None = None
-    failure_reason: str | None = None
-    # Cumulative counters summed over the revision's pods: scraped from them (built-in provider)
-    # or read from Prometheus (its default queries). None: not read, ``scrape_error`` says why.
-    counters: an.RevisionCounters | None = None
-    scrape_error: str | None = None
-
-
-@dataclass(frozen=True)
-class Observed:
-    """Everything a runtime observed for one step (see the module docstring)."""
-
-    model: Revision | ModelProblem
-    revisions: Mapping[str, RevisionObservation] = field(default_factory=dict)
-    # Resolved traffic mode: weights.GATEWAY_API, weights.REPLICAS or weights.LOCAL.
-    mode: str = wt.REPLICAS
-    # Prometheus provider with custom query templates: each revision's figures over the interval
-    # ending now (analysis.uses_counters is False).
-    interval_metrics: Mapping[str, an.IntervalMetrics] | None = None
-    # None: read kubetune.io/promote|abort|pause from md.metadata.annotations.
-    annotations: Mapping[str, str] | None = None
-    # The pre-traffic eval gate's result, when ``eval_gate_due(md)`` asked the runtime to run it.
-    eval_gate: evalgate.EvalGateObservation | None = None
-    # Why the traffic split cannot be applied (traffic.mode gatewayAPI without the Gateway API).
-    traffic_problem: str | None = None
-
-    @property
-    def resolved_revision(self) -> str | None:
-        """The hash of the revision the spec asks for, None while unresolvable."""
-        return self.model.name if isinstance(self.model, Revision) else None
-
-
-# --- outputs -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EnsureRevision:
-    """Make revision's Deployment exist with ``replicas`` pods (create from ``source`` when absent)."""
-
-    revision: str
-    replicas: int
-    role: str = ROLE_CANARY
-    source: Revision | None = None
-
-
-@dataclass(frozen=True)
-class SetWeights:
-    """Route ``stable``/``canary`` percent; ``weights`` is the full revision -> weight map."""
-
-    stable: int
-    canary: int
-    weights: Mapping[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class DeleteRevision:
-    """Remove a revision's Deployment, Service and PDB (its weight is already 0)."""
-
-    revision: str
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class RemoveAnnotation:
-    """A one-shot annotation (promote, abort) was acted on: remove it from the object."""
-
-    key: str
-
-
-Action = EnsureRevision | SetWeights | DeleteRevision | Event | Requeue | RemoveAnnotation
-
-
-@dataclass(frozen=True)
-class Step:
-    """The complete new status and the actions, in execution order."""
-
-    status: dict[str, Any]
-    actions: list[Action]
-
-    def of(self, kind: type) -> list[Any]:
-        """Actions of one type (tests, executors)."""
-        return [a for a in self.actions if isinstance(a, kind)]
+# The inputs (observed.py) and outputs (actions.py) are re-exported: callers say machine.X.
+__all__ = [
+    "Action",
+    "DeleteRevision",
+    "EnsureRevision",
+    "Event",
+    "Observed",
+    "RemoveAnnotation",
+    "Requeue",
+    "RevisionObservation",
+    "SetWeights",
+    "Step",
+    "eval_gate_due",
+    "wilson_lower",
+    "revision_from_status",
+    "step",
+]
 
 
 def _revision_status(rev: Revision) -> dict[str, Any]:
