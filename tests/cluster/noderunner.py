@@ -59,6 +59,7 @@ from typing import Any
 
 import aiohttp
 
+from kubetune.api.times import now_rfc3339
 from kubetune.k8s.client import ApiError, KubeClient
 from kubetune.local.containers import pod_spec_of, to_process
 from kubetune.local.processes import ProcessSpec, Supervisor
@@ -72,11 +73,8 @@ GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
 KUBELET_VERSION = "v1.36.3"
 
 
-def now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def micro_now() -> str:
+    # Leases are MicroTime: RFC 3339 with microseconds (the one form api/times.py does not write).
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -137,7 +135,7 @@ def node_manifest(name: str, kind: str) -> tuple[dict[str, Any], dict[str, Any]]
 
 
 def ready_conditions() -> list[dict[str, Any]]:
-    stamp = now()
+    stamp = now_rfc3339()
     return [
         {
             "type": t,
@@ -190,7 +188,7 @@ class PodRun:
     containers: dict[str, ContainerRun] = field(default_factory=dict)
     init_done: bool = False
     phase: str = "Pending"
-    start_time: str = field(default_factory=now)
+    start_time: str = field(default_factory=now_rfc3339)
     task: asyncio.Task[None] | None = None
     stopping: bool = False
     status_sent: dict[str, Any] = field(default_factory=dict)
@@ -635,7 +633,7 @@ class NodeRunner:
             spec = self._process_spec(run, c.spec)
             c.process = spec.name
             await self.supervisor.start(spec)
-            c.state = {"running": {"startedAt": now()}}
+            c.state = {"running": {"startedAt": now_rfc3339()}}
             c.started = True
             c.ready = probe is None
             run.phase = "Running"
@@ -660,8 +658,8 @@ class NodeRunner:
             terminated = {
                 "exitCode": int(code if code is not None and code >= 0 else 128 - (code or 0)),
                 "reason": "Completed" if code == 0 else "Error",
-                "startedAt": c.state.get("running", {}).get("startedAt", now()),
-                "finishedAt": now(),
+                "startedAt": c.state.get("running", {}).get("startedAt", now_rfc3339()),
+                "finishedAt": now_rfc3339(),
             }
             if message:
                 terminated["message"] = message
@@ -723,7 +721,7 @@ class NodeRunner:
     # --- status -----------------------------------------------------------------------------
 
     def _status(self, run: PodRun) -> dict[str, Any]:
-        stamp = now()
+        stamp = now_rfc3339()
         statuses = []
         for c in run.containers.values():
             status = {

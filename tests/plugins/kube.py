@@ -38,7 +38,6 @@ import asyncio
 import atexit
 import contextlib
 import contextvars
-import datetime
 import itertools
 import json
 import os
@@ -53,6 +52,7 @@ import kmock
 import pytest
 import yaml
 
+from kubetune.api.times import now_rfc3339
 from kubetune.k8s.client import KubeClient, write_kubeconfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,10 +71,6 @@ _RV = itertools.count(2)
 _CURRENT_REQUEST: contextvars.ContextVar[Any] = contextvars.ContextVar("kubetune_kmock_request", default=None)  # resourceVersion '1' is what hand-made objects start with
 
 FULL_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class KubetuneEmulator(kmock.KubernetesEmulator):
@@ -100,7 +96,7 @@ class KubetuneEmulator(kmock.KubernetesEmulator):
                 meta = data.setdefault("metadata", {})
                 meta["uid"] = str(uuid.uuid4())
                 meta["resourceVersion"] = str(next(_RV))
-                meta["creationTimestamp"] = _now()
+                meta["creationTimestamp"] = now_rfc3339()
                 meta["generation"] = 1
                 if request.namespace and not meta.get("namespace"):
                     meta["namespace"] = request.namespace
@@ -440,8 +436,8 @@ async def finish_job(
         "exitCode": code,
         "reason": reason or ("Completed" if succeeded else "Error"),
         "message": text,
-        "startedAt": _now(),
-        "finishedAt": _now(),
+        "startedAt": now_rfc3339(),
+        "finishedAt": now_rfc3339(),
     }
     await _job_pod(
         client,
@@ -450,7 +446,7 @@ async def finish_job(
          "state": {"terminated": terminated}},
         "Succeeded" if succeeded else "Failed",
     )
-    now = _now()
+    now = now_rfc3339()
     if succeeded:
         status = {
             "succeeded": 1,
@@ -489,9 +485,9 @@ async def start_job(client: KubeClient, namespace: str, name: str) -> dict:
     assert job is not None, f"Job {namespace}/{name} does not exist"
     container = job["spec"]["template"]["spec"]["containers"][0]["name"]
     await _job_pod(client, job, {"name": container, "ready": True, "restartCount": 0,
-                                 "state": {"running": {"startedAt": _now()}}}, "Running")
+                                 "state": {"running": {"startedAt": now_rfc3339()}}}, "Running")
     patched = await client.patch(
-        "batch/v1", "Job", namespace, name, {"status": {"active": 1, "startTime": _now()}}, subresource="status"
+        "batch/v1", "Job", namespace, name, {"status": {"active": 1, "startTime": now_rfc3339()}}, subresource="status"
     )
     assert patched is not None
     return patched
@@ -516,7 +512,7 @@ async def set_pod_unschedulable(client: KubeClient, namespace: str, name: str, m
     return await _job_pod(
         client, job, {}, "Pending",
         pod_conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                         "message": message, "lastTransitionTime": _now()}],
+                         "message": message, "lastTransitionTime": now_rfc3339()}],
     )
 
 
@@ -535,7 +531,7 @@ def _write_request_log() -> None:
     for entry in entries:
         counts[entry] = counts.get(entry, 0) + 1
     doc = {
-        "generated": _now(),
+        "generated": now_rfc3339(),
         "total": len(entries),
         "requests": [
             {"method": m, "path": p, "verbs": verbs.get((m, p), []), "count": c}

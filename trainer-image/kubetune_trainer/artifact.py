@@ -24,8 +24,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kubetune.api.times import now_rfc3339
 from kubetune.storage.manifests import MANIFEST_NAME, manifest_digest, write_manifest
-from kubetune_trainer.checkpoints import now_iso
 from kubetune_trainer.sources import model_digest, tree_digest
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ def publish(trainer: Trainer, weights: dict[str, Any] | None = None) -> dict[str
         "image": settings.image,
         "packages": package_versions(),
         "startTime": trainer.started_at,
-        "endTime": now_iso(),
+        "endTime": now_rfc3339(),
     }
     (folder / "lineage.json").write_text(
         json.dumps(lineage, indent=2, sort_keys=True) + "\n", encoding="utf-8"

@@ -39,10 +39,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from kubetune.api.times import now_rfc3339
 from kubetune.storage import Store
 from kubetune.storage.manifests import (
     MANIFEST_NAME,
@@ -58,11 +58,6 @@ log = logging.getLogger("kubetune_trainer.checkpoints")
 
 PREFIX = "checkpoints"
 STEP_RE = re.compile(rf"^{PREFIX}/step-(\d+)/")
-
-
-def now_iso() -> str:
-    """UTC timestamp in RFC 3339 form (the status' time format)."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def step_prefix(step: int) -> str:
@@ -240,7 +235,7 @@ class CheckpointManager:
         record = {
             "step": step,
             "uri": self.store.uri_for(prefix),
-            "time": now_iso(),
+            "time": now_rfc3339(),
         }
         loss = (manifest.get("metrics") or {}).get("evalLoss")
         if loss is not None:

@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.finetunejob import LoraSpec, resolve_strategy
+from kubetune.api.times import now_rfc3339
 from kubetune_trainer.batching import BLOCK, VARLEN, BatchPlan, collate, make_rows, real_tokens
-from kubetune_trainer.checkpoints import CheckpointManager, now_iso, read_state
+from kubetune_trainer.checkpoints import CheckpointManager, read_state
 from kubetune_trainer.encoding import IGNORE, encode_record, prompt_ids
 from kubetune_trainer.errors import ConfigError, DataError, Preempted
 from kubetune_trainer.reporting import MAX_CHECKPOINTS_REPORTED, make_reporter
@@ -371,7 +372,7 @@ class Trainer:
         self.state = TrainState()
         self.resumed_from: int | None = None
         self.last_saved_step: int | None = None
-        self.started_at = now_iso()
+        self.started_at = now_rfc3339()
         self.step_times: list[float] = []
         self.checkpoint_stall: list[float] = []
 
@@ -947,7 +948,7 @@ class Trainer:
             "totalSteps": self.total_steps,
             "method": self.spec.method.type,
             "strategy": self.strategy,
-            "time": now_iso(),
+            "time": now_rfc3339(),
         }
 
         def write(folder: Path) -> None:
@@ -1021,7 +1022,7 @@ class Trainer:
             "totalSteps": total,
             "epoch": round(self.plan.epoch_of(step * self.accum), 4),
             "percent": int(100 * step / total) if total else None,
-            "updatedAt": now_iso(),
+            "updatedAt": now_rfc3339(),
         }
         if eta is not None:
             out["etaSeconds"] = eta

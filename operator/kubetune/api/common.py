@@ -7,6 +7,7 @@ field, so the local runtime and ``kubetune validate`` refuse it and say where it
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,6 +29,29 @@ ANNOTATION_PROMOTE = "kubetune.io/promote"
 ANNOTATION_ABORT = "kubetune.io/abort"
 ANNOTATION_PAUSE = "kubetune.io/pause"
 ANNOTATION_SPEC_HASH = "kubetune.io/spec-hash"
+
+
+def owner_references(parent: Mapping[str, Any], kind: str) -> list[dict[str, Any]]:
+    """The controller ownerReference to ``parent`` (what ``kopf.adopt`` adds), when it has a uid.
+
+    Every child of a FineTuneJob or ModelDeployment carries it, so the API server's garbage
+    collector deletes the children with their parent. Built here rather than with ``kopf.adopt``
+    so that the builders' manifests are complete and the same in both runtimes; the local
+    runtime's objects have no uid and get none (its store deletes children itself).
+    """
+    meta = parent.get("metadata") or {}
+    if not meta.get("uid"):
+        return []
+    return [
+        {
+            "apiVersion": API_VERSION,
+            "kind": kind,
+            "name": meta["name"],
+            "uid": meta["uid"],
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
 
 
 # --- names and label values ------------------------------------------------------------------

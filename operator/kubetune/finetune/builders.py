@@ -26,6 +26,7 @@ from kubetune.api.common import (
     LABEL_KIND,
     LABEL_MANAGED_BY,
     LABEL_OWNER,
+    owner_references,
 )
 from kubetune.api.defaults import PodDefaults, apply_cluster_defaults
 from kubetune.api.finetunejob import KIND, PLURAL, FineTuneJobSpec
@@ -87,27 +88,6 @@ def owner_labels(ftj: dict[str, Any], component: str) -> dict[str, str]:
     }
 
 
-def owner_references(ftj: dict[str, Any]) -> list[dict[str, Any]]:
-    """The controller ownerReference (what ``kopf.adopt`` would add), when the FTJ has a uid.
-
-    Built here rather than with ``kopf.adopt`` so that the manifests are complete and the same
-    in both runtimes; the local runtime's objects have no uid and get none.
-    """
-    meta = ftj["metadata"]
-    if not meta.get("uid"):
-        return []
-    return [
-        {
-            "apiVersion": API_VERSION,
-            "kind": KIND,
-            "name": meta["name"],
-            "uid": meta["uid"],
-            "controller": True,
-            "blockOwnerDeletion": True,
-        }
-    ]
-
-
 def _metadata(
     ftj: dict[str, Any], name: str, component: str, extra_labels: dict[str, str] | None = None
 ) -> dict[str, Any]:
@@ -118,7 +98,7 @@ def _metadata(
     namespace = ftj["metadata"].get("namespace")
     if namespace:
         meta["namespace"] = namespace
-    refs = owner_references(ftj)
+    refs = owner_references(ftj, KIND)
     if refs:
         meta["ownerReferences"] = refs
     return meta

@@ -47,7 +47,6 @@ reason and message, which Kopf turns into a retry with backoff.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import logging
 import os
@@ -59,6 +58,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import aiohttp
+
+from kubetune.api.times import now_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +158,6 @@ _MISSING = object()
 def _labels_match(obj: Mapping[str, Any], labels: Mapping[str, str] | None) -> bool:
     have = (obj.get("metadata") or {}).get("labels") or {}
     return all(have.get(k) == v for k, v in (labels or {}).items())
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _kubeconfig_token(cfg: Any) -> str | None:
@@ -454,7 +451,7 @@ class KubeClient:
         """Post a core/v1 Event about ``obj`` (best effort: failures are logged only)."""
         meta = obj.get("metadata") or {}
         ns = meta.get("namespace") or "default"
-        now = _now()
+        now = now_rfc3339()
         event = {
             "apiVersion": "v1",
             "kind": "Event",

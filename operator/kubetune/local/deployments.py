@@ -46,7 +46,7 @@ from kubetune.local.containers import (
 from kubetune.local.jobs import kubelet_exit_code
 from kubetune.local.processes import Supervisor
 from kubetune.local.router import WeightedRouter
-from kubetune.local.store import Store, now_rfc3339
+from kubetune.local.store import Store
 
 KIND = "ModelDeployment"
 
@@ -674,7 +674,3 @@ def _read_json(path: Any) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _now() -> str:
-    return now_rfc3339()

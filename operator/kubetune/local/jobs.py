@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.common import LABEL_COMPONENT, LABEL_OWNER
+from kubetune.api.times import now_rfc3339
 from kubetune.local.containers import to_process
 from kubetune.local.processes import ManagedProcess, Supervisor
-from kubetune.local.store import Store, now_rfc3339
+from kubetune.local.store import Store
 
 KIND = "FineTuneJob"
 
@@ -261,7 +262,7 @@ class JobDriver:
         else:
             exit_code = kubelet_exit_code(managed.returncode) or 0
             if job.completion_time is None:
-                job.completion_time = _now()
+                job.completion_time = now_rfc3339()
             if "oomKillsAtExit" not in job.extra:
                 # Read once, when the exit is first seen: later kills are not this process's.
                 job.extra["oomKillsAtExit"] = oom_kills()
@@ -344,7 +345,7 @@ class JobDriver:
         process_name = f"job/{name}"
         run_dir = self.store.run_dir(process_name)
         job = LocalJob(
-            manifest=manifest, process_name=process_name, run_dir=run_dir, created_at=_now()
+            manifest=manifest, process_name=process_name, run_dir=run_dir, created_at=now_rfc3339()
         )
         # A new attempt starts with a clean slate (a fresh pod): no stale report or message.
         for stale in (job.report_path, job.termination_log):
@@ -362,7 +363,7 @@ class JobDriver:
                 "KUBETUNE_TERMINATION_LOG": str(job.termination_log),
             },
         )
-        job.start_time = _now()
+        job.start_time = now_rfc3339()
         job.extra["oomKillsAtStart"] = oom_kills()
         managed: ManagedProcess = await self.supervisor.start(spec)
         job.extra["pid"] = managed.pid
@@ -407,10 +408,6 @@ def _read_text(path: Path) -> str | None:
         return path.read_text(errors="replace")[:4096] or None
     except OSError:
         return None
-
-
-def _now() -> str:
-    return now_rfc3339()
 
 
 def labels_of(manifest: dict[str, Any]) -> dict[str, str]:

@@ -25,9 +25,10 @@ import copy
 import json
 import os
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from kubetune.api.times import now_rfc3339
 
 # kind -> plural (the folder name), for the kinds the local runtime accepts.
 PLURALS = {
@@ -36,11 +37,6 @@ PLURALS = {
     "Secret": "secrets",
 }
 DEFAULT_NAMESPACE = "default"
-
-
-def now_rfc3339() -> str:
-    """Current time as RFC 3339 in UTC with a Z suffix (the form Kubernetes writes)."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def default_root() -> Path:

@@ -19,13 +19,13 @@ from typing import Any
 from urllib.parse import quote
 
 from kubetune.api.common import (
-    API_VERSION,
     LABEL_COMPONENT,
     LABEL_ENGINE,
     LABEL_KIND,
     LABEL_MANAGED_BY,
     LABEL_OWNER,
     LABEL_REVISION,
+    owner_references,
 )
 from kubetune.api.conditions import Reason, invalid_spec_message
 from kubetune.api.defaults import PodDefaults, apply_cluster_defaults
@@ -118,17 +118,9 @@ def _object_meta(md: Mapping[str, Any], name: str, labels: Mapping[str, str]) ->
         out["namespace"] = meta["namespace"]
     # Garbage collection through ownerReferences when the parent came from an API server (it
     # has a uid); the local runtime's manifests have none and need none.
-    if meta.get("uid"):
-        out["ownerReferences"] = [
-            {
-                "apiVersion": API_VERSION,
-                "kind": KIND,
-                "name": meta["name"],
-                "uid": meta["uid"],
-                "controller": True,
-                "blockOwnerDeletion": True,
-            }
-        ]
+    refs = owner_references(md, KIND)
+    if refs:
+        out["ownerReferences"] = refs
     return out
 
 
