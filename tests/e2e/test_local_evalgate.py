@@ -1,7 +1,7 @@
 """The pre-traffic eval gate in the local runtime, with real server processes.
 
 Covers: a new revision whose answers fail the golden prompts (``spec.rollout.evalGate``, read
-from a ``promptsUri`` JSONL file, which only the local runtime supports) is rolled back before
+from a ``promptsUri`` JSONL file, read as the operator reads it) is rolled back before
 it gets any traffic: ``EvalGateFailed``, ``evalGateScore`` recorded, weight 0, the router never
 sent it a request, and its server processes are gone afterwards. With
 ``spec.server.apiKeySecret`` the golden prompts carry the key (issue 13), and the status never

@@ -521,7 +521,12 @@ class EvalGate(Model):
     prompts: list[GoldenPrompt] = Field(default_factory=list, description="Inline golden prompts.")
     prompts_uri: str | None = Field(
         default=None,
-        description="JSONL of {prompt, expected}. " + URI_DESCRIPTION,
+        description=(
+            'JSONL file, one {"prompt": ..., "expected": ...} object per line; used when prompts '
+            "is empty. Read by the operator (with its own credentials) and the local runtime "
+            "whenever the gate runs; a bad line is reported with the file and line number. "
+        )
+        + URI_DESCRIPTION,
         pattern=URI_PATTERN,
     )
     match: Literal["exact", "contains"] = Field(

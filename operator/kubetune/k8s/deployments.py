@@ -36,7 +36,7 @@ from kubetune.api.modeldeployment import KIND, ModelDeploymentSpec
 from kubetune.k8s import scraping
 from kubetune.k8s.client import ApiError, KubeClient
 from kubetune.rollout import analysis as an
-from kubetune.rollout import builders, evalgate, machine, revisions, weights
+from kubetune.rollout import builders, machine, revisions, weights
 from kubetune.rollout.revisions import resource_name
 
 log = logging.getLogger(__name__)
@@ -310,23 +310,15 @@ async def observe(
 
     eval_gate = None
     due = machine.eval_gate_due(md)
-    gate = spec.rollout.eval_gate
-    if due is not None and gate is not None:
-        rev, with_stable = due
-        model_name = (status.get("canary") or {}).get("modelName") or spec.model.name or name
-        api_key, error = await read_api_key(client, ns, spec)
-        score = stable_score = None
-        if error is None:
-            headers = evalgate.auth_headers(api_key)
-            score, error = await scraping.golden_prompt_score(
-                _session(), pods_by_rev.get(rev, []), gate, model_name, headers=headers
-            )
-            if score is not None and with_stable and stable:
-                stable_score, _ = await scraping.golden_prompt_score(
-                    _session(), pods_by_rev.get(stable, []), gate, model_name, headers=headers
-                )
-        eval_gate = evalgate.EvalGateObservation(
-            rev, score, stable_score, error, prompts=len(gate.prompts)
+    if due is not None:
+        api_key, key_error = await read_api_key(client, ns, spec)
+        eval_gate = await scraping.run_eval_gate(
+            _session(),
+            md,
+            due,
+            lambda rev: scraping.ready_urls(pods_by_rev.get(rev, [])),
+            api_key,
+            key_error,
         )
 
     gateway = (

@@ -1,4 +1,4 @@
-"""Fetching canary analysis figures: the revision pods' /metrics, or Prometheus queries.
+"""Fetching canary figures: the revision pods' /metrics, Prometheus queries, the eval gate.
 
 Only the fetching lives here; the arithmetic (parsing, summing, interval deltas, quantiles) is
 ``kubetune.rollout.analysis``, the same code the local runtime runs on its processes' ports.
@@ -15,13 +15,18 @@ Prometheus provider: the same cumulative counters, as instant sums over the seri
 with the revision's ``namespace`` and ``revision`` (``prometheus_counters``), with the same rule:
 a revision with no target, or a target down, is an error naming the labels. Custom query
 templates instead return interval figures (``query_prometheus``).
+
+Eval gate: ``run_eval_gate`` loads the golden prompts (inline, or the ``promptsUri`` JSONL
+through kubetune.storage), sends them to a ready canary pod (and a stable one for
+``maxScoreDrop``) and scores them with ``kubetune.rollout.evalgate``. It is the one
+implementation: the local runtime calls it with its processes' URLs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -231,49 +236,156 @@ async def query_prometheus(
     )
 
 
+# --- the eval gate (both runtimes) ----------------------------------------------------------
+
+#: Golden prompts in flight at once against one pod (a server batches them; more would only queue).
+EVAL_CONCURRENCY = 8
+EVAL_TIMEOUT = 60.0
+
+
+def ready_urls(pods: Iterable[Mapping[str, Any]]) -> list[str]:
+    """``http://<podIP>:<port>`` of each ready pod (the eval gate's candidates)."""
+    return [u for u in (pod_url(p) for p in pods if pod_is_ready(p)) if u]
+
+
+async def load_prompts(gate: Any, storage: Any = None) -> list[Any]:
+    """The gate's golden prompts: inline ``prompts``, else the ``promptsUri`` JSONL file.
+
+    The file is read through :func:`kubetune.storage.open_store` (s3:// with ``spec.storage``'s
+    endpoint and the reader's own credentials, or file://) in a worker thread, so the event loop
+    never blocks on the object store. Any problem raises ValueError starting with the field path
+    (``spec.rollout.evalGate.promptsUri: <uri> line N: ...``).
+    """
+    if gate.prompts:
+        return list(gate.prompts)
+    uri = gate.prompts_uri
+    field = evalgate.PROMPTS_URI_FIELD
+    if not uri:
+        raise ValueError(f"{field}: not set and evalGate.prompts is empty")
+    from kubetune.storage import StorageError, open_store
+
+    parent, _, key = uri.rstrip("/").rpartition("/")
+    try:
+        text = await asyncio.to_thread(lambda: open_store(parent, storage).read_text(key))
+    except (StorageError, OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{field}: {uri}: {exc}") from None
+    try:
+        return evalgate.parse_prompts(text, uri)
+    except ValueError as exc:
+        raise ValueError(f"{field}: {exc}") from None
+
+
 async def golden_prompt_score(
     session: aiohttp.ClientSession,
     pods: Iterable[Mapping[str, Any]],
     gate: Any,
     model_name: str,
-    timeout: float = 60.0,
+    timeout: float = EVAL_TIMEOUT,
     headers: Mapping[str, str] | None = None,
+    prompts: Sequence[Any] | None = None,
 ) -> tuple[float | None, str | None]:
-    """Send the gate's golden prompts to one ready pod: ``(score, None)`` or ``(None, error)``.
+    """Send the golden prompts to one of these pods: ``(score, None)`` or ``(None, error)``.
 
-    A failed single request counts as a wrong answer (``evalgate.score``); no ready pod, or
-    no answer at all, is an error (the state machine waits and re-asks, bounded by the
-    progress deadline).
+    ``prompts`` default to the gate's inline ones. See :func:`score_at` for the rules.
     """
-    urls = [u for u in (pod_url(p) for p in pods if pod_is_ready(p)) if u]
+    urls = ready_urls(pods)
     if not urls:
         return None, "no ready pod to run the golden prompts against"
-    if not gate.prompts:
-        return (
-            None,
-            "evalGate.promptsUri is read by the local runtime only; in a cluster set evalGate.prompts",
-        )
-    answers: list[str | None] = []
+    chosen = list(gate.prompts) if prompts is None else list(prompts)
+    return await score_at(session, urls[0], chosen, gate, model_name, timeout, headers)
+
+
+async def score_at(
+    session: aiohttp.ClientSession,
+    url: str,
+    prompts: Sequence[Any],
+    gate: Any,
+    model_name: str,
+    timeout: float = EVAL_TIMEOUT,
+    headers: Mapping[str, str] | None = None,
+) -> tuple[float | None, str | None]:
+    """Send ``prompts`` to the server at ``url``: ``(score, None)`` or ``(None, error)``.
+
+    The first prompt goes alone: it opens the connection, and a server that loads lazily does so
+    once. The rest then go concurrently, at most ``EVAL_CONCURRENCY`` at a time, so a large set
+    is batched by the server instead of waiting for one answer after another. A failed single
+    request counts as a wrong answer (``evalgate.score``). No answer at all is an error, not a
+    score: the state machine waits and asks again, bounded by the progress deadline.
+    """
+    if not prompts:
+        return None, "no golden prompts to send"
     errors: list[str] = []
-    for prompt in gate.prompts:
+    limit = asyncio.Semaphore(EVAL_CONCURRENCY)
+
+    async def ask(prompt: Any) -> str | None:
         body = evalgate.request_body(prompt, model_name, gate)
         try:
-            async with session.post(
-                urls[0] + "/v1/completions",
+            async with limit, session.post(
+                url + "/v1/completions",
                 json=body,
                 headers=dict(headers or {}),
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:
-                payload = await resp.json(content_type=None) if resp.status == 200 else {}
                 if resp.status != 200:
                     errors.append(f"HTTP {resp.status}")
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                    return None
+                payload = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             errors.append(str(exc) or type(exc).__name__)
-            payload = {}
-        answers.append(evalgate.answer_of(payload if isinstance(payload, dict) else {}))
+            return None
+        return evalgate.answer_of(payload if isinstance(payload, dict) else {})
+
+    first = await ask(prompts[0])
+    rest = await asyncio.gather(*(ask(p) for p in prompts[1:]))
+    answers = [first, *rest]
     if all(a is None for a in answers):
-        return (
-            None,
-            f"{urls[0]}: no golden prompt answered ({errors[0] if errors else 'empty answers'})",
-        )
-    return evalgate.score(gate.prompts, answers, gate.match), None
+        return None, f"{url}: no golden prompt answered ({errors[0] if errors else 'empty answers'})"
+    return evalgate.score(prompts, answers, gate.match), None
+
+
+async def run_eval_gate(
+    session: aiohttp.ClientSession,
+    md: Mapping[str, Any],
+    due: tuple[str, bool],
+    urls_of: Callable[[str], Sequence[str]],
+    api_key: str | None = None,
+    key_error: str | None = None,
+) -> evalgate.EvalGateObservation:
+    """Run the eval gate ``machine.eval_gate_due(md)`` asked for: the one path of both runtimes.
+
+    ``urls_of(revision)`` gives the base URLs of a revision's ready pods (the operator: pod IPs;
+    the local runtime: its replicas' ports). ``api_key`` is the serving pods' key
+    (``spec.server.apiKeySecret``) as the runtime found it, or ``key_error`` why it could not.
+    The prompts are loaded first (a bad file is named before anything is sent); then the canary
+    is scored and, when ``due`` asks for it and the canary answered, the stable revision too.
+    """
+    from kubetune.api.modeldeployment import ModelDeploymentSpec
+
+    canary, with_stable = due
+    spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
+    gate = spec.rollout.eval_gate
+    if gate is None:
+        return evalgate.EvalGateObservation(canary, None, error="spec.rollout.evalGate: not set")
+    try:
+        prompts = await load_prompts(gate, spec.storage)
+    except ValueError as exc:
+        return evalgate.EvalGateObservation(canary, None, error=str(exc))
+    if key_error is not None:
+        return evalgate.EvalGateObservation(canary, None, error=key_error)
+    name = evalgate.model_name(md, spec.model.name)
+    headers = evalgate.auth_headers(api_key)
+
+    async def score_of(revision: str) -> tuple[float | None, str | None]:
+        urls = list(urls_of(revision))
+        if not urls:
+            return None, f"no ready pod of revision {revision} to run the golden prompts against"
+        return await score_at(session, urls[0], prompts, gate, name, headers=headers)
+
+    canary_score, error = await score_of(canary)
+    if canary_score is None:
+        return evalgate.EvalGateObservation(canary, None, error=error, prompts=len(prompts))
+    stable_score = None
+    stable = ((md.get("status") or {}).get("stable") or {}).get("name")
+    if with_stable and stable:
+        stable_score, _ = await score_of(stable)
+    return evalgate.EvalGateObservation(canary, canary_score, stable_score, prompts=len(prompts))

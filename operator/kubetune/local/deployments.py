@@ -505,79 +505,35 @@ class DeploymentDriver:
         )
 
     async def _eval_gate(self, obj: dict[str, Any], state: MdepState) -> Any:
-        """Run the golden prompts when the state machine asks for them (``eval_gate_due``)."""
-        from kubetune.api.modeldeployment import GoldenPrompt, ModelDeploymentSpec
-        from kubetune.rollout import evalgate
+        """Run the golden prompts when the state machine asks for them (``eval_gate_due``).
+
+        The operator's own path (``kubetune.k8s.scraping.run_eval_gate``) against the ready
+        replicas' ports; only finding the API key is local (:func:`api_key_of`).
+        """
+        from kubetune.api.modeldeployment import ModelDeploymentSpec
+        from kubetune.k8s.scraping import run_eval_gate
         from kubetune.rollout.machine import eval_gate_due
 
         due = eval_gate_due(obj)
         if due is None:
             return None
-        canary, with_stable = due
-        cached = state.gate_results.get(canary)
+        cached = state.gate_results.get(due[0])
         if cached is not None:
             return cached
         spec = ModelDeploymentSpec.model_validate(obj["spec"])
-        gate = spec.rollout.eval_gate
-        assert gate is not None
-        status = obj.get("status") or {}
-        model_name = (
-            (status.get("canary") or {}).get("modelName")
-            or spec.model.name
-            or obj["metadata"]["name"]
-        )
+        api_key = key_error = None
         try:
-            prompts = list(gate.prompts) or [
-                GoldenPrompt.model_validate(p) for p in _read_jsonl(gate.prompts_uri, spec)
-            ]
-        except Exception as exc:  # noqa: BLE001 - any unreadable prompt file is the gate's error
-            return evalgate.EvalGateObservation(canary, None, error=f"evalGate.promptsUri: {exc}")
-
-        try:
-            headers = evalgate.auth_headers(api_key_of(spec, self.store.secret_value))
+            api_key = api_key_of(spec, self.store.secret_value)
         except ContainerError as exc:
-            return evalgate.EvalGateObservation(canary, None, error=str(exc))
+            key_error = str(exc)
 
-        async def score_of(revision: str | None) -> tuple[float | None, str | None]:
-            local = state.revisions.get(revision or "")
-            ready = local.ready_replicas if local else []
-            if not ready:
-                return (
-                    None,
-                    f"no ready pod of revision {revision} to run the golden prompts against",
-                )
-            url = ready[0].url + "/v1/completions"
+        def urls_of(revision: str) -> list[str]:
+            local = state.revisions.get(revision)
+            return [r.url for r in local.ready_replicas] if local else []
 
-            async def ask(prompt: GoldenPrompt) -> str | None:
-                body = evalgate.request_body(prompt, model_name, gate)
-                try:
-                    async with self._client().post(
-                        url,
-                        json=body,
-                        headers=headers,
-                        timeout=aiohttp.ClientTimeout(total=60),
-                    ) as response:
-                        return (
-                            evalgate.answer_of(await response.json())
-                            if response.status == 200
-                            else None
-                        )
-                except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
-                    return None
-
-            answers = await asyncio.gather(*(ask(p) for p in prompts))
-            return evalgate.score(prompts, answers, gate.match), None
-
-        canary_score, error = await score_of(canary)
-        if canary_score is None:
-            return evalgate.EvalGateObservation(canary, None, error=error)
-        stable_score = None
-        if with_stable:
-            stable_score, _ = await score_of((status.get("stable") or {}).get("name"))
-        result = evalgate.EvalGateObservation(
-            canary, canary_score, stable_score, prompts=len(prompts)
-        )
-        state.gate_results[canary] = result
+        result = await run_eval_gate(self._client(), obj, due, urls_of, api_key, key_error)
+        if result.canary_score is not None:
+            state.gate_results[due[0]] = result
         return result
 
     async def _act(self, obj: dict[str, Any], state: MdepState, action: Any) -> None:
@@ -656,17 +612,6 @@ def api_key_of(spec: Any, secret_lookup: Callable[[str, str], str | None]) -> st
             f"apply a Secret manifest with `kubetune local apply -f` or export {ref.key}"
         )
     return value.strip()
-
-
-def _read_jsonl(uri: str | None, spec: Any) -> list[dict[str, Any]]:
-    """The ``{prompt, expected}`` records of a JSONL file (file:// or s3:// with spec.storage)."""
-    from kubetune.storage import open_store
-
-    if not uri:
-        raise ValueError("evalGate has neither prompts nor promptsUri")
-    parent, _, key = uri.rstrip("/").rpartition("/")
-    text = open_store(parent, spec.storage).read_text(key)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _read_json(path: Any) -> dict[str, Any]:

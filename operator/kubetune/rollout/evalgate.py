@@ -1,10 +1,12 @@
 """The pre-traffic eval gate, pure part: what to send, how to read the answer, how to score.
 
-Before a canary gets any traffic, a golden prompt set (``spec.rollout.evalGate``) is sent to
-one of its pods (and, with ``maxScoreDrop``, to a stable pod) through the server's OpenAI
-completions API with temperature 0. A runtime (operator: k8s/scraping.py against pod IPs; local
-runtime: its processes' ports) does the HTTP and passes the answers here; the state machine
-reads the resulting :class:`EvalGateObservation` from ``Observed.eval_gate``.
+Before a canary gets any traffic, a golden prompt set (``spec.rollout.evalGate``: inline
+``prompts`` or a ``promptsUri`` JSONL file) is sent to one of its pods (and, with
+``maxScoreDrop``, to a stable pod) through the server's OpenAI completions API with temperature
+0. Both runtimes call one async function for the I/O, ``kubetune.k8s.scraping.run_eval_gate``
+(the operator with pod IPs, the local runtime with its processes' ports); it uses the pieces
+here, and the state machine reads the resulting :class:`EvalGateObservation` from
+``Observed.eval_gate``.
 
 Scoring: ``exact`` compares stripped, case-folded strings; ``contains`` asks for the expected
 text anywhere in the answer (case-folded). A prompt whose request failed scores 0 -- a canary
@@ -13,11 +15,17 @@ that cannot answer must not pass by having fewer prompts counted.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from kubetune.api.modeldeployment import EvalGate, GoldenPrompt
+
+#: Where a prompts file is named in the spec (error messages start with it).
+PROMPTS_URI_FIELD = "spec.rollout.evalGate.promptsUri"
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,49 @@ class EvalGateObservation:
     stable_score: float | None = None
     error: str | None = None
     prompts: int = 0
+
+
+def parse_prompts(text: str, uri: str) -> list[GoldenPrompt]:
+    """The golden prompts of a JSONL file: one ``{"prompt": ..., "expected": ...}`` per line.
+
+    Blank lines are skipped. A line that is not such an object raises ValueError naming the
+    file and the line (``<uri> line 3: ...``); a file without any prompt is an error too (a gate
+    of zero prompts would score 0 and reject every canary for the file's sake).
+    """
+    prompts: list[GoldenPrompt] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"{uri} line {number}: not JSON ({exc})") from None
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{uri} line {number}: a JSON object "
+                f'{{"prompt": ..., "expected": ...}} is needed, not {type(record).__name__}'
+            )
+        try:
+            prompts.append(GoldenPrompt.model_validate(record))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'line'}: {err['msg']}"
+                for err in exc.errors()[:3]
+            )
+            raise ValueError(f"{uri} line {number}: {problems}") from None
+    if not prompts:
+        raise ValueError(f"{uri}: no golden prompts in the file")
+    return prompts
+
+
+def model_name(md: Mapping[str, Any], gate_model: str | None) -> str:
+    """The ``model`` of a golden-prompt request: the canary's served name, else the spec's, else the object's."""
+    status = md.get("status") or {}
+    return (
+        (status.get("canary") or {}).get("modelName")
+        or gate_model
+        or (md.get("metadata") or {})["name"]
+    )
 
 
 def request_body(prompt: GoldenPrompt, model_name: str, gate: EvalGate) -> dict[str, Any]:
