@@ -20,6 +20,7 @@ import boto3
 import pytest
 
 from tests.cluster.controlplane import ControlPlane
+from tests.plugins.cluster import describe_pods
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "kubetune"
@@ -46,15 +47,22 @@ def kubetune_release(control_plane: ControlPlane, cluster_nodes: Any) -> Iterato
     config = helm.Config(
         kubeconfig_path=str(control_plane.kubeconfig), namespace=OPERATOR_NAMESPACE
     )
-    release = config.install(
-        str(CHART),
-        "kubetune",
-        {"image": {"tag": "test"}, "logLevel": "info", "peering": {"lifetime": 30}},
-        namespace=OPERATOR_NAMESPACE,
-        create_namespace=True,
-        wait="watcher",
-        timeout=240,
-    )
+    try:
+        release = config.install(
+            str(CHART),
+            "kubetune",
+            {"image": {"tag": "test"}, "logLevel": "info", "peering": {"lifetime": 30}},
+            namespace=OPERATOR_NAMESPACE,
+            create_namespace=True,
+            wait="watcher",
+            timeout=240,
+        )
+    except Exception as exc:
+        # Helm only says "timed out": name the pods' states and the runner's log instead.
+        raise AssertionError(
+            f"helm install of the chart failed: {exc}\n"
+            f"{describe_pods(control_plane, OPERATOR_NAMESPACE, cluster_nodes)}"
+        ) from exc
     try:
         yield Release(
             namespace=OPERATOR_NAMESPACE,

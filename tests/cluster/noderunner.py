@@ -192,9 +192,11 @@ class PodRun:
     task: asyncio.Task[None] | None = None
     stopping: bool = False
     status_sent: dict[str, Any] = field(default_factory=dict)
-    # secretKeyRef values of the pod's env, read once before its containers start.
+    # secretKeyRef values of the pod's env, read again before each container start.
     secrets: dict[tuple[str, str], str] = field(default_factory=dict)
     message: str = ""
+    # The last status patch failed (a timeout on a loaded API server): the sync loop resends it.
+    report_failed: bool = False
 
 
 class NodeRunner:
@@ -315,6 +317,11 @@ class NodeRunner:
                 if pod["metadata"].get("deletionTimestamp") and not run.stopping:
                     run.stopping = True
                     asyncio.create_task(self._terminate(run))
+        # Status is level-triggered too: a patch that failed is sent again, as the kubelet's
+        # status manager does, or the pod would keep its stale status (a Deployment 1/2 ready).
+        for run in list(self.pods.values()):
+            if run.report_failed and not run.stopping:
+                await self._report(run)
         # Pods deleted with grace 0 (force): stop what is left of them.
         for uid, run in list(self.pods.items()):
             if uid not in seen and not run.stopping:
@@ -342,8 +349,10 @@ class NodeRunner:
 
     async def _drive(self, run: PodRun) -> None:
         try:
-            await self._prepare_volumes(run)
-            await self._run_init_containers(run)
+            # Pod set-up (volumes, the token, Secrets, init containers) is retried with a
+            # back-off, as the kubelet's pod sync is: a Secret created after its pod, or an API
+            # call that timed out on a loaded machine, delays the pod instead of stranding it.
+            await self._until_done(run, "pod set-up", self._set_up, run)
             if run.phase == "Failed":
                 await self._report(run)
                 return
@@ -356,6 +365,54 @@ class NodeRunner:
             for c in run.containers.values():
                 c.state = {"waiting": {"reason": "CreateContainerError", "message": run.message}}
             await self._report(run)
+
+    async def _set_up(self, run: PodRun) -> None:
+        await self._prepare_volumes(run)
+        await self._run_init_containers(run)
+
+    async def _until_done(
+        self,
+        run: PodRun,
+        what: str,
+        step: Any,
+        *args: Any,
+        containers: list[ContainerRun] | None = None,
+    ) -> Any:
+        """``await step(*args)`` until it succeeds (back-off 0.5 s doubling to 10 s), as the kubelet.
+
+        Each failure is logged and reported on the waiting containers as
+        ``CreateContainerConfigError`` with its message, the way the kubelet reports a container
+        it cannot create yet (``secret "x" not found``).
+        """
+        delay = 0.5
+        while True:
+            try:
+                return await step(*args)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "pod %s/%s: %s failed (retry in %.1fs): %s",
+                    run.namespace,
+                    run.name,
+                    what,
+                    delay,
+                    exc,
+                )
+                run.message = str(exc)[:500]
+                for c in containers if containers is not None else run.containers.values():
+                    if "running" not in c.state:
+                        c.state = {
+                            "waiting": {
+                                "reason": "CreateContainerConfigError",
+                                "message": run.message,
+                            }
+                        }
+                await self._report(run)
+            if run.stopping:
+                raise asyncio.CancelledError
+            await asyncio.sleep(delay)
+            delay = min(10.0, delay * 2)
 
     async def _prepare_volumes(self, run: PodRun) -> None:
         """Materialize the pod's volumes under its folder (waiting for missing sources)."""
@@ -448,7 +505,21 @@ class NodeRunner:
         )
         return str(result["status"]["token"])
 
-    def _process_spec(self, run: PodRun, container: dict[str, Any]) -> ProcessSpec:
+    async def _start(self, run: PodRun, c: ContainerRun) -> ProcessSpec:
+        """Start one container's process; raises (to be retried) when it cannot be created."""
+        await self._resolve_secrets(run)  # a Secret may have appeared since the last try
+        spec = await self._process_spec(run, c.spec)
+        await self.supervisor.start(spec)
+        c.process = spec.name
+        return spec
+
+    async def _process_spec(self, run: PodRun, container: dict[str, Any]) -> ProcessSpec:
+        if self.images:
+            image = local_image(container.get("image", ""))
+            if image not in self._image_configs:
+                # ``podman image inspect`` off the event loop: it waits for podman's storage
+                # lock, which a concurrent ``make images`` holds for minutes at a time.
+                self._image_configs[image] = await asyncio.to_thread(image_config, image)
         secrets = run.secrets
         spec = to_process(
             run.pod,
@@ -545,9 +616,7 @@ class NodeRunner:
         node adds on its own is the same as for processes: the API server's address, the pod
         address and the bind shim (mounted into the container; the images' glibc is Debian's).
         """
-        image = local_image(container.get("image", ""))
-        if image not in self._image_configs:
-            self._image_configs[image] = image_config(image)
+        image = local_image(container.get("image", ""))  # its config: see _process_spec
         secrets: dict[str, dict[str, str]] = {}
         for (name, key), value in run.secrets.items():
             secrets.setdefault(name, {})[key] = value
@@ -617,7 +686,7 @@ class NodeRunner:
     async def _run_init_containers(self, run: PodRun) -> None:
         await self._resolve_secrets(run)
         for container in pod_spec_of(run.pod).get("initContainers") or []:
-            spec = self._process_spec(run, container)
+            spec = await self._process_spec(run, container)
             await self.supervisor.start(spec)
             code = await self.supervisor.wait(spec.name)
             if code != 0:
@@ -630,9 +699,9 @@ class NodeRunner:
         policy = pod_spec_of(run.pod).get("restartPolicy", "Always")
         probe = c.spec.get("readinessProbe")
         while not run.stopping:
-            spec = self._process_spec(run, c.spec)
-            c.process = spec.name
-            await self.supervisor.start(spec)
+            spec = await self._until_done(
+                run, f"container {c.name}", self._start, run, c, containers=[c]
+            )
             c.state = {"running": {"startedAt": now_rfc3339()}}
             c.started = True
             c.ready = probe is None
@@ -786,11 +855,15 @@ class NodeRunner:
                 "v1", "Pod", run.namespace, run.name, {"status": status}, subresource="status"
             )
         except (TimeoutError, ApiError, aiohttp.ClientError) as exc:
-            log.warning("status of %s/%s: %s", run.namespace, run.name, exc)
+            log.warning(
+                "status of %s/%s: %s (sent again at the next sync)", run.namespace, run.name, exc
+            )
+            run.report_failed = True
             return
         if patched is not None:
             run.pod = patched
         run.status_sent = comparable
+        run.report_failed = False
 
     # --- stopping ---------------------------------------------------------------------------
 

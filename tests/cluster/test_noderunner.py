@@ -4,7 +4,11 @@
   probe, and answer on ``podIP:port``; the EndpointSlice controller publishes them;
 - a container that fails is restarted under ``OnFailure``: ``restartCount``, ``lastState`` with
   the exit code and the termination message, then Succeeded;
-- deleting a pod sends SIGTERM and waits the grace period before the pod is gone.
+- deleting a pod sends SIGTERM and waits the grace period before the pod is gone;
+- a pod that cannot be set up yet (its Secret does not exist) waits with
+  ``CreateContainerConfigError`` and starts once the Secret exists, as with a kubelet. The runner
+  once made any set-up failure final: a pod whose TokenRequest timed out on a loaded machine
+  never ran, and the chart's operator Deployment stayed 1/2 available.
 """
 
 from __future__ import annotations
@@ -150,3 +154,49 @@ async def test_deleted_pod_gets_sigterm_and_its_grace_period(
         gone, timeout=30, interval=0.2, what="the pod removed after its processes stopped"
     )
     assert Path(marker).read_text() == "drained after SIGTERM"
+
+
+async def test_pod_waits_for_a_missing_secret_and_starts_once_it_exists(
+    cluster_nodes: Any, cluster_kube: KubeClient, cluster_namespace: str
+) -> None:
+    """Set-up failures are retried (kubelet back-off), not final: regression of the node runner."""
+    ns, kube = cluster_namespace, cluster_kube
+    script = """
+        import os, pathlib
+        pathlib.Path('/dev/termination-log').write_text(os.environ['LATE'])
+    """
+    env = [{"name": "LATE", "valueFrom": {"secretKeyRef": {"name": "late", "key": "KT_LATE_KEY"}}}]
+    await kube.create(pod(ns, "waits", script, container={"env": env}))
+
+    def waiting_reason(obj: dict[str, Any]) -> str:
+        statuses = (obj.get("status") or {}).get("containerStatuses") or [{}]
+        return ((statuses[0].get("state") or {}).get("waiting") or {}).get("message", "")
+
+    obj = await wait_for_object(
+        kube, "v1", "Pod", ns, "waits", lambda o: "late" in waiting_reason(o), timeout=60
+    )
+    state = obj["status"]["containerStatuses"][0]["state"]["waiting"]
+    assert state["reason"] == "CreateContainerConfigError", state
+    assert obj["status"]["phase"] == "Pending"
+    await kube.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "late", "namespace": ns},
+            "stringData": {"KT_LATE_KEY": "created after its pod"},
+        }
+    )
+    obj = await wait_for_object(
+        kube,
+        "v1",
+        "Pod",
+        ns,
+        "waits",
+        lambda o: (o.get("status") or {}).get("phase") in ("Succeeded", "Failed"),
+        timeout=60,
+    )
+    terminated = obj["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert (obj["status"]["phase"], terminated.get("message")) == (
+        "Succeeded",
+        "created after its pod",
+    ), obj["status"]

@@ -53,12 +53,28 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Everything under tests/cluster/ is the ``cluster`` tier."""
+# Container mode's hang guard: pytest-timeout's (pyproject.toml, 600 s) times this factor.
+CONTAINER_MODE_TIMEOUT_FACTOR = 2
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Everything under tests/cluster/ is the ``cluster`` tier.
+
+    In container mode (``KUBETUNE_CLUSTER_IMAGES=1``) a cluster test without its own
+    ``timeout`` mark gets twice the suite's: each pod start there is a ``podman run`` and a
+    cold interpreter in a read-only image, and the ModelDeployment story (two trainings, three
+    serving revisions) measured 570 s to its last step on a machine at load 9, against 600 s
+    for the whole test. Every step keeps its own wait (``wait_for_object(timeout=...)``): the
+    mark only moves the guard against a hang, not what a step may take.
+    """
     root = REPO / "tests" / "cluster"
+    images = os.environ.get("KUBETUNE_CLUSTER_IMAGES") == "1"
+    guard = float(config.getini("timeout") or 600) * CONTAINER_MODE_TIMEOUT_FACTOR
     for item in items:
         if root in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.cluster)
+            if images and item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(guard))
 
 
 def _docs(path: Path) -> list[dict[str, Any]]:
@@ -187,6 +203,32 @@ class NodeRunnerProcess:
         for pgid in left:
             os.killpg(pgid, signal.SIGKILL)
         assert not left, f"pod processes left behind by the noderunner: {left}"
+
+
+def describe_pods(cp: ControlPlane, namespace: str, runner: NodeRunnerProcess | None = None) -> str:
+    """What ``kubectl describe pods`` would say first, plus the runner's last log lines.
+
+    For a failure message: the phase, conditions and container states (with their reasons and
+    messages) of each pod in ``namespace``, so a wait that timed out names its cause.
+    """
+    pods = (cp.get(f"/api/v1/namespaces/{namespace}/pods") or {}).get("items") or []
+    lines = [f"pods in {namespace}: {len(pods)}"]
+    for pod in pods:
+        status = pod.get("status") or {}
+        conds = " ".join(f"{c['type']}={c['status']}" for c in status.get("conditions") or [])
+        lines.append(
+            f"- {pod['metadata']['name']} node={pod['spec'].get('nodeName')} "
+            f"phase={status.get('phase')} {conds} {status.get('message', '')}".rstrip()
+        )
+        for c in status.get("containerStatuses") or []:
+            lines.append(
+                f"  {c['name']}: ready={c.get('ready')} restarts={c.get('restartCount')} "
+                f"state={json.dumps(c.get('state'))[:600]} last={json.dumps(c.get('lastState'))[:300]}"
+            )
+    if runner is not None and runner.log.exists():
+        tail = runner.log.read_text(errors="replace").splitlines()[-40:]
+        lines += ["noderunner log (last 40 lines):", *tail]
+    return "\n".join(lines)
 
 
 @pytest.fixture(scope="session")
