@@ -525,8 +525,10 @@ class EvalGate(Model):
             'JSONL file, one {"prompt": ..., "expected": ...} object per line; used when prompts '
             "is empty. Read by the operator (with its own credentials) and the local runtime "
             "whenever the gate runs; a bad line is reported with the file and line number. "
-        )
-        + URI_DESCRIPTION,
+            "s3://bucket/path/file.jsonl (at spec.storage's endpoint) or "
+            "file:///absolute/path/file.jsonl (local runtime; in a cluster, a path in the "
+            "operator's pod)."
+        ),
         pattern=URI_PATTERN,
     )
     match: Literal["exact", "contains"] = Field(
