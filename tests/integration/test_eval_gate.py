@@ -10,7 +10,10 @@ its replicas' ports. Aspects covered, each against a real completions server on 
 - the first prompt goes alone, the rest concurrently (a server that answers only once two
   requests are in flight together still answers them all);
 - stable is scored too when ``maxScoreDrop`` asks for it; a revision with no ready pod is an
-  error naming it; a key the runtime could not find is the gate's error, after the prompts.
+  error naming it; a key the runtime could not find is the gate's error, after the prompts;
+- the real operator (KopfRunner against kmock) gates a canary on a ``promptsUri`` file: wrong
+  answers roll it back before it gets traffic, and a bad file shows in status.message with the
+  field path, the file and the line while the canary waits at weight 0.
 """
 
 from __future__ import annotations
@@ -24,6 +27,19 @@ from aiohttp import web
 
 from kubetune.k8s import scraping
 from kubetune.storage import open_store
+from tests.integration import test_operator_rollout as rollout
+from tests.integration.test_operator_rollout import (
+    API,
+    NS,
+    TIMEOUT,
+    manifest,
+    play_deployment,
+    revision,
+    wait_phase,
+)
+from tests.plugins.kube import wait_for_object
+
+servers = rollout.servers  # the fake model servers fixture of the operator's rollout tests
 
 
 class Completions:
@@ -82,9 +98,7 @@ async def session():
         yield s
 
 
-async def test_the_prompts_of_an_s3_prompts_uri_are_sent_and_scored(
-    session, s3_bucket, s3_storage
-):
+async def test_the_prompts_of_an_s3_prompts_uri_are_sent_and_scored(session, s3_bucket, s3_storage):
     open_store(f"s3://{s3_bucket}/gates", s3_storage).write_text(
         "golden.jsonl", jsonl([("France?", "Paris"), ("Peru?", "Lima")])
     )
@@ -102,9 +116,7 @@ async def test_the_prompts_of_an_s3_prompts_uri_are_sent_and_scored(
     assert sorted(server.asked) == ["France?", "Peru?"]
 
 
-async def test_a_bad_prompts_file_names_field_file_and_line_and_sends_nothing(
-    session, tmp_path
-):
+async def test_a_bad_prompts_file_names_field_file_and_line_and_sends_nothing(session, tmp_path):
     bad = tmp_path / "golden.jsonl"
     bad.write_text(jsonl([("France?", "Paris")]) + '{"prompt": "Peru?"}\n')
     server = Completions({})
@@ -171,3 +183,41 @@ async def test_stable_is_scored_for_max_score_drop_and_missing_pods_are_named(se
     assert (got.canary_score, got.stable_score) == (0.0, 1.0)
     assert no_pods.error == "no ready pod of revision new to run the golden prompts against"
     assert no_key.canary_score is None and no_key.error.startswith("spec.server.apiKeySecret")
+
+
+# --- the real operator ----------------------------------------------------------------------
+
+
+async def test_the_operator_gates_a_canary_on_a_prompts_uri_file(kube, operator, servers, tmp_path):
+    golden = tmp_path / "golden.jsonl"
+    golden.write_text(jsonl([("What is the code word?", "zebra")]))
+    gate = {"promptsUri": golden.as_uri(), "minScore": 1.0}
+    md_a = manifest("s3://models/a", gate=gate)
+    await kube.create(md_a)
+    await play_deployment(kube, f"chat-{revision(md_a)}", await servers())
+    await wait_phase(kube, "Healthy")
+    # A canary answering wrong: rolled back by the gate before any traffic.
+    md_b = manifest("s3://models/b", gate=gate)
+    wrong = await servers()
+    wrong.answer = "I do not know"
+    await kube.patch(API, "ModelDeployment", NS, "chat", {"spec": md_b["spec"]})
+    await play_deployment(kube, f"chat-{revision(md_b)}", wrong)
+    obj = await wait_phase(kube, "RolledBack")
+    assert obj["status"]["rejectedRevisions"][0]["reason"].startswith("EvalGateFailed")
+    assert obj["status"]["evalGateScore"] == 0.0 and wrong.requests == 0
+    # A bad prompts file: the canary waits at weight 0, status names field, file and line.
+    golden.write_text('{"prompt": "What is the code word?"}\n')
+    md_c = manifest("s3://models/c", gate=gate)
+    await kube.patch(API, "ModelDeployment", NS, "chat", {"spec": md_c["spec"]})
+    await play_deployment(kube, f"chat-{revision(md_c)}", await servers())
+    needle = f"spec.rollout.evalGate.promptsUri: {golden.as_uri()} line 1: expected: Field required"
+    obj = await wait_for_object(
+        kube,
+        API,
+        "ModelDeployment",
+        NS,
+        "chat",
+        lambda o: needle in ((o.get("status") or {}).get("message") or ""),
+        timeout=TIMEOUT,
+    )
+    assert obj["status"]["weights"]["canary"] == 0 and "evalGateScore" not in obj["status"]

@@ -77,9 +77,7 @@ async def test_operator_finetunejob_patches_status_before_creating_its_job(kube,
     assert any(p.endswith("/jobs") for _, p in writes[1:]), "the validate Job is created after"
 
 
-async def test_operator_modeldeployment_patches_status_before_creating_its_revision(
-    kube, kube_api
-):
+async def test_operator_modeldeployment_patches_status_before_creating_its_revision(kube, kube_api):
     md = modeldeployment()
     await kube.create(md)
     mark = len(kube_api.requests())

@@ -339,7 +339,8 @@ async def score_at(
     rest = await asyncio.gather(*(ask(p) for p in prompts[1:]))
     answers = [first, *rest]
     if all(a is None for a in answers):
-        return None, f"{url}: no golden prompt answered ({errors[0] if errors else 'empty answers'})"
+        why = errors[0] if errors else "empty answers"
+        return None, f"{url}: no golden prompt answered ({why})"
     return evalgate.score(prompts, answers, gate.match), None
 
 
