@@ -15,7 +15,7 @@ import json
 
 import pytest
 
-from kubetune.local.commands import build_runtime
+from kubetune.local.runtime import build_runtime
 from kubetune.local.store import Store
 from tests.e2e.conftest import processes_under
 

@@ -13,8 +13,8 @@ import asyncio
 import boto3
 import pytest
 
-from kubetune.local.commands import build_runtime
 from kubetune.local.demo import DemoSettings, finetunejob
+from kubetune.local.runtime import build_runtime
 from kubetune.local.store import Store
 
 pytestmark = pytest.mark.slow

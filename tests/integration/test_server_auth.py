@@ -127,7 +127,8 @@ async def test_the_operators_eval_gate_sends_the_key(server, key, answered):
 async def test_local_traffic_sends_the_key(server, key, code):
     import asyncio
 
-    from kubetune.local.demo import DemoSettings, Traffic
+    from kubetune.local.demo import DemoSettings
+    from kubetune.local.traffic import Traffic
 
     golden = [{"prompt": "Hi", "answer": "x"}]
     traffic = Traffic(

@@ -26,8 +26,8 @@ import yaml
 
 from kubetune.local.loading import ManifestError, load_manifests
 from kubetune.local.processes import kill_registered
-from kubetune.local.progress import ProgressPrinter, deployment_line, job_line
-from kubetune.local.runtime import LocalRuntime, controller_pid, install_signal_handlers
+from kubetune.local.progress import ProgressPrinter, deployment_line, job_line, progress_lines
+from kubetune.local.runtime import build_runtime, controller_pid, install_signal_handlers
 from kubetune.local.store import PLURALS, Store, default_root
 
 KIND_ALIASES = {
@@ -44,37 +44,6 @@ KIND_ALIASES = {
 
 def _store(args: argparse.Namespace) -> Store:
     return Store(Path(args.dir) if getattr(args, "dir", None) else default_root())
-
-
-def build_runtime(
-    store: Store,
-    router_host: str = "127.0.0.1",
-    tick_seconds: float = 0.5,
-    on_event: Any = None,
-) -> LocalRuntime:
-    """A runtime with the FineTuneJob and ModelDeployment drivers registered.
-
-    ``on_event(kind, name, type, reason, message)`` sees every Event the decision functions
-    emit (they also go to ``<store>/events.jsonl``, the local ``kubectl get events``).
-    """
-    from kubetune.local.deployments import DeploymentDriver
-    from kubetune.local.jobs import JobDriver
-
-    runtime = LocalRuntime(store, tick_seconds=tick_seconds)
-    runtime.add_driver(JobDriver(store, runtime.supervisor, on_event=on_event))
-    runtime.add_driver(
-        DeploymentDriver(store, runtime.supervisor, router_host=router_host, on_event=on_event)
-    )
-    return runtime
-
-
-def progress_lines(store: Store) -> dict[str, str]:
-    """The current display line of every FineTuneJob and ModelDeployment."""
-    lines = {f"ftj/{o['metadata']['name']}": job_line(o) for o in store.list("FineTuneJob")}
-    lines.update(
-        {f"mdep/{o['metadata']['name']}": deployment_line(o) for o in store.list("ModelDeployment")}
-    )
-    return lines
 
 
 def overall_ok(store: Store) -> bool:
@@ -249,7 +218,8 @@ def cmd_traffic(args: argparse.Namespace) -> int:
     by hand, run this next to the controller. Prompts: the synthetic task's held-out ones, or
     ``--prompts FILE.jsonl`` of ``{"prompt", "answer"}``; answers are checked for exact match.
     """
-    from kubetune.local.demo import DemoSettings, Traffic
+    from kubetune.local.demo import DemoSettings
+    from kubetune.local.traffic import Traffic
 
     store = _store(args)
     url = _endpoints(store).get(args.name)
@@ -271,7 +241,6 @@ def cmd_traffic(args: argparse.Namespace) -> int:
         from kubetune_trainer.synthetic import task_examples
 
         golden = task_examples(48, seed=999, variant="a")
-    settings = DemoSettings(requests_per_second=args.rps)
     # The serving pods' API key, when the ModelDeployment requires one (spec.server.apiKeySecret).
     from kubetune.api.modeldeployment import ModelDeploymentSpec
     from kubetune.local.containers import ContainerError
@@ -285,7 +254,8 @@ def cmd_traffic(args: argparse.Namespace) -> int:
     except ContainerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    traffic = Traffic(lambda: url, golden, settings, model=args.model or args.name, api_key=api_key)
+    load = DemoSettings(requests_per_second=args.rps)
+    traffic = Traffic(lambda: url, golden, load, model=args.model or args.name, api_key=api_key)
 
     async def run() -> None:
         await traffic.start()

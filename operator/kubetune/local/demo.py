@@ -26,19 +26,18 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from kubetune.local.progress import ProgressPrinter
-from kubetune.local.runtime import LocalRuntime, install_signal_handlers
+from kubetune.local.progress import ProgressPrinter, progress_lines
+from kubetune.local.runtime import LocalRuntime, build_runtime, install_signal_handlers
 from kubetune.local.store import Store
+from kubetune.local.traffic import Traffic
 
 MDEP = "assistant"
 FAULT_ERROR_RATE = "0.5"
@@ -248,105 +247,6 @@ def render_examples(work: Path = EXAMPLES_WORK) -> dict[str, str]:
     }
 
 
-# --- generated traffic -------------------------------------------------------------------------
-
-
-@dataclass
-class TrafficStats:
-    """What the clients saw, per revision (the router names the backend in a header)."""
-
-    codes: dict[str, Counter[int]] = field(default_factory=dict)
-    correct: Counter[str] = field(default_factory=Counter)
-    answered: Counter[str] = field(default_factory=Counter)
-
-    def record(self, revision: str, code: int, ok: bool | None) -> None:
-        """Count one response."""
-        self.codes.setdefault(revision, Counter())[code] += 1
-        if ok is not None:
-            self.answered[revision] += 1
-            self.correct[revision] += int(ok)
-
-
-class Traffic:
-    """Open-loop-ish client load on the router: golden prompts at a steady rate."""
-
-    def __init__(
-        self,
-        url_of: Any,
-        golden: list[dict[str, str]],
-        settings: DemoSettings,
-        model: str = MDEP,
-        api_key: str | None = None,
-    ) -> None:
-        self.model = model
-        #: Sent as a bearer token (spec.server.apiKeySecret); never printed.
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.url_of = url_of
-        self.golden = golden
-        self.settings = settings
-        self.stats = TrafficStats()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stop = asyncio.Event()
-
-    async def start(self) -> None:
-        """Start the client tasks."""
-        import aiohttp
-
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
-        self._tasks = [
-            asyncio.create_task(self._client(i)) for i in range(self.settings.concurrency)
-        ]
-
-    async def stop(self) -> None:
-        """Stop the clients and close the session."""
-        self._stop.set()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(BaseException):
-                await task
-        await self._session.close()
-
-    async def _client(self, index: int) -> None:
-        import aiohttp
-
-        from kubetune_trainer.synthetic import normalise
-
-        rng = random.Random(index)
-        period = self.settings.concurrency / self.settings.requests_per_second
-        while not self._stop.is_set():
-            started = time.monotonic()
-            url = self.url_of()
-            if url:
-                example = rng.choice(self.golden)
-                body = {
-                    "model": self.model,
-                    "messages": [{"role": "user", "content": example["prompt"]}],
-                    "max_tokens": 8,
-                    "temperature": 0,
-                }
-                try:
-                    async with self._session.post(
-                        url + "/v1/chat/completions", json=body, headers=self._headers
-                    ) as response:
-                        backend = response.headers.get("X-Kubetune-Backend", "none").split("/", 1)[
-                            0
-                        ]
-                        ok = None
-                        if response.status == 200:
-                            data = await response.json()
-                            answer = data["choices"][0]["message"]["content"]
-                            ok = normalise(answer) == normalise(example["answer"])
-                        else:
-                            await response.read()
-                        self.stats.record(backend, response.status, ok)
-                except (aiohttp.ClientError, TimeoutError, OSError, KeyError, ValueError):
-                    self.stats.record("none", 599, None)
-            delay = period - (time.monotonic() - started)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=max(0.0, delay))
-
-
 # --- the story -------------------------------------------------------------------------------
 
 
@@ -409,8 +309,6 @@ class Story:
         return outcome
 
     def _tick(self) -> None:
-        from kubetune.local.commands import progress_lines
-
         for ftj in self.store.list("FineTuneJob"):
             acc = ((ftj.get("status") or {}).get("metrics") or {}).get("evalAccuracy")
             history = self.summary.accuracy_history.setdefault(ftj["metadata"]["name"], [])
@@ -509,8 +407,6 @@ class Story:
 
     async def run(self) -> Summary:
         """The whole story; returns the summary (also on Ctrl-C, with ``interrupted``)."""
-        from kubetune.local.commands import build_runtime
-
         s = self.settings
         self.say("== 1. set-up: tiny base model and synthetic dataset")
         self._paths = await asyncio.to_thread(prepare, self.work, s, self.say)
@@ -526,7 +422,7 @@ class Story:
         self.runtime = build_runtime(self.store, on_event=self._event)
         await self.runtime.start()
         uninstall = install_signal_handlers(self.runtime)
-        self.traffic = Traffic(self.router_url, golden, s)
+        self.traffic = Traffic(self.router_url, golden, s, MDEP)
         try:
             self.say(
                 "== 2. fine-tune revision 1 (LoRA on CPU; eval accuracy is exact match on held-out prompts)"

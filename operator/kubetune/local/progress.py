@@ -13,6 +13,8 @@ import shutil
 import sys
 from typing import Any, TextIO
 
+from kubetune.local.store import Store
+
 BAR_WIDTH = 24
 
 
@@ -129,3 +131,12 @@ class ProgressPrinter:
             self._drawn = 0
         self.out.write(text + "\n")
         self.out.flush()
+
+
+def progress_lines(store: Store) -> dict[str, str]:
+    """The current display line of every FineTuneJob and ModelDeployment."""
+    lines = {f"ftj/{o['metadata']['name']}": job_line(o) for o in store.list("FineTuneJob")}
+    lines.update(
+        {f"mdep/{o['metadata']['name']}": deployment_line(o) for o in store.list("ModelDeployment")}
+    )
+    return lines

@@ -211,3 +211,25 @@ def write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
+
+
+def build_runtime(
+    store: Store,
+    router_host: str = "127.0.0.1",
+    tick_seconds: float = 0.5,
+    on_event: Any = None,
+) -> LocalRuntime:
+    """A runtime with the FineTuneJob and ModelDeployment drivers registered.
+
+    ``on_event(kind, name, type, reason, message)`` sees every Event the decision functions
+    emit (they also go to ``<store>/events.jsonl``, the local ``kubectl get events``).
+    """
+    from kubetune.local.deployments import DeploymentDriver
+    from kubetune.local.jobs import JobDriver
+
+    runtime = LocalRuntime(store, tick_seconds=tick_seconds)
+    runtime.add_driver(JobDriver(store, runtime.supervisor, on_event=on_event))
+    runtime.add_driver(
+        DeploymentDriver(store, runtime.supervisor, router_host=router_host, on_event=on_event)
+    )
+    return runtime
