@@ -58,7 +58,7 @@ from kubetune.api.conditions import Reason
 from kubetune.api.modeldeployment import ModelDeploymentSpec
 from kubetune.api.times import format_time, parse_time
 from kubetune.rollout import analysis as an
-from kubetune.rollout import builders, evalgate
+from kubetune.rollout import builders, evalgate, intervals
 from kubetune.rollout import steps as steps_
 from kubetune.rollout import weights as wt
 from kubetune.rollout.actions import (
@@ -88,9 +88,6 @@ from kubetune.rollout.steps import pause as pause_step
 # How many analysis results status keeps (newest last); failureLimit counts within them.
 MAX_ANALYSIS_RESULTS = 30
 MAX_REJECTED = 10
-# Most interval starts a pool keeps: each holds both revisions' counters in status, so a short
-# interval with a long poolWindow must not grow the object without bound.
-MAX_POOLED = 20
 FAST_FAIL_Z = an.FAST_FAIL_Z
 # Event types.
 NORMAL = "Normal"
@@ -705,29 +702,7 @@ class _Run:
     def analysis_summary(self) -> str | None:
         """The last analysis at this step in one line (figures, samples, verdict); None if none."""
         here = self.results_at_step(self.st.step_index)
-        if not here:
-            return None
-        last = here[-1]
-        c, s = last.get("canary") or {}, last.get("stable") or {}
-        parts = []
-        if c.get("p95LatencySeconds") is not None:
-            versus = (
-                f" vs stable {s['p95LatencySeconds']:.3g}s"
-                if s.get("p95LatencySeconds") is not None
-                else ""
-            )
-            parts.append(f"canary p95 {c['p95LatencySeconds']:.3g}s{versus}")
-        if c.get("errorRate"):
-            versus = f" vs stable {s['errorRate']:.1%}" if s.get("errorRate") is not None else ""
-            parts.append(f"canary error rate {c['errorRate']:.1%}{versus}")
-        samples = sorted(int(r.get("samples") or 0) for r in here)
-        per = samples[len(samples) // 2]
-        figures = ", ".join(parts) + (" " if parts else "")
-        minimum = self.spec.rollout.analysis.min_samples
-        return (
-            f"{figures}on {per} samples per interval (median of {len(here)}; minSamples {minimum}); "
-            f"last analysis {last['phase']}: {last.get('message') or ''}"
-        ).strip()
+        return intervals.summary(here, self.spec.rollout.analysis.min_samples)
 
     def advance(self, idx: int, why: str) -> int:
         self.st.current_step_index = idx + 1
@@ -779,88 +754,43 @@ class _Run:
     # --- analysis ---------------------------------------------------------------------------
 
     def analyse(self, canary: str) -> bool:
-        """Run due analysis; returns True when it rolled the canary back."""
+        """Look at the current analysis interval (intervals.look); True when it rolled back."""
         spec = self.spec.rollout.analysis
-        stable = (self.stable() or {}).get("name")
-        base = self.st.analysis_baseline
-        # Cumulative counters (built-in provider, and Prometheus with its default queries):
-        # interval deltas and pooling. Custom Prometheus templates give interval figures.
-        counted = an.uses_counters(spec)
-        if base is None or (counted and canary not in (base.get("revisions") or {})):
-            self.rebaseline(canary, stable)
-            self.requeue(self.check_period())
-            return False
-        elapsed = self.since(base.get("time"))
-        due = elapsed >= self.interval
-        # Pooling: the span judged starts at the oldest pooled interval still inside poolWindow
-        # (cumulative counters make any span one subtraction).
-        pool = self.live_pool(base, canary) if counted else []
-        measured = self.measure(pool[0] if pool else base, canary, stable)
-        if isinstance(measured, str) and pool:
-            # The pooled span cannot be measured (a pod restarted in it): judge this interval alone.
-            pool = []
-            measured = self.measure(base, canary, stable)
-        pooled = len(pool) + 1
-        if isinstance(measured, str):
-            if not due:
-                self.requeue(self.check_period())
-                return False
-            verdict = an.Verdict(an.ERROR, measured, 0)
-        else:
-            # Starvation is judged on whole intervals only: just after a weight change the
-            # requests completing were routed under the old weights, which reads as starvation.
-            verdict = an.evaluate(
-                measured,
-                spec,
-                expected_share=self.expected_share() if due else None,
-                pooled=pooled,
-            )
-            if not due:
-                # Fast failure on a partial interval: only on conclusive evidence.
-                early = an.fast_failure(measured, verdict, spec, elapsed, pooled)
-                if early is None:
-                    self.requeue(min(self.check_period(), self.interval - elapsed))
-                    return False
-                verdict = early
-        self.record(verdict, canary)
-        # An interval too thin to judge joins the pool; any verdict (or an error) empties it.
-        keep = (
-            [*pool, {"time": base["time"], "revisions": base.get("revisions") or {}}]
-            if counted and verdict.phase == an.INCONCLUSIVE
-            else []
+        got = intervals.look(
+            self.st.analysis_baseline,
+            canary=canary,
+            stable=(self.stable() or {}).get("name"),
+            step=self.st.step_index,
+            spec=spec,
+            observed=self.obs,
+            now=self.now,
+            interval=self.interval,
+            check_period=self.check_period(),
+            expected_share=self.expected_share(),
         )
-        self.rebaseline(canary, stable, keep[-MAX_POOLED:])
-        self.requeue(self.check_period())
-        if verdict.phase == an.FAILED:
-            failures = sum(
-                1
-                for r in self.st.analysis
-                if r.get("revision") == canary and r["phase"] == an.FAILED
-            )
-            if failures >= spec.failure_limit or verdict.early:
-                # Early evidence is conclusive by construction: failureLimit guards against
-                # one noisy interval, which a sequential test already accounts for.
-                self.rollback(Reason.ANALYSIS_FAILED, verdict.message)
-                return True
-            self.event(
-                WARNING,
-                Reason.ANALYSIS_FAILED,
-                f"analysis failed ({failures}/{spec.failure_limit}): {verdict.message}",
-            )
+        if got.baseline is not None:
+            self.st.analysis_baseline = got.baseline
+        self.requeue(got.requeue)
+        if got.result is None or got.verdict is None:
+            return False
+        verdict = got.verdict
+        self.st.analysis = [*self.st.analysis, got.result][-MAX_ANALYSIS_RESULTS:]
+        if verdict.phase != an.FAILED:
+            return False
+        failures = sum(
+            1 for r in self.st.analysis if r.get("revision") == canary and r["phase"] == an.FAILED
+        )
+        if failures >= spec.failure_limit or verdict.early:
+            # Early evidence is conclusive by construction: failureLimit guards against
+            # one noisy interval, which a sequential test already accounts for.
+            self.rollback(Reason.ANALYSIS_FAILED, verdict.message)
+            return True
+        self.event(
+            WARNING,
+            Reason.ANALYSIS_FAILED,
+            f"analysis failed ({failures}/{spec.failure_limit}): {verdict.message}",
+        )
         return False
-
-    def live_pool(self, base: Mapping[str, Any], canary: str) -> list[dict[str, Any]]:
-        """Pooled interval starts still usable now: same step, this canary, within poolWindow."""
-        step_idx = self.st.step_index
-        if base.get("step") is not None and base.get("step") != step_idx:
-            return []
-        window = an.parse_duration(self.spec.rollout.analysis.pool_window)
-        pool = [
-            e
-            for e in base.get("pool") or []
-            if canary in (e.get("revisions") or {}) and self.since(e.get("time")) <= window
-        ]
-        return pool
 
     def expected_share(self) -> float | None:
         """The canary's share of requests that its applied weight promises (None: unknown)."""
@@ -868,72 +798,10 @@ class _Run:
         weight = applied if applied is not None else self.canary_weight
         return weight / 100 if weight else None
 
-    def measure(
-        self, base: Mapping[str, Any], canary: str, stable: str | None
-    ) -> an.Measurement | str:
-        if not an.uses_counters(self.spec.rollout.analysis):
-            figures = self.obs.interval_metrics or {}
-            if canary not in figures:
-                return "no Prometheus figures for the canary"
-            return an.Measurement(self.ts, figures[canary], figures.get(stable or ""))
-        revs = base.get("revisions") or {}
-
-        def one(name: str | None) -> an.IntervalMetrics | str:
-            obs = self.rev_obs(name)
-            if obs.counters is None:
-                return f"could not scrape revision {name}: {obs.scrape_error or 'no ready pods'}"
-            before = an.RevisionCounters.from_dict(revs.get(name or "") or {})
-            got = an.interval(before, obs.counters)
-            return (
-                got
-                if got is not None
-                else f"counters of revision {name} went backwards (pod restart); interval discarded"
-            )
-
-        c = one(canary)
-        if isinstance(c, str):
-            return c
-        s = one(stable) if stable and stable in revs else None
-        return an.Measurement(self.ts, c, s if isinstance(s, an.IntervalMetrics) else None)
-
-    def rebaseline(
-        self, canary: str, stable: str | None, pool: list[dict[str, Any]] | None = None
-    ) -> None:
-        revisions = {}
-        for name in (canary, stable):
-            obs = self.rev_obs(name)
-            if name and obs.counters is not None:
-                revisions[name] = obs.counters.to_dict()
-        base: dict[str, Any] = {
-            "time": self.ts,
-            "revisions": revisions,
-            "step": self.st.step_index,
-        }
-        if pool:
-            base["pool"] = pool
-        self.st.analysis_baseline = base
-
-    def record(self, verdict: an.Verdict, canary: str) -> None:
-        entry: dict[str, Any] = {
-            "time": self.ts,
-            "phase": verdict.phase,
-            "samples": verdict.samples,
-            "message": verdict.message,
-            "revision": canary,
-            "step": self.st.step_index,
-        }
-        if verdict.canary:
-            entry["canary"] = verdict.canary
-        if verdict.stable:
-            entry["stable"] = verdict.stable
-        if verdict.pooled > 1:
-            entry["pooledIntervals"] = verdict.pooled
-        if verdict.share is not None and verdict.expected_share is not None:
-            entry["canaryShare"] = verdict.share
-            entry["expectedCanaryShare"] = verdict.expected_share
-            if verdict.message and "(starved)" in verdict.message:
-                entry["starved"] = True
-        self.st.analysis = [*(self.st.analysis), entry][-MAX_ANALYSIS_RESULTS:]
+    def rebaseline(self, canary: str, stable: str | None) -> None:
+        self.st.analysis_baseline = intervals.baseline(
+            self.obs, canary, stable, self.st.step_index, self.ts
+        )
 
     # --- annotations and the final status --------------------------------------------------
 
