@@ -6,7 +6,7 @@ process that dies between the two steps must leave the decision behind.
 Aspects covered:
 
 - operator, FineTuneJob and ModelDeployment: in the API server's own request log of one
-  reconcile, the status patch comes before the first write to any other object;
+  reconcile, the status patch comes first, then the Events, then the writes to other objects;
 - local runtime, FineTuneJob and ModelDeployment: when the runtime dies at its first action
   (the store refuses the first child), the decided status is already on disk and no child is
   saved.
@@ -64,6 +64,14 @@ def writes_since(kube_api, mark: int) -> list[tuple[str, str]]:
     return [(m, p) for m, p in kube_api.requests()[mark:] if m not in ("GET", "HEAD")]
 
 
+def recorded_first(writes: list[tuple[str, str]], status: tuple[str, str]) -> None:
+    """The status patch, then the Events, then everything else (``api.actions.events_first``)."""
+    assert writes[0] == status, writes
+    kinds = ["event" if p.endswith("/events") else "other" for _, p in writes[1:]]
+    assert "event" in kinds and "other" in kinds, writes
+    assert kinds == sorted(kinds), writes  # every "event" before the first "other"
+
+
 # --- the operator: the API server's request log ----------------------------------------------
 
 
@@ -72,8 +80,7 @@ async def test_operator_finetunejob_patches_status_before_creating_its_job(kube,
     mark = len(kube_api.requests())
     await FineTuneJobReconciler(kube).reconcile(NS, "ft")
     writes = writes_since(kube_api, mark)
-    status = ("PATCH", f"/apis/{API}/namespaces/{NS}/finetunejobs/ft/status")
-    assert writes[0] == status, writes
+    recorded_first(writes, ("PATCH", f"/apis/{API}/namespaces/{NS}/finetunejobs/ft/status"))
     assert any(p.endswith("/jobs") for _, p in writes[1:]), "the validate Job is created after"
 
 
@@ -83,8 +90,7 @@ async def test_operator_modeldeployment_patches_status_before_creating_its_revis
     mark = len(kube_api.requests())
     await reconcile_modeldeployment(kube, NS, "chat")
     writes = writes_since(kube_api, mark)
-    status = ("PATCH", f"/apis/{API}/namespaces/{NS}/modeldeployments/chat/status")
-    assert writes[0] == status, writes
+    recorded_first(writes, ("PATCH", f"/apis/{API}/namespaces/{NS}/modeldeployments/chat/status"))
     assert ("POST", f"/apis/apps/v1/namespaces/{NS}/deployments") in writes[1:], writes
     obj = await kube.get(API, "ModelDeployment", NS, "chat")
     assert obj["status"]["stable"]["name"] == revision_of(md)

@@ -29,6 +29,7 @@ from typing import Any
 import aiohttp
 from pydantic import ValidationError
 
+from kubetune.api.actions import events_first
 from kubetune.api.common import API_VERSION, LABEL_ENGINE, LABEL_KIND, LABEL_OWNER, LABEL_REVISION
 from kubetune.api.conditions import Reason, invalid_spec_message
 from kubetune.api.defaults import PodDefaults
@@ -420,7 +421,7 @@ async def execute(
 ) -> float | None:
     """Carry out the actions in order; returns the requeue delay (None: none asked)."""
     requeue: float | None = None
-    for action in decided.actions:
+    for action in events_first(decided.actions):
         if isinstance(action, machine.EnsureRevision):
             await ensure_revision(client, md, action, defaults)
         elif isinstance(action, machine.SetWeights):

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kubetune.api import conditions as c
+from kubetune.api.actions import events_first
 from kubetune.api.common import API_VERSION, LABEL_KIND, LABEL_OWNER
 from kubetune.api.defaults import PodDefaults
 from kubetune.api.finetunejob import KIND
@@ -127,7 +128,7 @@ class FineTuneJobReconciler:
         await self.client.patch_status(
             API_VERSION, KIND, ns, name, ftj.get("status") or {}, result.status
         )
-        for action in result.actions:
+        for action in events_first(result.actions):
             if isinstance(action, CreateJob):
                 await self._create_job(ftj, action.manifest)
             elif isinstance(action, DeleteJob):

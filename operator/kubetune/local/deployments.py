@@ -34,6 +34,7 @@ from typing import Any
 
 import aiohttp
 
+from kubetune.api.actions import events_first
 from kubetune.local.containers import (
     ContainerError,
     container_port,
@@ -164,7 +165,7 @@ class DeploymentDriver:
         # next step reads back what this one decided (a rejection recorded, a retiring
         # revision's clock started) even if acting fails half-way.
         self.store.write_status(KIND, name, decided.status)
-        for action in decided.actions:
+        for action in events_first(decided.actions):
             await self._act({**obj, "status": decided.status}, state, action)
         self._apply_router(state)
 

@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.actions import events_first
 from kubetune.api.common import LABEL_COMPONENT, LABEL_OWNER
 from kubetune.api.times import now_rfc3339
 from kubetune.local.containers import to_process
@@ -167,7 +168,7 @@ class JobDriver:
         # Record, then act, as the operator does (docs/contracts.md, "Record, then act"): a
         # crash in between leaves a status the next plan reads back, e.g. a restart counted.
         self.store.write_status(KIND, name, new_status)
-        for action in decided.actions:
+        for action in events_first(decided.actions):
             await self._act(current, action)
 
     def settled(self, obj: dict[str, Any]) -> bool:
