@@ -396,7 +396,7 @@ class Cluster:
         (the loader files them under ``api_key["BearerToken"]``): the operator's own client
         then calls as ``system:anonymous``.
         """
-        from tests.cluster.controlplane import write_kubeconfig
+        from tests.kubeconfig import write_kubeconfig
 
         cert, key = self.cp.pki.issue("kubetune-operator", OPERATOR_USER)
         self.cp.create(

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -41,6 +40,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kubetune.local.containers import free_port
 from kubetune.local.processes import die_with_parent, group_alive
+from tests.kubeconfig import write_kubeconfig
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "tests" / "cluster" / "controlplane" / "build.sh"
@@ -183,46 +183,6 @@ class Pki:
             )
         )
         return private, public
-
-
-def write_kubeconfig(
-    path: Path,
-    server: str,
-    ca: Path,
-    *,
-    cert: Path | None = None,
-    key: Path | None = None,
-    token: str | None = None,
-    namespace: str = "default",
-    user: str = "admin",
-) -> Path:
-    """A kubeconfig for ``server`` with client-certificate or token credentials."""
-    creds: dict[str, Any] = {}
-    if cert is not None:
-        creds = {"client-certificate": str(cert), "client-key": str(key)}
-    if token is not None:
-        creds = {"token": token}
-    doc = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {
-                "name": "kubetune-test",
-                "cluster": {"server": server, "certificate-authority": str(ca)},
-            }
-        ],
-        "users": [{"name": user, "user": creds}],
-        "contexts": [
-            {
-                "name": user,
-                "context": {"cluster": "kubetune-test", "user": user, "namespace": namespace},
-            }
-        ],
-        "current-context": user,
-    }
-    path.write_text(yaml.safe_dump(doc))
-    path.chmod(0o600)
-    return path
 
 
 # --------------------------------------------------------------------------------------------

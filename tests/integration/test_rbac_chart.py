@@ -39,7 +39,8 @@ import pytest
 import yaml
 
 from kubetune import metrics
-from kubetune.k8s.client import KubeClient, write_kubeconfig
+from kubetune.k8s.client import KubeClient
+from tests.kubeconfig import write_kubeconfig
 from tests.plugins.kube import (
     KubetuneEmulator,
     fail_job,
@@ -138,7 +139,9 @@ class TwoPortApi:
     def __enter__(self) -> TwoPortApi:
         self._thread.start()
         assert self._ready.wait(30), "kmock did not start"
-        write_kubeconfig(self.operator_url, self.kubeconfig_path)
+        write_kubeconfig(
+            self.kubeconfig_path, self.operator_url, token="kmock", user="kmock", mode=None
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:

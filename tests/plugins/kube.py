@@ -53,7 +53,8 @@ import pytest
 import yaml
 
 from kubetune.api.times import now_rfc3339
-from kubetune.k8s.client import KubeClient, write_kubeconfig
+from kubetune.k8s.client import KubeClient
+from tests.kubeconfig import write_kubeconfig
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "crds"
@@ -196,7 +197,17 @@ class KubeApi:
         self._thread.start()
         if not self._ready.wait(30) or self._error:
             raise RuntimeError(f"kmock did not start: {self._error!r}")
-        self.kubeconfig = write_kubeconfig(self.url, kubeconfig_path, namespace=self.namespace)
+        # The dummy token is no secret: the file stays readable (mode None) for the image tests.
+        self.kubeconfig = str(
+            write_kubeconfig(
+                kubeconfig_path,
+                self.url,
+                token="kmock",
+                user="kmock",
+                namespace=self.namespace,
+                mode=None,
+            )
+        )
         return self
 
     def _run(self) -> None:

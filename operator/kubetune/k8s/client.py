@@ -51,7 +51,6 @@ import json
 import logging
 import os
 import ssl
-import tempfile
 import uuid
 import weakref
 from collections.abc import Iterable, Mapping
@@ -523,28 +522,3 @@ async def get_client() -> KubeClient:
         client = factory()
         _clients[loop] = client
     return client
-
-
-def write_kubeconfig(server: str, path: str | None = None, namespace: str = "default") -> str:
-    """Write a minimal kubeconfig for an insecure loopback server (tests, kmock); returns its path."""
-    import yaml
-
-    if path is None:
-        fd, path = tempfile.mkstemp(prefix="kubetune-kubeconfig-", suffix=".yaml")
-        os.close(fd)
-    doc = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "kmock", "cluster": {"server": server}}],
-        "users": [{"name": "kmock", "user": {"token": "kmock"}}],
-        "contexts": [
-            {
-                "name": "kmock",
-                "context": {"cluster": "kmock", "user": "kmock", "namespace": namespace},
-            }
-        ],
-        "current-context": "kmock",
-    }
-    with open(path, "w") as fh:
-        yaml.safe_dump(doc, fh)
-    return path
