@@ -5,7 +5,8 @@ only once the canary has the pods for the weight; a timed pause waits out its du
 cut short by promote, which it then consumes); an indefinite pause holds for promote; the pause
 annotation holds any step; analysis counts successful intervals since the step started, pauses
 after inconclusiveLimit thin intervals in a row (warning once), waits for traffic with limit 0,
-and is skipped by promote; ``steps.decide`` dispatches on the kind; ModelDeployment phases are
+and is skipped by promote; the eval gate waits for the canary's scores, then passes or rolls
+back; ``steps.decide`` dispatches on the kind; ModelDeployment phases are
 the schema's enum.
 """
 
@@ -18,18 +19,27 @@ import pytest
 
 from kubetune.api import phases
 from kubetune.api.conditions import Reason
-from kubetune.api.modeldeployment import AnalysisStep, MdepPhase, PauseStep, RolloutStep
+from kubetune.api.modeldeployment import (
+    AnalysisStep,
+    EvalGate,
+    GoldenPrompt,
+    MdepPhase,
+    PauseStep,
+    RolloutStep,
+)
 from kubetune.rollout import steps
 from kubetune.rollout import weights as wt
+from kubetune.rollout.evalgate import EvalGateObservation
 from kubetune.rollout.outcomes import (
     STEADY_REQUEUE,
     WAIT_REQUEUE,
     Advance,
     Pause,
+    Rollback,
     StepContext,
     Wait,
 )
-from kubetune.rollout.steps import analysis, pause, set_weight
+from kubetune.rollout.steps import analysis, eval_gate, pause, set_weight
 
 CTX = StepContext(
     index=2,
@@ -172,3 +182,28 @@ def test_decide_dispatches_on_the_kind_the_step_sets(step, kind):
 
 def test_modeldeployment_phases_are_the_schema_enum():
     assert get_args(MdepPhase) == phases.MDEP_PHASES
+
+
+# --- the eval gate (before the first step) -------------------------------------------------
+
+
+def gate() -> EvalGate:
+    return EvalGate(prompts=[GoldenPrompt(prompt="2+2", expected="4")], min_score=0.8)
+
+
+def test_eval_gate_waits_for_the_canarys_scores_and_names_the_runtimes_error():
+    assert eval_gate.decide(gate(), None, CTX) == Wait(
+        "eval gate: golden prompts against canary chat-b", WAIT_REQUEUE, stall=True
+    )
+    other = EvalGateObservation("chat-old", 1.0, prompts=1)  # scores of an earlier canary
+    assert isinstance(eval_gate.decide(gate(), other, CTX), Wait)
+    failed = EvalGateObservation("chat-b", None, error="connection refused")
+    assert eval_gate.decide(gate(), failed, CTX).message.endswith(": connection refused")
+
+
+def test_eval_gate_passes_or_rolls_back_on_the_score():
+    passed = eval_gate.decide(gate(), EvalGateObservation("chat-b", 1.0, prompts=1), CTX)
+    assert passed == Advance("eval gate passed: score 100% on 1 golden prompts")
+    low = eval_gate.decide(gate(), EvalGateObservation("chat-b", 0.5, prompts=2), CTX)
+    assert isinstance(low, Rollback) and low.reason == Reason.EVAL_GATE_FAILED
+    assert "minScore 80%" in low.message

@@ -58,7 +58,8 @@ from kubetune.api.conditions import Reason
 from kubetune.api.modeldeployment import ModelDeploymentSpec
 from kubetune.api.times import format_time, parse_time
 from kubetune.rollout import analysis as an
-from kubetune.rollout import builders, evalgate, intervals
+from kubetune.rollout import builders, intervals
+from kubetune.rollout import status as derived
 from kubetune.rollout import steps as steps_
 from kubetune.rollout import weights as wt
 from kubetune.rollout.actions import (
@@ -81,8 +82,9 @@ from kubetune.rollout.outcomes import (
     StepContext,
     Wait,
 )
-from kubetune.rollout.revisions import ModelProblem, Revision
+from kubetune.rollout.revisions import ModelProblem, Revision, revision_from_status, revision_status
 from kubetune.rollout.state import RolloutState
+from kubetune.rollout.steps import eval_gate
 from kubetune.rollout.steps import pause as pause_step
 
 # How many analysis results status keeps (newest last); failureLimit counts within them.
@@ -113,38 +115,8 @@ __all__ = [
 ]
 
 
-def _revision_status(rev: Revision) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "name": rev.name,
-        "modelUri": rev.model_uri,
-        "modelName": rev.model_name,
-        "image": rev.image,
-        "engine": rev.engine,
-    }
-    if rev.adapter_uri:
-        out["adapterUri"] = rev.adapter_uri
-    if rev.adapter_digest:
-        out["adapterDigest"] = rev.adapter_digest
-    if rev.fine_tune_job:
-        out["fineTuneJob"] = rev.fine_tune_job
-    if rev.adapter_rank is not None:
-        out["adapterRank"] = rev.adapter_rank
-    return out
-
-
-def revision_from_status(data: Mapping[str, Any], mdep_name: str) -> Revision:
-    """Rebuild a Revision from status.stable / status.canary (to recreate a lost Deployment)."""
-    return Revision(
-        name=data["name"],
-        model_uri=data.get("modelUri") or "",
-        adapter_uri=data.get("adapterUri"),
-        adapter_digest=data.get("adapterDigest"),
-        fine_tune_job=data.get("fineTuneJob"),
-        model_name=data.get("modelName") or mdep_name,
-        image=data.get("image") or "",
-        engine=data.get("engine") or "builtin",
-        adapter_rank=data.get("adapterRank"),
-    )
+# status.stable / status.canary records (kept here under their old names for callers).
+_revision_status = revision_status
 
 
 def wilson_lower(errors: float, total: float, z: float = FAST_FAIL_Z) -> float:
@@ -260,7 +232,7 @@ class _Run:
                 f"canary {superseded} superseded by {target.name} (spec changed)",
             )
         self.unretire(target.name)
-        self.st.canary = _revision_status(target)
+        self.st.canary = revision_status(target)
         self.st.current_step_index = 0
         self.st.canary_started_at = self.ts
         self.st.step_started_at = self.ts
@@ -404,7 +376,7 @@ class _Run:
         return obs
 
     def first_deploy(self, target: Revision) -> None:
-        self.st.stable = _revision_status(target)
+        self.st.stable = revision_status(target)
         if not self.old.get("stable"):
             self.st.step_started_at = self.ts
             self.event(
@@ -565,7 +537,7 @@ class _Run:
             self.progressing(f"waiting for canary {canary['name']} pods to be ready")
             self.requeue(WAIT_REQUEUE)
             return
-        if not self.eval_gate_passed(target):
+        if not self.eval_gate_passed(target, obs):
             return
 
         while idx < len(steps):
@@ -650,33 +622,23 @@ class _Run:
             and (parse_time(r.get("time")) or self.now) >= started
         ]
 
-    def eval_gate_passed(self, target: Revision) -> bool:
+    def eval_gate_passed(self, target: Revision, obs: RevisionObservation) -> bool:
         """The golden-prompt gate before any traffic: True once passed (or not configured)."""
         gate = self.spec.rollout.eval_gate
         if gate is None or self.st.eval_gate_score is not None:
             return True
-        canary = self.canary()
-        assert canary is not None
         got = self.obs.eval_gate
-        if got is None or got.revision != canary["name"] or got.canary_score is None:
-            # The runtime runs the prompts when eval_gate_due() says so; wait for the result.
-            detail = f": {got.error}" if got is not None and got.error else ""
-            message = f"eval gate: golden prompts against canary {canary['name']}{detail}"
-            self.fold(Wait(message, WAIT_REQUEUE, stall=True), target)
-            return False
-        self.st.eval_gate_score = round(got.canary_score, 4)
-        if got.stable_score is not None:
-            self.st.eval_gate_stable_score = round(got.stable_score, 4)
-        why = evalgate.verdict(gate, got)
-        if why:
-            self.fold(Rollback(Reason.EVAL_GATE_FAILED, why), target)
-            return False
-        self.event(
-            NORMAL,
-            Reason.CANARY_PROGRESSING,
-            f"eval gate passed: score {got.canary_score:.0%} on {got.prompts} golden prompts",
-        )
-        return True
+        outcome = eval_gate.decide(gate, got, self.step_context(self.st.step_index, obs))
+        if got is not None and got.canary_score is not None and not isinstance(outcome, Wait):
+            self.st.eval_gate_score = round(got.canary_score, 4)
+            if got.stable_score is not None:
+                self.st.eval_gate_stable_score = round(got.stable_score, 4)
+        if isinstance(outcome, Advance):
+            # Not a step of spec.rollout.steps: the first step is still to come.
+            self.event(NORMAL, Reason.CANARY_PROGRESSING, outcome.why)
+            return True
+        self.fold(outcome, target)
+        return False
 
     def stalled(self) -> bool:
         """Roll back when the current step made no progress within the progress deadline.
@@ -829,20 +791,9 @@ class _Run:
             )
         self.process_retiring()
         ready = {name: self.rev_obs(name).ready_replicas for name in weights}
-        achieved = wt.achieved_canary_weight(self.mode, weights, canary_name, ready)
-        w: dict[str, Any] = {
-            "stable": 100 - achieved if stable_name else 0,
-            "canary": achieved,
-            "mode": self.mode,
-        }
-        if canary_name:
-            w["requestedCanary"] = self.canary_weight
-            warning = (
-                wt.weight_warning(self.canary_weight, achieved) if self.canary_weight else None
-            )
-            if warning:
-                w["warning"] = warning
-        self.st.weights = w if (stable_name or canary_name) else None
+        self.st.weights = derived.weights(
+            self.mode, weights, stable_name, canary_name, self.canary_weight, ready
+        )
 
         self.st.phase = self.phase
         self.st.message = self.message
@@ -852,67 +803,24 @@ class _Run:
         self.st.replicas = self.rev_obs(stable_name).replicas if stable_name else 0
         self.st.selector = builders.scale_selector(self.md)
         self.set_conditions()
-        status = self.st.to_status()
+        new_status = self.st.to_status()
         actions: list[Action] = [*self.ups, *self.route, *self.downs, *self.deletes, *self.events]
         if self.requeues:
             actions.append(Requeue(round(min(self.requeues), 3)))
-        return Step(status, actions)
+        return Step(new_status, actions)
 
     def set_conditions(self) -> None:
-        conds = self.st.conditions
-        stable = self.stable()
-        stable_ok = bool(stable) and self.rev_obs(stable["name"]).available
-        if self.phase == phases.SCALED_TO_ZERO:
-            conds = cond.set_condition(
-                conds,
-                cond.READY,
-                False,
-                Reason.SCALED_TO_ZERO,
-                self.message,
-                self.ts,
-                self.generation,
-            )
-        elif stable_ok:
-            conds = cond.set_condition(
-                conds,
-                cond.READY,
-                True,
-                Reason.STABLE_READY,
-                f"stable revision {stable['name']} is available",
-                self.ts,
-                self.generation,
-            )
-        else:
-            conds = cond.set_condition(
-                conds,
-                cond.READY,
-                False,
-                self.reason if not stable else Reason.STABLE_NOT_READY,
-                self.message,
-                self.ts,
-                self.generation,
-            )
-        progressing = self.phase in (phases.PROGRESSING, phases.PAUSED)
-        conds = cond.set_condition(
-            conds,
-            cond.PROGRESSING,
-            progressing,
-            self.reason,
-            self.message,
-            self.ts,
-            self.generation,
+        stable = (self.stable() or {}).get("name")
+        self.st.conditions = derived.conditions(
+            self.st.conditions,
+            phase=self.phase,
+            reason=self.reason,
+            message=self.message,
+            stable=stable,
+            stable_available=bool(stable) and self.rev_obs(stable).available,
+            ts=self.ts,
+            generation=self.generation,
         )
-        degraded = self.phase in (phases.DEGRADED, phases.ROLLED_BACK)
-        conds = cond.set_condition(
-            conds,
-            cond.DEGRADED,
-            degraded,
-            self.reason if degraded else Reason.STABLE_READY,
-            self.message if degraded else "",
-            self.ts,
-            self.generation,
-        )
-        self.st.conditions = conds
 
 
 def _has_reason(status: Mapping[str, Any], reason: str) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,3 +232,38 @@ def _lora_rank(finetunejob: dict[str, Any]) -> int | None:
 def resource_name(mdep_name: str, revision: str) -> str:
     """Name of a revision's Deployment, Service and PodDisruptionBudget: ``<mdep>-<revision>``."""
     return f"{mdep_name}-{revision}"
+
+
+def revision_status(rev: Revision) -> dict[str, Any]:
+    """The revision as status.stable / status.canary records it (api.modeldeployment.RevisionStatus)."""
+    out: dict[str, Any] = {
+        "name": rev.name,
+        "modelUri": rev.model_uri,
+        "modelName": rev.model_name,
+        "image": rev.image,
+        "engine": rev.engine,
+    }
+    if rev.adapter_uri:
+        out["adapterUri"] = rev.adapter_uri
+    if rev.adapter_digest:
+        out["adapterDigest"] = rev.adapter_digest
+    if rev.fine_tune_job:
+        out["fineTuneJob"] = rev.fine_tune_job
+    if rev.adapter_rank is not None:
+        out["adapterRank"] = rev.adapter_rank
+    return out
+
+
+def revision_from_status(data: Mapping[str, Any], mdep_name: str) -> Revision:
+    """Rebuild a Revision from status.stable / status.canary (to recreate a lost Deployment)."""
+    return Revision(
+        name=data["name"],
+        model_uri=data.get("modelUri") or "",
+        adapter_uri=data.get("adapterUri"),
+        adapter_digest=data.get("adapterDigest"),
+        fine_tune_job=data.get("fineTuneJob"),
+        model_name=data.get("modelName") or mdep_name,
+        image=data.get("image") or "",
+        engine=data.get("engine") or "builtin",
+        adapter_rank=data.get("adapterRank"),
+    )
