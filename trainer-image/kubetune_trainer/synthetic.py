@@ -40,7 +40,8 @@ one here. The API (used by the trainer's tests, the server's tests and ``kubetun
 ``exact_match(generate_fn, examples) -> float``
     ``generate_fn(prompt: str) -> str`` produces the model's answer for one prompt (the caller
     decides how: chat template + ``generate``, an OpenAI-compatible endpoint, ...). Returns the
-    fraction of examples whose normalised answer equals the expected one (see ``normalise``).
+    fraction of examples whose answer is correct under ``kubetune.api.answers`` (exact match: the
+    first line, normalised; the same rule as the trainer's evalAccuracy and the eval gate).
 
 ``generate_with_model(model, tokenizer, prompt, max_new_tokens=8) -> str``
     Greedy answer of a transformers model through the chat template; handy as ``generate_fn``.
@@ -50,10 +51,13 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+# normalise is re-exported: the tests compare a served answer with it.
+from kubetune.api.answers import EXACT, is_correct
+from kubetune.api.answers import normalise as normalise
 
 # The task's vocabulary. Keys are nonsense words (no meaning a base model could know); values
 # are ordinary words. 24 of each: chance accuracy is ~4%.
@@ -243,18 +247,12 @@ def read_task_examples(path: str | Path) -> list[dict[str, str]]:
     return out
 
 
-def normalise(text: str) -> str:
-    """Answer normalisation for exact match: first line, lower case, no surrounding punctuation."""
-    text = text.strip().splitlines()[0] if text.strip() else ""
-    return re.sub(r"\s+", " ", text).strip(" .,!?;:\"'").lower()
-
-
 def exact_match(generate_fn: Callable[[str], str], examples: Iterable[dict[str, str]]) -> float:
-    """Fraction of examples where ``generate_fn(prompt)`` equals the answer after ``normalise``."""
+    """Fraction of examples whose ``generate_fn(prompt)`` is correct (``api.answers``, exact)."""
     examples = list(examples)
     if not examples:
         raise ValueError("exact_match needs at least one example")
-    hits = sum(normalise(generate_fn(ex["prompt"])) == normalise(ex["answer"]) for ex in examples)
+    hits = sum(is_correct(generate_fn(ex["prompt"]), ex["answer"], EXACT) for ex in examples)
     return hits / len(examples)
 
 

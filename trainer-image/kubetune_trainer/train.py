@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.answers import EXACT, is_correct
 from kubetune.api.finetunejob import LoraSpec, resolve_strategy
 from kubetune.api.times import now_rfc3339
 from kubetune_trainer.batching import BLOCK, VARLEN, BatchPlan, collate, make_rows, real_tokens
@@ -854,7 +855,7 @@ class Trainer:
         """Greedy exact-match accuracy on short-answer validation examples (None when none)."""
         import torch
 
-        from kubetune_trainer.synthetic import normalise, record_to_example
+        from kubetune_trainer.synthetic import record_to_example
 
         examples = []
         for record in self.data.validation:
@@ -901,7 +902,7 @@ class Trainer:
         hits = 0
         for row, ex in zip(out[:, width:].tolist(), examples, strict=True):
             text = self.tokenizer.decode(row, skip_special_tokens=True)
-            hits += normalise(text) == normalise(ex["answer"])
+            hits += is_correct(text, ex["answer"], EXACT)
         return hits / len(examples)
 
     # -- checkpoints --

@@ -532,7 +532,13 @@ class EvalGate(Model):
         pattern=URI_PATTERN,
     )
     match: Literal["exact", "contains"] = Field(
-        default="contains", description="How an answer is scored."
+        default="contains",
+        description=(
+            "How an answer is scored. exact: the answer's first line equals expected, both with "
+            "whitespace runs as one space, surrounding punctuation and quotes removed, and case "
+            "folded (the rule of a FineTuneJob's evalAccuracy); contains: expected appears "
+            "anywhere in the answer, case folded."
+        ),
     )
     min_score: float = Field(
         default=0.8, ge=0.0, le=1.0, description="Lowest share of correct answers."

@@ -16,6 +16,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from kubetune.api.answers import EXACT, is_correct
+
 
 class Load(Protocol):
     """How much load: ``requests_per_second`` over ``concurrency`` clients (DemoSettings has both)."""
@@ -84,8 +86,6 @@ class Traffic:
     async def _client(self, index: int) -> None:
         import aiohttp
 
-        from kubetune_trainer.synthetic import normalise
-
         rng = random.Random(index)
         period = self.load.concurrency / self.load.requests_per_second
         while not self._stop.is_set():
@@ -110,7 +110,7 @@ class Traffic:
                         if response.status == 200:
                             data = await response.json()
                             answer = data["choices"][0]["message"]["content"]
-                            ok = normalise(answer) == normalise(example["answer"])
+                            ok = is_correct(answer, example["answer"], EXACT)
                         else:
                             await response.read()
                         self.stats.record(backend, response.status, ok)

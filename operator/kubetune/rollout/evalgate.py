@@ -8,9 +8,11 @@ Before a canary gets any traffic, a golden prompt set (``spec.rollout.evalGate``
 here, and the state machine reads the resulting :class:`EvalGateObservation` from
 ``Observed.eval_gate``.
 
-Scoring: ``exact`` compares stripped, case-folded strings; ``contains`` asks for the expected
-text anywhere in the answer (case-folded). A prompt whose request failed scores 0 -- a canary
-that cannot answer must not pass by having fewer prompts counted.
+Scoring: ``kubetune.api.answers.is_correct``, the one rule the trainer's ``evalAccuracy`` uses
+too (``exact``: the answer's first line equals the expected text after normalising whitespace,
+surrounding punctuation and case; ``contains``: the expected text anywhere in the answer, case
+folded). A prompt whose request failed scores 0 -- a canary that cannot answer must not pass by
+having fewer prompts counted.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from kubetune.api.answers import is_correct
 from kubetune.api.modeldeployment import EvalGate, GoldenPrompt
 
 #: Where a prompts file is named in the spec (error messages start with it).
@@ -106,14 +109,6 @@ def answer_of(response: Mapping[str, Any]) -> str | None:
     if text is None:
         text = (choices[0].get("message") or {}).get("content")
     return text if isinstance(text, str) else None
-
-
-def is_correct(answer: str | None, expected: str, match: str) -> bool:
-    """Whether one answer counts as correct under ``match`` (exact or contains)."""
-    if answer is None:
-        return False
-    got, want = answer.strip().casefold(), expected.strip().casefold()
-    return got == want if match == "exact" else want in got
 
 
 def score(prompts: Sequence[GoldenPrompt], answers: Sequence[str | None], match: str) -> float:
