@@ -2,7 +2,7 @@
 
 Aspects covered: a status round-trips through the typed state (keys it does not own carried
 through); unset fields are left out of the status; the input status is never modified; null
-lists read as empty.
+lists read as empty; retiring, rejecting and clearing the canary.
 """
 
 from __future__ import annotations
@@ -43,3 +43,17 @@ def test_null_lists_read_as_empty_and_an_empty_status_is_empty():
     state = RolloutState.from_status({"retiring": None, "rejectedRevisions": None})
     assert state.retiring == [] and state.rejected_revisions == [] and state.step_index == 0
     assert RolloutState.from_status(None).to_status() == {}
+
+
+def test_retire_reject_and_clear_the_canary():
+    state = RolloutState.from_status(STATUS)
+    state.retire("chat-b", "RolledBack", "t1")
+    state.retire("chat-b", "RolledBack", "t2")  # once, with the newer time
+    assert state.retiring == [{"name": "chat-b", "reason": "RolledBack", "zeroWeightSince": "t2"}]
+    for n in range(3):
+        state.reject(f"chat-{n}", "AnalysisFailed: errors", "t", keep=2)
+    assert [r["name"] for r in state.rejected_revisions] == ["chat-1", "chat-2"]
+    state.clear_canary()
+    assert state.canary is None and state.step_index == 0 and state.stable["name"] == "chat-a"
+    state.unretire("chat-b")
+    assert state.retiring == []

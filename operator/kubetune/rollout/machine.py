@@ -9,7 +9,12 @@ lives in ``status`` (the canary, the step index, when it started, the analysis b
 revisions being retired), so an operator restart mid-rollout simply continues, and replaying the
 same input gives the same output (idempotent on Kopf's ADDED replays).
 
-The recipe (reads like Argo Rollouts' ``rolloutCanary()``):
+The recipe (``_Run.run``; reads like Argo Rollouts' ``rolloutCanary()``). Each step kind of
+``spec.rollout.steps`` is a pure function in ``rollout/steps/`` returning an outcome
+(``rollout/outcomes.py``: advance, wait, pause, roll back) that ``_Run.fold`` carries out in one
+place; the working state is ``rollout/state.RolloutState``, written to status once; the analysis
+books are ``rollout/intervals.py`` and its statistics ``rollout/analysis.py``; the conditions
+and applied weights are derived at the end (``rollout/status.py``). docs/design.md has the map.
 
 1. Resolve the model. Nothing resolvable and nothing serving: Pending (or Degraded when the
    FineTuneJob failed). A canary whose desired revision went away is retired.
@@ -172,6 +177,10 @@ class _Run:
 
     # --- small helpers ------------------------------------------------------------------
 
+    def say(self, phase: str, reason: str, message: str) -> None:
+        """Where this step leaves the ModelDeployment: status.phase, the conditions' reason, why."""
+        self.phase, self.reason, self.message = phase, reason, message
+
     def event(self, type_: str, reason: str, message: str) -> None:
         self.events.append(Event(type_, reason, message))
 
@@ -195,17 +204,6 @@ class _Run:
     def canary(self) -> dict[str, Any] | None:
         return self.st.canary
 
-    # --- retiring ----------------------------------------------------------------------
-
-    def retire(self, name: str, reason: str) -> None:
-        """Take a revision out of traffic now; its pods go after scaleDownDelaySeconds."""
-        retiring = [r for r in self.st.retiring if r["name"] != name]
-        retiring.append({"name": name, "reason": reason, "zeroWeightSince": self.ts})
-        self.st.retiring = retiring
-
-    def unretire(self, name: str) -> None:
-        self.st.retiring = [r for r in self.st.retiring if r["name"] != name]
-
     def process_retiring(self) -> None:
         delay = float(self.spec.rollout.scale_down_delay_seconds)
         keep = []
@@ -225,13 +223,13 @@ class _Run:
 
     def start_canary(self, target: Revision, superseded: str | None) -> None:
         if superseded:
-            self.retire(superseded, Reason.SUPERSEDED)
+            self.st.retire(superseded, Reason.SUPERSEDED, self.ts)
             self.event(
                 NORMAL,
                 Reason.SUPERSEDED,
                 f"canary {superseded} superseded by {target.name} (spec changed)",
             )
-        self.unretire(target.name)
+        self.st.unretire(target.name)
         self.st.canary = revision_status(target)
         self.st.current_step_index = 0
         self.st.canary_started_at = self.ts
@@ -252,15 +250,18 @@ class _Run:
         canary = self.canary()
         assert canary is not None
         name = canary["name"]
-        self.retire(name, Reason.ROLLED_BACK)
-        rejected = [r for r in self.st.rejected_revisions if r["name"] != name]
-        rejected.append({"name": name, "reason": f"{reason}: {message}", "time": self.ts})
-        self.st.rejected_revisions = rejected[-MAX_REJECTED:]
-        self.clear_canary()
+        self.st.retire(name, Reason.ROLLED_BACK, self.ts)
+        self.st.reject(name, f"{reason}: {message}", self.ts, MAX_REJECTED)
+        self.st.clear_canary()
         self.canary_weight = 0
         self.event(WARNING, Reason.ROLLED_BACK, f"canary {name} rolled back ({reason}): {message}")
-        self.phase, self.reason = phases.ROLLED_BACK, reason
-        self.message = f"canary {name} rolled back: {message}; stable {self.stable()['name']} serves all traffic"
+        stable = self.stable()
+        assert stable is not None
+        self.say(
+            phases.ROLLED_BACK,
+            reason,
+            f"canary {name} rolled back: {message}; stable {stable['name']} serves all traffic",
+        )
 
     def promote_canary(self, why: str) -> None:
         canary = self.canary()
@@ -269,21 +270,15 @@ class _Run:
         self.st.stable = {
             k: v for k, v in canary.items() if k not in ("readyReplicas", "replicas")
         }
-        self.retire(old["name"], Reason.PROMOTED)
-        self.clear_canary()
+        self.st.retire(old["name"], Reason.PROMOTED, self.ts)
+        self.st.clear_canary()
         self.canary_weight = 0
         self.event(
             NORMAL,
             Reason.PROMOTED,
             f"canary {canary['name']} promoted to stable ({why}); {old['name']} retired",
         )
-        self.phase, self.reason = phases.HEALTHY, Reason.PROMOTED
-        self.message = f"revision {canary['name']} promoted ({why})"
-
-    def clear_canary(self) -> None:
-        st = self.st
-        st.canary = st.current_step_index = st.step_started_at = st.canary_started_at = None
-        st.analysis_baseline = st.paused = None
+        self.say(phases.HEALTHY, Reason.PROMOTED, f"revision {canary['name']} promoted ({why})")
 
     # --- the recipe -------------------------------------------------------------------------
 
@@ -320,8 +315,11 @@ class _Run:
             else:
                 self.canary_rollout(model)
             if self.obs.traffic_problem:
-                self.phase, self.reason = phases.DEGRADED, Reason.TRAFFIC_UNAVAILABLE
-                self.message = f"{self.obs.traffic_problem}; no canary is started until it is fixed"
+                self.say(
+                    phases.DEGRADED,
+                    Reason.TRAFFIC_UNAVAILABLE,
+                    f"{self.obs.traffic_problem}; no canary is started until it is fixed",
+                )
         self.consume_annotations()
         return self.finish()
 
@@ -339,10 +337,11 @@ class _Run:
         stable = self.stable()
         if stable is not None:
             self.ensure_stable()
-        self.phase = phases.DEGRADED if problem.terminal else phases.PENDING
-        self.reason = problem.reason
-        self.message = problem.message + (
-            f"; stable {stable['name']} keeps serving" if stable else "; nothing deployed"
+        self.say(
+            phases.DEGRADED if problem.terminal else phases.PENDING,
+            problem.reason,
+            problem.message
+            + (f"; stable {stable['name']} keeps serving" if stable else "; nothing deployed"),
         )
         self.requeue(STEADY_REQUEUE)
 
@@ -350,9 +349,9 @@ class _Run:
         canary = self.canary()
         if canary is None:
             return
-        self.retire(canary["name"], Reason.SUPERSEDED)
+        self.st.retire(canary["name"], Reason.SUPERSEDED, self.ts)
         self.event(NORMAL, Reason.SUPERSEDED, f"canary {canary['name']} stopped: {why}")
-        self.clear_canary()
+        self.st.clear_canary()
 
     def ensure_stable(self) -> RevisionObservation:
         stable = self.stable()
@@ -402,8 +401,11 @@ class _Run:
             and not self.old.get("canary")
         )
         if obs.available:
-            self.phase, self.reason = phases.HEALTHY, Reason.STABLE_READY
-            self.message = f"revision {stable['name']} serving ({obs.ready_replicas}/{self.spec.replicas} ready)"
+            self.say(
+                phases.HEALTHY,
+                Reason.STABLE_READY,
+                f"revision {stable['name']} serving ({obs.ready_replicas}/{self.spec.replicas} ready)",
+            )
             if self.old.get("phase") != phases.HEALTHY and first:
                 self.event(NORMAL, Reason.STABLE_READY, self.message)
             self.st.step_started_at = None
@@ -411,27 +413,31 @@ class _Run:
             return
         started = self.st.step_started_at
         if first and (obs.failure is None) and self.since(started) <= self.deadline:
-            self.phase, self.reason = phases.PROGRESSING, Reason.DEPLOYING
-            self.message = f"waiting for revision {stable['name']} ({obs.ready_replicas}/{self.spec.replicas} ready)"
+            self.say(
+                phases.PROGRESSING,
+                Reason.DEPLOYING,
+                f"waiting for revision {stable['name']} ({obs.ready_replicas}/{self.spec.replicas} ready)",
+            )
             self.requeue(WAIT_REQUEUE)
             return
-        self.phase = phases.DEGRADED
-        self.reason = obs.failure_reason or (
-            Reason.DEADLINE_EXCEEDED if first else Reason.STABLE_NOT_READY
-        )
         detail = obs.failure or f"{obs.ready_replicas}/{self.spec.replicas} pods ready"
-        self.message = f"stable revision {stable['name']} is not available: {detail}"
+        self.say(
+            phases.DEGRADED,
+            obs.failure_reason or (Reason.DEADLINE_EXCEEDED if first else Reason.STABLE_NOT_READY),
+            f"stable revision {stable['name']} is not available: {detail}",
+        )
         if self.old.get("phase") != phases.DEGRADED:
             self.event(WARNING, self.reason, self.message)
         self.requeue(WAIT_REQUEUE * 5)
 
     def scaled_to_zero(self, stable: str, obs: RevisionObservation) -> None:
         """spec.replicas 0: the stable revision keeps its place but has no pods (ScaledToZero)."""
-        self.phase, self.reason = phases.SCALED_TO_ZERO, Reason.SCALED_TO_ZERO
         stopping = f"; {obs.replicas} pods still stopping" if obs.replicas else ""
-        self.message = (
+        self.say(
+            phases.SCALED_TO_ZERO,
+            Reason.SCALED_TO_ZERO,
             f"scaled to zero (spec.replicas 0): revision {stable} has no pods and serves nothing"
-            f"{stopping}; scale up to serve (kubectl scale mdep {self.name} --replicas 1)"
+            f"{stopping}; scale up to serve (kubectl scale mdep {self.name} --replicas 1)",
         )
         self.st.step_started_at = None
         if self.old.get("phase") != phases.SCALED_TO_ZERO:
@@ -459,14 +465,16 @@ class _Run:
         self.steady()
         if self.phase == phases.DEGRADED:
             return
-        self.reason = Reason.ROLLOUT_NEEDS_REPLICAS
         if self.spec.replicas == 0:
             why = "its rollout starts when spec.replicas is above 0"
         else:
             why = "its rollout starts once the stable pods are ready"
-        self.message = (
+        # The phase stays as stable's (Healthy, Progressing, ScaledToZero); the reason says why.
+        self.say(
+            self.phase,
+            Reason.ROLLOUT_NEEDS_REPLICAS,
             f"{self.message}. Revision {target.name} waits: a canary needs stable pods to be "
-            f"compared with, so {why}"
+            f"compared with, so {why}",
         )
         if not _has_reason(self.old, Reason.ROLLOUT_NEEDS_REPLICAS):
             self.event(NORMAL, Reason.ROLLOUT_NEEDS_REPLICAS, self.message)
@@ -475,8 +483,9 @@ class _Run:
         self.steady()
         rejected = next(r for r in self.st.rejected_revisions if r["name"] == target.name)
         if self.phase == phases.HEALTHY:
-            self.phase, self.reason = phases.ROLLED_BACK, Reason.ROLLED_BACK
-            self.message = (
+            self.say(
+                phases.ROLLED_BACK,
+                Reason.ROLLED_BACK,
                 f"revision {target.name} was rolled back ({rejected['reason']}); "
                 f"stable {self.stable()['name']} serves; change the spec to try again"
             )
@@ -595,7 +604,7 @@ class _Run:
         self.keep_canary_size(target, outcome.size)
         if isinstance(outcome, Pause):
             self.st.paused = True
-            self.phase, self.reason, self.message = phases.PAUSED, outcome.reason, outcome.message
+            self.say(phases.PAUSED, outcome.reason, outcome.message)
             if outcome.warn:
                 self.event(WARNING, outcome.reason, outcome.message)
             self.requeue(outcome.requeue)
@@ -674,8 +683,7 @@ class _Run:
         return idx + 1
 
     def progressing(self, message: str) -> None:
-        self.phase, self.reason = phases.PROGRESSING, Reason.CANARY_PROGRESSING
-        self.message = message
+        self.say(phases.PROGRESSING, Reason.CANARY_PROGRESSING, message)
 
     def size_for(self, weight: int) -> int:
         return wt.canary_replicas(self.mode, self.spec.replicas, weight)

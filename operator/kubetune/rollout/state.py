@@ -95,3 +95,26 @@ class RolloutState:
     def step_index(self) -> int:
         """The current step's index (0 before the first)."""
         return int(self.current_step_index or 0)
+
+    # --- the few changes the recipe makes to more than one field ----------------------------
+
+    def retire(self, name: str, reason: str, ts: str) -> None:
+        """Take a revision out of traffic now; its pods go after scaleDownDelaySeconds."""
+        self.unretire(name)
+        self.retiring.append({"name": name, "reason": reason, "zeroWeightSince": ts})
+
+    def unretire(self, name: str) -> None:
+        """A revision coming back (the spec returned to it) is not retiring any more."""
+        self.retiring = [r for r in self.retiring if r["name"] != name]
+
+    def reject(self, name: str, reason: str, ts: str, keep: int) -> None:
+        """Record a rolled-back revision (newest last, at most ``keep``): not retried."""
+        rejected = [r for r in self.rejected_revisions if r["name"] != name]
+        rejected.append({"name": name, "reason": reason, "time": ts})
+        self.rejected_revisions = rejected[-keep:]
+
+    def clear_canary(self) -> None:
+        """No canary any more: forget where its rollout was."""
+        self.canary = self.current_step_index = self.step_started_at = None
+        self.canary_started_at = self.analysis_baseline = self.paused = None
+
