@@ -64,3 +64,21 @@ class Step:
     def of(self, kind: type) -> list[Any]:
         """Actions of one type (tests, executors)."""
         return [a for a in self.actions if isinstance(a, kind)]
+
+
+def with_orphans_deleted(decided: Step, observed: Any) -> Step:
+    """``decided`` plus a ``DeleteRevision`` for each observed revision its status does not name.
+
+    Record, then act (docs/contracts.md) leaves one window: the step that deletes a retired
+    revision also drops it from ``status.retiring``, and a runtime that dies between that status
+    write and the delete leaves a Deployment nothing names. The next step finds it here.
+    """
+    status = decided.status
+    named = {(status.get(role) or {}).get("name") for role in ("stable", "canary")}
+    named |= {r.get("name") for r in status.get("retiring") or []}
+    deleting = {a.revision for a in decided.actions if isinstance(a, DeleteRevision)}
+    orphans = sorted(set(observed.revisions) - named - deleting)
+    if not orphans:
+        return decided
+    extra = [DeleteRevision(rev, "Orphaned") for rev in orphans]
+    return Step(decided.status, [*decided.actions, *extra])

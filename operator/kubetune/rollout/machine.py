@@ -74,6 +74,7 @@ from kubetune.rollout.actions import (
     RemoveAnnotation,
     SetWeights,
     Step,
+    with_orphans_deleted,
 )
 from kubetune.rollout.builders import ROLE_CANARY, ROLE_STABLE
 from kubetune.rollout.observed import Observed, RevisionObservation
@@ -845,7 +846,7 @@ def step(md: Mapping[str, Any], observed: Observed, now: datetime.datetime) -> S
         ModelDeploymentSpec.model_validate(md.get("spec") or {})
     except ValidationError as exc:
         return _invalid_spec(md, exc, now)
-    return _Run(md, observed, now).run()
+    return with_orphans_deleted(_Run(md, observed, now).run(), observed)
 
 
 def eval_gate_due(md: Mapping[str, Any]) -> tuple[str, bool] | None:
