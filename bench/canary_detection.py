@@ -31,7 +31,10 @@ Flagger's default (interval 1m, threshold 5, request-success-rate >= 99%).
    pass, next to healthy canaries. Real HTTP on loopback (``--thin-real-runs`` per scenario:
    the FakeModelServer with its latency scaled, the local router, real scrapes) and many runs
    in virtual time (a discrete-event simulation: requests are routed when sent and counted by
-   their server when answered; >= ``--sim-runs`` healthy rollouts per client model). Compared
+   their server when answered, each with its latency, time to first token and time per output
+   token, as kubetune_server's histograms; >= ``--sim-runs`` healthy rollouts per client
+   model, also with a per-request TPOT spread of sigma 0.35 against the decoding-speed test's
+   false alarms). Compared
    in the same run with the previous analysis, where every interval is judged alone (Argo
    Rollouts' and Flagger's model): no pooling, no sequential latency test, no starvation.
    Reported: seconds from the canary's first traffic to weight 0, requests the canary got,
@@ -585,17 +588,29 @@ def sim_baseline(
 # kubetune_server's real buckets (server-image/kubetune_server/metrics.py).
 LAT_BOUNDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 TTFT_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+TPOT_BOUNDS = (
+    *(0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.006, 0.008),
+    *(0.01, 0.0125, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.08),
+    *(0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5),
+)
 # A healthy request: time to first token plus decoding, whose length varies with the answer.
+# Decoding = output tokens x the request's time per output token (TPOT): log-normal tokens
+# (median 16) times a log-normal TPOT (median 5 ms, sigma TPOT_SIGMA: the
+# spread batching gives a request's mean per-token time, wider than vLLM's serving benchmark
+# shows at steady load), together the log-normal decode time of sigma 0.5 of earlier runs.
 TTFT_MEDIAN, DECODE_MEDIAN = 0.02, 0.08
+TOKENS_MEDIAN, TPOT_SIGMA = 16, 0.2
 # Closed loop: CLIENTS callers, each waits THINK seconds after an answer; sized so that healthy
 # revisions see ``rate`` requests/s in total.
 CLIENTS = 4
-# (ttft factor, decode factor, maxLatencyRatio, should it be rolled back?)
+# (ttft factor, decode factor, maxLatencyRatio, should it be rolled back?, TPOT sigma of both)
 SCENARIOS = {
-    "slow canary (latency x30)": (30.0, 30.0, None, True),
-    "slow decoding (decode x4, TTFT same)": (1.0, 4.0, None, True),
-    "1.5x slower canary, maxLatencyRatio 2": (1.5, 1.5, 2.0, False),
-    "healthy canary": (1.0, 1.0, None, False),
+    "slow canary (latency x30)": (30.0, 30.0, None, True, TPOT_SIGMA),
+    "slow decoding (decode x4, TTFT same)": (1.0, 4.0, None, True, TPOT_SIGMA),
+    "1.5x slower canary, maxLatencyRatio 2": (1.5, 1.5, 2.0, False, TPOT_SIGMA),
+    "healthy canary": (1.0, 1.0, None, False, TPOT_SIGMA),
+    # The decoding-speed test's false alarms when per-request TPOT varies far more.
+    "healthy canary, TPOT sigma 0.35": (1.0, 1.0, None, False, 0.35),
 }
 
 
@@ -605,10 +620,14 @@ class _Server:
     def __init__(self) -> None:
         self.lat = [0] * len(LAT_BOUNDS)
         self.ttft = [0] * len(TTFT_BOUNDS)
+        self.tpot = [0] * len(TPOT_BOUNDS)
         self.total = 0
 
-    def observe(self, latency: float, ttft: float) -> None:
+    def observe(self, latency: float, ttft: float, tpot: float) -> None:
         self.total += 1
+        for i, b in enumerate(TPOT_BOUNDS):
+            if tpot <= b:
+                self.tpot[i] += 1
         for i, b in enumerate(LAT_BOUNDS):
             if latency <= b:
                 self.lat[i] += 1
@@ -624,6 +643,7 @@ class _Server:
             an.Histogram(LAT_BOUNDS, tuple(float(c) for c in self.lat), t),
             an.Histogram(TTFT_BOUNDS, tuple(float(c) for c in self.ttft), t),
             pods=1,
+            tpot=an.Histogram(TPOT_BOUNDS, tuple(float(c) for c in self.tpot), t),
         )
 
 
@@ -657,10 +677,14 @@ class EventTraffic:
         self.seq += 1
         self.heapq.heappush(self.events, (at, self.seq, kind, data))
 
-    def latency(self, name: str) -> tuple[float, float]:
-        tf, df = self.factors[name]
+    def latency(self, name: str) -> tuple[float, float, float]:
+        """(latency, time to first token, time per output token) of one request."""
+        tf, df, sigma = self.factors[name]
         ttft = tf * self.rng.lognormvariate(math.log(TTFT_MEDIAN), 0.3)
-        return ttft + df * self.rng.lognormvariate(math.log(DECODE_MEDIAN), 0.5), ttft
+        # The decode time's spread stays sigma 0.5 whatever part of it TPOT takes.
+        tokens = self.rng.lognormvariate(math.log(TOKENS_MEDIAN), math.sqrt(0.5**2 - sigma**2))
+        tpot = df * self.rng.lognormvariate(math.log(DECODE_MEDIAN / TOKENS_MEDIAN), sigma)
+        return ttft + tokens * tpot, ttft, tpot
 
     def run_until(self, until: float, weights: dict[str, int]) -> None:
         names = [n for n in self.factors if weights.get(n, 0) > 0]
@@ -670,13 +694,13 @@ class EventTraffic:
             if kind == "send":
                 name = self.rng.choices(names, w)[0]
                 self.routed[name] += 1
-                lat, ttft = self.latency(name)
-                self._push(at + lat, "done", f"{name}|{lat}|{ttft}")
+                lat, ttft, tpot = self.latency(name)
+                self._push(at + lat, "done", f"{name}|{lat}|{ttft}|{tpot}")
                 if not self.closed:
                     self._push(at + self.rng.expovariate(self.rate), "send", "")
             else:
-                name, lat, ttft = data.split("|")
-                self.servers[name].observe(float(lat), float(ttft))
+                name, lat, ttft, tpot = data.split("|")
+                self.servers[name].observe(float(lat), float(ttft), float(tpot))
                 if self.closed:
                     self._push(at + self.think, "send", "")
 
@@ -698,7 +722,7 @@ def sim_scenario(
     rng: random.Random, closed: bool, rate: float, scenario: str, baseline: bool = False
 ) -> dict:
     """One rollout of a canary that is like ``scenario`` from its first request."""
-    tf, df, ratio, _bad = SCENARIOS[scenario]
+    tf, df, ratio, _bad, sigma = SCENARIOS[scenario]
     analysis: dict[str, Any] = {"interval": "10s", "minSamples": 20, "failureLimit": 1}
     if ratio is not None:
         analysis["thresholds"] = {"maxLatencyRatio": ratio}
@@ -711,7 +735,9 @@ def sim_scenario(
         md["spec"]["rollout"]["progressDeadlineSeconds"] = 600
         mds.append(md)
     rev_a, rev_b = revision_of(mds[0]), revision_of(mds[1])
-    traffic = EventTraffic(rng, closed, rate, {rev_a.name: (1.0, 1.0), rev_b.name: (tf, df)})
+    traffic = EventTraffic(
+        rng, closed, rate, {rev_a.name: (1.0, 1.0, sigma), rev_b.name: (tf, df, sigma)}
+    )
     now = datetime.datetime(2026, 1, 1, tzinfo=UTC)
     md = {**mds[0]}
     md["status"] = m.step(
@@ -757,7 +783,7 @@ def thin_traffic_section(args: argparse.Namespace) -> list[str]:
     rng = random.Random(args.seed + 16)
     t0 = time.perf_counter()
     rows = []
-    for scenario, (_tf, _df, _ratio, bad) in SCENARIOS.items():
+    for scenario, (_tf, _df, _ratio, bad, _sigma) in SCENARIOS.items():
         runs = args.thin_bad_runs if bad else args.sim_runs
         for closed in (True, False):
             for baseline in (False, True):
