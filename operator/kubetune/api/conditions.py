@@ -85,6 +85,9 @@ class Reason:
     SUPERSEDED = "Superseded"
     # The HTTPRoute cannot be written (no Gateway API, or the route refused): Degraded.
     TRAFFIC_UNAVAILABLE = "TrafficRoutingUnavailable"
+    # A revision's Deployment that status names neither stable, canary nor retiring (a runtime
+    # died between recording its retirement and deleting it): deleted.
+    ORPHANED = "Orphaned"
     TOO_FEW_REPLICAS = "TooFewReplicasForWeight"
     SCALED_TO_ZERO = "ScaledToZero"
     # A new revision waits at spec.replicas 0: a canary needs stable pods to be compared with.

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.api.actions import Event, Requeue
+from kubetune.api.conditions import Reason
 from kubetune.rollout.builders import ROLE_CANARY
 from kubetune.rollout.revisions import Revision
 
@@ -80,5 +81,5 @@ def with_orphans_deleted(decided: Step, observed: Any) -> Step:
     orphans = sorted(set(observed.revisions) - named - deleting)
     if not orphans:
         return decided
-    extra = [DeleteRevision(rev, "Orphaned") for rev in orphans]
+    extra = [DeleteRevision(rev, Reason.ORPHANED) for rev in orphans]
     return Step(decided.status, [*decided.actions, *extra])
