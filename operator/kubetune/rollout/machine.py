@@ -176,114 +176,10 @@ class _Run:
         self.interval = an.parse_duration(self.spec.rollout.analysis.interval)
         self.deadline = float(self.spec.rollout.progress_deadline_seconds)
 
-    # --- small helpers ------------------------------------------------------------------
-
-    def say(self, phase: str, reason: str, message: str) -> None:
-        """Where this step leaves the ModelDeployment: status.phase, the conditions' reason, why."""
-        self.phase, self.reason, self.message = phase, reason, message
-
-    def event(self, type_: str, reason: str, message: str) -> None:
-        self.events.append(Event(type_, reason, message))
-
-    def requeue(self, seconds: float) -> None:
-        self.requeues.append(max(0.05, seconds))
-
-    def since(self, text: str | None) -> float:
-        start = parse_time(text)
-        return (self.now - start).total_seconds() if start else 0.0
-
-    def rev_obs(self, name: str | None) -> RevisionObservation:
-        return self.obs.revisions.get(name or "", RevisionObservation())
-
-    @property
-    def mode(self) -> str:
-        return self.obs.mode
-
-    def stable(self) -> dict[str, Any] | None:
-        return self.st.stable
-
-    def canary(self) -> dict[str, Any] | None:
-        return self.st.canary
-
-    def process_retiring(self) -> None:
-        delay = float(self.spec.rollout.scale_down_delay_seconds)
-        keep = []
-        for r in self.st.retiring:
-            waited = self.since(r.get("zeroWeightSince"))
-            if waited >= delay:
-                self.deletes.append(DeleteRevision(r["name"], r.get("reason", "")))
-                continue
-            if self.mode not in wt.EXACT_MODES:
-                # Replica splitting has no router: weight 0 means no pods behind the Service.
-                self.downs.append(EnsureRevision(r["name"], 0, ROLE_CANARY))
-            self.requeue(delay - waited)
-            keep.append(r)
-        self.st.retiring = keep
-
-    # --- transitions ---------------------------------------------------------------------
-
-    def start_canary(self, target: Revision, superseded: str | None) -> None:
-        if superseded:
-            self.st.retire(superseded, Reason.SUPERSEDED, self.ts)
-            self.event(
-                NORMAL,
-                Reason.SUPERSEDED,
-                f"canary {superseded} superseded by {target.name} (spec changed)",
-            )
-        self.st.unretire(target.name)
-        self.st.canary = revision_status(target)
-        self.st.current_step_index = 0
-        self.st.canary_started_at = self.ts
-        self.st.step_started_at = self.ts
-        self.st.analysis_baseline = None
-        self.st.paused = None
-        self.st.eval_gate_score = None
-        self.st.eval_gate_stable_score = None
-        self.st.weights = {**(self.st.weights or {}), "requestedCanary": 0}
-        self.event(
-            NORMAL,
-            Reason.CANARY_PROGRESSING,
-            f"canary {target.name} started next to stable {self.stable()['name']}",
-        )
-
-    def rollback(self, reason: str, message: str) -> None:
-        """Weight to 0 first (SetWeights below), then pods after the delay; record rejection."""
-        canary = self.canary()
-        assert canary is not None
-        name = canary["name"]
-        self.st.retire(name, Reason.ROLLED_BACK, self.ts)
-        self.st.reject(name, f"{reason}: {message}", self.ts, MAX_REJECTED)
-        self.st.clear_canary()
-        self.canary_weight = 0
-        self.event(WARNING, Reason.ROLLED_BACK, f"canary {name} rolled back ({reason}): {message}")
-        stable = self.stable()
-        assert stable is not None
-        self.say(
-            phases.ROLLED_BACK,
-            reason,
-            f"canary {name} rolled back: {message}; stable {stable['name']} serves all traffic",
-        )
-
-    def promote_canary(self, why: str) -> None:
-        canary = self.canary()
-        old = self.stable()
-        assert canary is not None and old is not None
-        self.st.stable = {
-            k: v for k, v in canary.items() if k not in ("readyReplicas", "replicas")
-        }
-        self.st.retire(old["name"], Reason.PROMOTED, self.ts)
-        self.st.clear_canary()
-        self.canary_weight = 0
-        self.event(
-            NORMAL,
-            Reason.PROMOTED,
-            f"canary {canary['name']} promoted to stable ({why}); {old['name']} retired",
-        )
-        self.say(phases.HEALTHY, Reason.PROMOTED, f"revision {canary['name']} promoted ({why})")
-
-    # --- the recipe -------------------------------------------------------------------------
+    # --- the recipe ----------------------------------------------------------------------------
 
     def run(self) -> Step:
+        """Resolve, then stable or canary, then the one status and the ordered actions."""
         model = self.obs.model
         if isinstance(model, ModelProblem):
             self.unresolved(model)
@@ -323,6 +219,153 @@ class _Run:
                 )
         self.consume_annotations()
         return self.finish()
+
+    def canary_rollout(self, target: Revision) -> None:
+        """Start (or restart) the canary, act on abort/failure/promote, analyse, walk the steps."""
+        canary = self.canary()
+        if canary is None or canary["name"] != target.name:
+            self.start_canary(target, canary["name"] if canary else None)
+        canary = self.canary()
+        assert canary is not None
+        self.canary_weight = int((self.st.weights or {}).get("requestedCanary") or 0)
+        self.ensure_stable()
+        obs = self.rev_obs(canary["name"])
+        canary["readyReplicas"] = obs.ready_replicas
+
+        if self.abort:
+            self.rollback(Reason.ABORTED, f"aborted through the {ANNOTATION_ABORT} annotation")
+            return
+        if obs.failure:
+            self.rollback(obs.failure_reason or Reason.CANARY_CRASHLOOP, obs.failure)
+            return
+        if self.promote == "full":
+            self.finish_promotion(target, "promoted through the annotation")
+            return
+
+        # Background analysis: every interval while the canary takes traffic.
+        if self.canary_weight > 0 and self.analyse(canary["name"]):
+            return  # rolled back
+        self.walk_steps(target, obs)
+        canary = self.canary()
+        if (
+            canary is not None
+            and self.canary_weight > 0
+            and self.st.analysis_baseline is None
+        ):
+            # The weight changed in this step: the next interval starts now.
+            self.rebaseline(canary["name"], (self.stable() or {}).get("name"))
+            self.requeue(self.check_period())
+
+    def walk_steps(self, target: Revision, obs: RevisionObservation) -> None:
+        """Walk the rollout steps from the current index as far as they go in this step."""
+        canary = self.canary()
+        assert canary is not None
+        steps = self.spec.rollout.steps
+        idx = self.st.step_index
+        if obs.ready_replicas < 1:
+            canary["replicas"] = self.size_for(max(self.canary_weight, 0))
+            self.ups.append(EnsureRevision(canary["name"], canary["replicas"], ROLE_CANARY, target))
+            if self.since(self.st.canary_started_at) > self.deadline:
+                self.rollback(
+                    Reason.DEADLINE_EXCEEDED,
+                    f"canary pods not ready within progressDeadlineSeconds ({int(self.deadline)}s)",
+                )
+                return
+            self.progressing(f"waiting for canary {canary['name']} pods to be ready")
+            self.requeue(WAIT_REQUEUE)
+            return
+        if not self.eval_gate_passed(target, obs):
+            return
+
+        while idx < len(steps):
+            ctx = self.step_context(idx, obs)
+            if self.pause and not self.has_promote:
+                outcome: Outcome = pause_step.held(ctx)
+            else:
+                outcome = steps_.decide(
+                    steps[idx],
+                    ctx,
+                    self.results_at_step(idx),
+                    self.spec.rollout.analysis.inconclusive_limit,
+                )
+            self.fold(outcome, target)
+            if not isinstance(outcome, Advance):
+                return
+            idx += 1
+        self.finish_promotion(target, "all steps passed")
+
+    def fold(self, outcome: Outcome, target: Revision) -> None:
+        """Do what a step decided: the one place a step's outcome reaches status and actions."""
+        canary = self.canary()
+        assert canary is not None
+        if isinstance(outcome, Rollback):
+            self.rollback(outcome.reason, outcome.message)
+            return
+        if isinstance(outcome, Advance):
+            if outcome.size is not None:
+                canary["replicas"] = outcome.size
+                self.ups.append(EnsureRevision(canary["name"], outcome.size, ROLE_CANARY, target))
+            if outcome.weight is not None:
+                self.canary_weight = outcome.weight
+                self.st.analysis_baseline = None  # the traffic mix changed: new interval
+            if outcome.consumes_promote:
+                self.consume_promote = True
+            self.advance(self.st.step_index, outcome.why)
+            return
+        # Wait and Pause hold the canary at its size (derived from spec.replicas every time).
+        self.keep_canary_size(target, outcome.size)
+        if isinstance(outcome, Pause):
+            self.st.paused = True
+            self.say(phases.PAUSED, outcome.reason, outcome.message)
+            if outcome.warn:
+                self.event(WARNING, outcome.reason, outcome.message)
+            self.requeue(outcome.requeue)
+            return
+        if outcome.unpause:
+            self.st.paused = None
+        if outcome.stall and self.stalled():
+            return
+        self.progressing(outcome.message)
+        if outcome.requeue is not None:
+            self.requeue(outcome.requeue)
+        if outcome.analyse:
+            self.analyse(canary["name"])
+
+    def finish(self) -> Step:
+        stable = self.stable()
+        canary = self.canary()
+        stable_name = stable["name"] if stable else None
+        canary_name = canary["name"] if canary else None
+        weights = wt.traffic_weights(stable_name, canary_name, self.canary_weight)
+        for r in self.st.retiring:
+            weights.setdefault(r["name"], 0)
+        if (stable_name or canary_name) and not self.obs.traffic_problem:
+            self.route.append(
+                SetWeights(
+                    weights.get(stable_name or "", 0), weights.get(canary_name or "", 0), weights
+                )
+            )
+        self.process_retiring()
+        ready = {name: self.rev_obs(name).ready_replicas for name in weights}
+        self.st.weights = derived.weights(
+            self.mode, weights, stable_name, canary_name, self.canary_weight, ready
+        )
+
+        self.st.phase = self.phase
+        self.st.message = self.message
+        self.st.observed_generation = self.generation
+        # The scale subresource's status half: the stable revision's pods now, and the selector
+        # of every serving pod (an HPA averages pod metrics over them).
+        self.st.replicas = self.rev_obs(stable_name).replicas if stable_name else 0
+        self.st.selector = builders.scale_selector(self.md)
+        self.set_conditions()
+        new_status = self.st.to_status()
+        actions: list[Action] = [*self.ups, *self.route, *self.downs, *self.deletes, *self.events]
+        if self.requeues:
+            actions.append(Requeue(round(min(self.requeues), 3)))
+        return Step(new_status, actions)
+
+    # --- the stable revision -------------------------------------------------------------------
 
     def unresolved(self, problem: ModelProblem) -> None:
         self.st.conditions = cond.set_condition(
@@ -491,81 +534,102 @@ class _Run:
                 f"stable {self.stable()['name']} serves; change the spec to try again"
             )
 
-    # --- canary ---------------------------------------------------------------------------
+    # --- transitions ---------------------------------------------------------------------------
 
-    def canary_rollout(self, target: Revision) -> None:
-        canary = self.canary()
-        if canary is None or canary["name"] != target.name:
-            self.start_canary(target, canary["name"] if canary else None)
+    def start_canary(self, target: Revision, superseded: str | None) -> None:
+        if superseded:
+            self.st.retire(superseded, Reason.SUPERSEDED, self.ts)
+            self.event(
+                NORMAL,
+                Reason.SUPERSEDED,
+                f"canary {superseded} superseded by {target.name} (spec changed)",
+            )
+        self.st.unretire(target.name)
+        self.st.canary = revision_status(target)
+        self.st.current_step_index = 0
+        self.st.canary_started_at = self.ts
+        self.st.step_started_at = self.ts
+        self.st.analysis_baseline = None
+        self.st.paused = None
+        self.st.eval_gate_score = None
+        self.st.eval_gate_stable_score = None
+        self.st.weights = {**(self.st.weights or {}), "requestedCanary": 0}
+        self.event(
+            NORMAL,
+            Reason.CANARY_PROGRESSING,
+            f"canary {target.name} started next to stable {self.stable()['name']}",
+        )
+
+    def rollback(self, reason: str, message: str) -> None:
+        """Weight to 0 first (SetWeights below), then pods after the delay; record rejection."""
         canary = self.canary()
         assert canary is not None
-        self.canary_weight = int((self.st.weights or {}).get("requestedCanary") or 0)
-        stable_obs = self.ensure_stable()
-        del stable_obs
+        name = canary["name"]
+        self.st.retire(name, Reason.ROLLED_BACK, self.ts)
+        self.st.reject(name, f"{reason}: {message}", self.ts, MAX_REJECTED)
+        self.st.clear_canary()
+        self.canary_weight = 0
+        self.event(WARNING, Reason.ROLLED_BACK, f"canary {name} rolled back ({reason}): {message}")
+        stable = self.stable()
+        assert stable is not None
+        self.say(
+            phases.ROLLED_BACK,
+            reason,
+            f"canary {name} rolled back: {message}; stable {stable['name']} serves all traffic",
+        )
+
+    def promote_canary(self, why: str) -> None:
+        canary = self.canary()
+        old = self.stable()
+        assert canary is not None and old is not None
+        self.st.stable = {
+            k: v for k, v in canary.items() if k not in ("readyReplicas", "replicas")
+        }
+        self.st.retire(old["name"], Reason.PROMOTED, self.ts)
+        self.st.clear_canary()
+        self.canary_weight = 0
+        self.event(
+            NORMAL,
+            Reason.PROMOTED,
+            f"canary {canary['name']} promoted to stable ({why}); {old['name']} retired",
+        )
+        self.say(phases.HEALTHY, Reason.PROMOTED, f"revision {canary['name']} promoted ({why})")
+
+    def finish_promotion(self, target: Revision, why: str) -> None:
+        canary = self.canary()
+        assert canary is not None
         obs = self.rev_obs(canary["name"])
-        canary["readyReplicas"] = obs.ready_replicas
-
-        if self.abort:
-            self.rollback(Reason.ABORTED, f"aborted through the {ANNOTATION_ABORT} annotation")
-            return
-        if obs.failure:
-            self.rollback(obs.failure_reason or Reason.CANARY_CRASHLOOP, obs.failure)
-            return
-        if self.promote == "full":
-            self.finish_promotion(target, "promoted through the annotation")
-            return
-
-        # Background analysis: every interval while the canary takes traffic.
-        if self.canary_weight > 0 and self.analyse(canary["name"]):
-            return  # rolled back
-        self.walk_steps(target, obs)
-        canary = self.canary()
-        if (
-            canary is not None
-            and self.canary_weight > 0
-            and self.st.analysis_baseline is None
-        ):
-            # The weight changed in this step: the next interval starts now.
-            self.rebaseline(canary["name"], (self.stable() or {}).get("name"))
-            self.requeue(self.check_period())
-
-    def walk_steps(self, target: Revision, obs: RevisionObservation) -> None:
-        """Walk the rollout steps from the current index as far as they go in this step."""
-        canary = self.canary()
-        assert canary is not None
-        steps = self.spec.rollout.steps
-        idx = self.st.step_index
-        if obs.ready_replicas < 1:
-            canary["replicas"] = self.size_for(max(self.canary_weight, 0))
-            self.ups.append(EnsureRevision(canary["name"], canary["replicas"], ROLE_CANARY, target))
-            if self.since(self.st.canary_started_at) > self.deadline:
-                self.rollback(
-                    Reason.DEADLINE_EXCEEDED,
-                    f"canary pods not ready within progressDeadlineSeconds ({int(self.deadline)}s)",
-                )
+        full = max(self.spec.replicas, 1)
+        canary["replicas"] = full
+        self.ups.append(EnsureRevision(canary["name"], full, ROLE_STABLE, target))
+        if obs.ready_replicas < min(full, self.spec.replicas or 1):
+            # Scale the canary to full size BEFORE it takes all traffic.
+            self.st.current_step_index = len(self.spec.rollout.steps)
+            if self.stalled():
                 return
-            self.progressing(f"waiting for canary {canary['name']} pods to be ready")
+            self.progressing(f"scaling canary {canary['name']} to {full} pods before promotion")
             self.requeue(WAIT_REQUEUE)
             return
-        if not self.eval_gate_passed(target, obs):
-            return
+        if self.has_promote:
+            self.consume_promote = True
+        self.promote_canary(why)
 
-        while idx < len(steps):
-            ctx = self.step_context(idx, obs)
-            if self.pause and not self.has_promote:
-                outcome: Outcome = pause_step.held(ctx)
-            else:
-                outcome = steps_.decide(
-                    steps[idx],
-                    ctx,
-                    self.results_at_step(idx),
-                    self.spec.rollout.analysis.inconclusive_limit,
-                )
-            self.fold(outcome, target)
-            if not isinstance(outcome, Advance):
-                return
-            idx += 1
-        self.finish_promotion(target, "all steps passed")
+    def process_retiring(self) -> None:
+        delay = float(self.spec.rollout.scale_down_delay_seconds)
+        keep = []
+        for r in self.st.retiring:
+            waited = self.since(r.get("zeroWeightSince"))
+            if waited >= delay:
+                self.deletes.append(DeleteRevision(r["name"], r.get("reason", "")))
+                continue
+            if self.mode not in wt.EXACT_MODES:
+                # Replica splitting has no router: weight 0 means no pods behind the Service.
+                self.downs.append(EnsureRevision(r["name"], 0, ROLE_CANARY))
+            self.requeue(delay - waited)
+            keep.append(r)
+        self.st.retiring = keep
+
+    # --- walking the steps ---------------------------------------------------------------------
 
     def step_context(self, idx: int, obs: RevisionObservation) -> StepContext:
         canary = self.canary()
@@ -582,43 +646,6 @@ class _Run:
             promote=self.has_promote,
             was_paused=bool(self.old.get("paused")) and self.old.get("phase") == phases.PAUSED,
         )
-
-    def fold(self, outcome: Outcome, target: Revision) -> None:
-        """Do what a step decided: the one place a step's outcome reaches status and actions."""
-        canary = self.canary()
-        assert canary is not None
-        if isinstance(outcome, Rollback):
-            self.rollback(outcome.reason, outcome.message)
-            return
-        if isinstance(outcome, Advance):
-            if outcome.size is not None:
-                canary["replicas"] = outcome.size
-                self.ups.append(EnsureRevision(canary["name"], outcome.size, ROLE_CANARY, target))
-            if outcome.weight is not None:
-                self.canary_weight = outcome.weight
-                self.st.analysis_baseline = None  # the traffic mix changed: new interval
-            if outcome.consumes_promote:
-                self.consume_promote = True
-            self.advance(self.st.step_index, outcome.why)
-            return
-        # Wait and Pause hold the canary at its size (derived from spec.replicas every time).
-        self.keep_canary_size(target, outcome.size)
-        if isinstance(outcome, Pause):
-            self.st.paused = True
-            self.say(phases.PAUSED, outcome.reason, outcome.message)
-            if outcome.warn:
-                self.event(WARNING, outcome.reason, outcome.message)
-            self.requeue(outcome.requeue)
-            return
-        if outcome.unpause:
-            self.st.paused = None
-        if outcome.stall and self.stalled():
-            return
-        self.progressing(outcome.message)
-        if outcome.requeue is not None:
-            self.requeue(outcome.requeue)
-        if outcome.analyse:
-            self.analyse(canary["name"])
 
     def results_at_step(self, idx: int) -> list[dict[str, Any]]:
         """This canary's analysis results recorded since the step ``idx`` started."""
@@ -703,26 +730,7 @@ class _Run:
         """How often the partial interval is re-checked for a fast failure."""
         return max(0.5, min(self.interval, self.interval / 5))
 
-    def finish_promotion(self, target: Revision, why: str) -> None:
-        canary = self.canary()
-        assert canary is not None
-        obs = self.rev_obs(canary["name"])
-        full = max(self.spec.replicas, 1)
-        canary["replicas"] = full
-        self.ups.append(EnsureRevision(canary["name"], full, ROLE_STABLE, target))
-        if obs.ready_replicas < min(full, self.spec.replicas or 1):
-            # Scale the canary to full size BEFORE it takes all traffic.
-            self.st.current_step_index = len(self.spec.rollout.steps)
-            if self.stalled():
-                return
-            self.progressing(f"scaling canary {canary['name']} to {full} pods before promotion")
-            self.requeue(WAIT_REQUEUE)
-            return
-        if self.has_promote:
-            self.consume_promote = True
-        self.promote_canary(why)
-
-    # --- analysis ---------------------------------------------------------------------------
+    # --- analysis ------------------------------------------------------------------------------
 
     def analyse(self, canary: str) -> bool:
         """Look at the current analysis interval (intervals.look); True when it rolled back."""
@@ -774,7 +782,7 @@ class _Run:
             self.obs, canary, stable, self.st.step_index, self.ts
         )
 
-    # --- annotations and the final status --------------------------------------------------
+    # --- annotations and conditions ------------------------------------------------------------
 
     def consume_annotations(self) -> None:
         # abort is one-shot: acted on (a canary existed) or not, it must not hit the next canary.
@@ -783,40 +791,6 @@ class _Run:
         # promote is one-shot when acted on; without a canary it is dropped too (same reason).
         if self.has_promote_annotation and (self.consume_promote or self.canary() is None):
             self.events.append(RemoveAnnotation(ANNOTATION_PROMOTE))
-
-    def finish(self) -> Step:
-        stable = self.stable()
-        canary = self.canary()
-        stable_name = stable["name"] if stable else None
-        canary_name = canary["name"] if canary else None
-        weights = wt.traffic_weights(stable_name, canary_name, self.canary_weight)
-        for r in self.st.retiring:
-            weights.setdefault(r["name"], 0)
-        if (stable_name or canary_name) and not self.obs.traffic_problem:
-            self.route.append(
-                SetWeights(
-                    weights.get(stable_name or "", 0), weights.get(canary_name or "", 0), weights
-                )
-            )
-        self.process_retiring()
-        ready = {name: self.rev_obs(name).ready_replicas for name in weights}
-        self.st.weights = derived.weights(
-            self.mode, weights, stable_name, canary_name, self.canary_weight, ready
-        )
-
-        self.st.phase = self.phase
-        self.st.message = self.message
-        self.st.observed_generation = self.generation
-        # The scale subresource's status half: the stable revision's pods now, and the selector
-        # of every serving pod (an HPA averages pod metrics over them).
-        self.st.replicas = self.rev_obs(stable_name).replicas if stable_name else 0
-        self.st.selector = builders.scale_selector(self.md)
-        self.set_conditions()
-        new_status = self.st.to_status()
-        actions: list[Action] = [*self.ups, *self.route, *self.downs, *self.deletes, *self.events]
-        if self.requeues:
-            actions.append(Requeue(round(min(self.requeues), 3)))
-        return Step(new_status, actions)
 
     def set_conditions(self) -> None:
         stable = (self.stable() or {}).get("name")
@@ -830,6 +804,35 @@ class _Run:
             ts=self.ts,
             generation=self.generation,
         )
+
+    # --- small helpers -------------------------------------------------------------------------
+
+    def say(self, phase: str, reason: str, message: str) -> None:
+        """Where this step leaves the ModelDeployment: status.phase, the conditions' reason, why."""
+        self.phase, self.reason, self.message = phase, reason, message
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.events.append(Event(type_, reason, message))
+
+    def requeue(self, seconds: float) -> None:
+        self.requeues.append(max(0.05, seconds))
+
+    def since(self, text: str | None) -> float:
+        start = parse_time(text)
+        return (self.now - start).total_seconds() if start else 0.0
+
+    def rev_obs(self, name: str | None) -> RevisionObservation:
+        return self.obs.revisions.get(name or "", RevisionObservation())
+
+    @property
+    def mode(self) -> str:
+        return self.obs.mode
+
+    def stable(self) -> dict[str, Any] | None:
+        return self.st.stable
+
+    def canary(self) -> dict[str, Any] | None:
+        return self.st.canary
 
 
 def _has_reason(status: Mapping[str, Any], reason: str) -> bool:
