@@ -20,16 +20,16 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from kubetune.api.finetunejob import FineTuneJobSpec
 from kubetune.api.times import now_rfc3339
+from kubetune.storage import Store
 from kubetune.storage.manifests import MANIFEST_NAME, manifest_digest, write_manifest
 from kubetune_trainer.sources import model_digest, tree_digest
-
-if TYPE_CHECKING:
-    from kubetune_trainer.train import Trainer
 
 log = logging.getLogger("kubetune_trainer.artifact")
 
@@ -54,17 +54,51 @@ def _upload(store, folder: Path, prefix: str) -> None:
     store.upload_dir(folder, prefix)
 
 
-def publish(trainer: Trainer, weights: dict[str, Any] | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Publication:
+    """What publishing needs of a finished run (``Trainer.publication`` builds it)."""
+
+    spec: FineTuneJobSpec
+    store: Store
+    #: The trained model (a PEFT model for an adapter method) and its tokenizer.
+    model: Any
+    tokenizer: Any
+    #: Where model/ (and merged/) are staged; the downloaded base model (its digest).
+    work_dir: Path
+    base_dir: Path
+    #: lineage.json's ``job``: name, namespace, uid, attempt.
+    job: dict[str, Any]
+    image: str | None
+    world_size: int
+    #: The validated data: digest, data report URI, example counts.
+    data_digest: str
+    data_report_uri: str | None
+    train_examples: int
+    validation_examples: int
+    #: The run: last step, the step whose weights are published, metrics, best eval.
+    step: int
+    published_step: int
+    total_steps: int
+    metrics: dict[str, Any]
+    best_step: int | None
+    best_eval_loss: float | None
+    stopped_early: bool
+    resumed_from: int | None
+    tokens_seen: int
+    precision: str
+    gradient_checkpointing: bool
+    strategy: str
+    started_at: str
+
+
+def publish(run: Publication, weights: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write and upload model/ (and merged/); returns the status ``artifact`` block.
 
     ``weights``: the unsharded weights of a sharded (FSDP) model, gathered on this process;
-    None when ``trainer.model`` holds them itself.
+    None when ``run.model`` holds them itself.
     """
-    spec = trainer.spec
-    settings = trainer.settings
-    store = trainer.store
-    model = trainer.model
-    folder = trainer.work_dir / "publish" / "model"
+    spec, store, model = run.spec, run.store, run.model
+    folder = run.work_dir / "publish" / "model"
     shutil.rmtree(folder.parent, ignore_errors=True)
     folder.mkdir(parents=True)
     is_adapter = spec.method.type != "full"
@@ -74,48 +108,43 @@ def publish(trainer: Trainer, weights: dict[str, Any] | None = None) -> dict[str
             cfg.base_model_name_or_path = spec.base_model.uri
             cfg.revision = spec.base_model.revision
     model.save_pretrained(folder, safe_serialization=True, state_dict=weights)
-    trainer.tokenizer.save_pretrained(folder)
+    run.tokenizer.save_pretrained(folder)
     content = tree_digest(folder)
     lineage = {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "Lineage",
-        "job": {
-            "name": settings.job_name,
-            "namespace": settings.namespace,
-            "uid": settings.job_uid,
-            "attempt": settings.attempt,
-        },
+        "job": dict(run.job),
         "artifactType": "adapter" if is_adapter else "model",
         "contentDigest": content,
         "baseModel": {
             "uri": spec.base_model.uri,
             "revision": spec.base_model.revision,
-            "digest": model_digest(spec.base_model.uri, spec.storage, trainer.base_dir),
+            "digest": model_digest(spec.base_model.uri, spec.storage, run.base_dir),
         },
         "dataset": {
             "train": spec.dataset.train,
             "validation": spec.dataset.validation,
-            "digest": trainer.data.digest,
-            "report": trainer.data.summary.get("reportUri"),
-            "trainExamples": len(trainer.data.train),
-            "validationExamples": len(trainer.data.validation),
+            "digest": run.data_digest,
+            "report": run.data_report_uri,
+            "trainExamples": run.train_examples,
+            "validationExamples": run.validation_examples,
         },
         "spec": spec.dump(),
-        "metrics": dict(trainer.state.metrics),
-        "best": {"step": trainer.state.best_step, "evalLoss": trainer.state.best_eval_loss},
-        "step": trainer.state.step,
-        "publishedStep": getattr(trainer, "published_step", trainer.state.step),
-        "totalSteps": trainer.total_steps,
-        "stoppedEarly": trainer.state.stopped_early,
-        "resumedFromStep": trainer.resumed_from,
-        "tokensSeen": trainer.state.tokens_seen,
-        "precision": trainer.precision,
-        "gradientCheckpointing": trainer.gradient_checkpointing,
-        "strategy": trainer.strategy,
-        "worldSize": settings.dist.world_size,
-        "image": settings.image,
+        "metrics": dict(run.metrics),
+        "best": {"step": run.best_step, "evalLoss": run.best_eval_loss},
+        "step": run.step,
+        "publishedStep": run.published_step,
+        "totalSteps": run.total_steps,
+        "stoppedEarly": run.stopped_early,
+        "resumedFromStep": run.resumed_from,
+        "tokensSeen": run.tokens_seen,
+        "precision": run.precision,
+        "gradientCheckpointing": run.gradient_checkpointing,
+        "strategy": run.strategy,
+        "worldSize": run.world_size,
+        "image": run.image,
         "packages": package_versions(),
-        "startTime": trainer.started_at,
+        "startTime": run.started_at,
         "endTime": now_rfc3339(),
     }
     (folder / "lineage.json").write_text(
@@ -123,7 +152,7 @@ def publish(trainer: Trainer, weights: dict[str, Any] | None = None) -> dict[str
     )
     manifest = write_manifest(
         folder,
-        {"kind": lineage["artifactType"], "step": trainer.state.step, "contentDigest": content},
+        {"kind": lineage["artifactType"], "step": run.step, "contentDigest": content},
     )
     _upload(store, folder, "model")
     artifact = {
@@ -132,13 +161,13 @@ def publish(trainer: Trainer, weights: dict[str, Any] | None = None) -> dict[str
         "lineageUri": store.uri_for("model/lineage.json"),
     }
     if is_adapter and spec.output.merge_adapter:
-        merged_dir = trainer.work_dir / "publish" / "merged"
+        merged_dir = run.work_dir / "publish" / "merged"
         merged = model.merge_and_unload()
         merged.save_pretrained(merged_dir, safe_serialization=True)
-        trainer.tokenizer.save_pretrained(merged_dir)
+        run.tokenizer.save_pretrained(merged_dir)
         write_manifest(
             merged_dir,
-            {"kind": "merged", "step": trainer.state.step, "adapterDigest": artifact["digest"]},
+            {"kind": "merged", "step": run.step, "adapterDigest": artifact["digest"]},
         )
         _upload(store, merged_dir, "merged")
         artifact["mergedUri"] = store.uri_for("merged")

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 IGNORE = -100
+# What follows a prompt in the "text" format before its answer (the synthetic data writes it).
+TEXT_ANSWER_MARKER = "\nAnswer:"
 
 
 @dataclass
@@ -105,8 +107,6 @@ def prompt_ids(tokenizer: Any, prompt: str, fmt: str) -> list[int]:
     if fmt == "chat":
         text = _render(tokenizer, [{"role": "user", "content": prompt}], generation_prompt=True)
     elif fmt == "text":
-        from kubetune_trainer.synthetic import TEXT_ANSWER_MARKER
-
         text = prompt + TEXT_ANSWER_MARKER
     else:
         text = prompt

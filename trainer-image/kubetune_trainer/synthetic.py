@@ -58,6 +58,7 @@ from typing import Any
 # normalise is re-exported: the tests compare a served answer with it.
 from kubetune.api.answers import EXACT, is_correct
 from kubetune.api.answers import normalise as normalise
+from kubetune_trainer.encoding import TEXT_ANSWER_MARKER
 
 # The task's vocabulary. Keys are nonsense words (no meaning a base model could know); values
 # are ordinary words. 24 of each: chance accuracy is ~4%.
@@ -124,7 +125,6 @@ TEMPLATES: tuple[str, ...] = (
 PREFIXES: tuple[str, ...] = ("", "Quick question: ", "Hi! ", "Please help. ", "Hello there. ")
 SUFFIXES: tuple[str, ...] = ("", " Thanks.", " Answer briefly.", " One word only.")
 
-TEXT_ANSWER_MARKER = "\nAnswer:"
 HEAD_INIT_STD = 0.5
 
 PAD_TOKEN = "<|pad|>"

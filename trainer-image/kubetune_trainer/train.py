@@ -34,6 +34,7 @@ from typing import Any
 from kubetune.api.answers import EXACT, is_correct
 from kubetune.api.finetunejob import LoraSpec, resolve_strategy
 from kubetune.api.times import now_rfc3339
+from kubetune_trainer.artifact import Publication, publish
 from kubetune_trainer.batching import BLOCK, VARLEN, BatchPlan, collate, make_rows, real_tokens
 from kubetune_trainer.checkpoints import CheckpointManager, read_state
 from kubetune_trainer.encoding import IGNORE, encode_record, prompt_ids
@@ -158,7 +159,10 @@ def load_model(settings: Settings, base_dir: Path, device, load_dtype):
     from transformers import AutoModelForCausalLM
 
     spec = settings.spec
-    kwargs: dict[str, Any] = {"dtype": load_dtype, "attn_implementation": attention_for(device, load_dtype)}
+    kwargs: dict[str, Any] = {
+        "dtype": load_dtype,
+        "attn_implementation": attention_for(device, load_dtype),
+    }
     if spec.method.type == "qlora":
         if device.type != "cuda":
             raise ConfigError(
@@ -1033,10 +1037,45 @@ class Trainer:
             )  # global: train_step sums over ranks
         return out
 
+    def publication(self) -> Publication:
+        """What publishing needs of this run (kubetune_trainer.artifact)."""
+        st, settings = self.state, self.settings
+        return Publication(
+            spec=self.spec,
+            store=self.store,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            work_dir=self.work_dir,
+            base_dir=self.base_dir,
+            image=settings.image,
+            step=st.step,
+            total_steps=self.total_steps,
+            best_step=st.best_step,
+            best_eval_loss=st.best_eval_loss,
+            stopped_early=st.stopped_early,
+            resumed_from=self.resumed_from,
+            tokens_seen=st.tokens_seen,
+            precision=self.precision,
+            gradient_checkpointing=self.gradient_checkpointing,
+            strategy=self.strategy,
+            started_at=self.started_at,
+            world_size=settings.dist.world_size,
+            data_digest=self.data.digest,
+            data_report_uri=self.data.summary.get("reportUri"),
+            train_examples=len(self.data.train),
+            validation_examples=len(self.data.validation),
+            published_step=getattr(self, "published_step", st.step),
+            metrics=dict(st.metrics),
+            job={
+                "name": settings.job_name,
+                "namespace": settings.namespace,
+                "uid": settings.job_uid,
+                "attempt": settings.attempt,
+            },
+        )
+
     def finish(self) -> Outcome:
         """Wait for uploads, publish the artifact, report the end."""
-        from kubetune_trainer.artifact import publish
-
         self.checkpoints.wait()
         weights = None
         if self.fsdp:
@@ -1057,7 +1096,7 @@ class Trainer:
             )
         if not self.fsdp:
             self.published_step = self.select_best()
-        artifact = publish(self, weights)
+        artifact = publish(self.publication(), weights)
         metrics = dict(self.state.metrics)
         self.reporter.report(
             {"progress": {**self._progress(), "percent": 100, "etaSeconds": 0}, "metrics": metrics},
