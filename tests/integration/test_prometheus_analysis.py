@@ -56,7 +56,7 @@ from tests.integration.test_operator_rollout import (
     route_weights,
     wait_phase,
 )
-from tests.plugins.kube import wait_for_object
+from tests.plugins.kube import wait_for, wait_for_object
 from tests.plugins.prometheus import PrometheusServer, pod_targets, podmonitor_scrape_config
 from tests.unit.test_chart import NAMESPACE as CHART_NAMESPACE
 from tests.unit.test_chart import render
@@ -422,6 +422,12 @@ async def test_healthy_canary_is_promoted_on_prometheus_figures(
     assert sent[f"chat-{rev_b}"] >= 20
 
 
+async def _route_without(kube, backend: str) -> dict[str, int] | None:
+    """The route's weights once ``backend`` gets none of the traffic (else None)."""
+    weights = await route_weights(kube)
+    return None if weights.get(backend) else weights
+
+
 @pytest.mark.parametrize(
     ("fault", "needle"),
     [
@@ -444,7 +450,10 @@ async def test_faulty_canary_is_rolled_back_on_prometheus_figures(
         await deploy_stable(kube, md_a)
         await kube.patch(API, "ModelDeployment", NS, "chat", {"spec": md_bad["spec"]})
         obj = await wait_phase(kube, "RolledBack", timeout=TIMEOUT)
-        weights = await route_weights(kube)
+        # Record, then act (docs/contracts.md): the route follows the recorded rollback.
+        weights = await wait_for(
+            lambda: _route_without(kube, f"chat-{rev_bad}"), timeout=TIMEOUT, what="route at 0"
+        )
     rejected = obj["status"]["rejectedRevisions"][0]
     assert rejected["name"] == rev_bad and needle in rejected["reason"], rejected
     assert not weights.get(f"chat-{rev_bad}")
