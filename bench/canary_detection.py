@@ -62,12 +62,14 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import generate_latest
 
 from kubetune.api.modeldeployment import ModelDeploymentSpec
 from kubetune.local.router import WeightedRouter
 from kubetune.rollout import analysis as an
 from kubetune.rollout import machine as m
 from kubetune.rollout.revisions import Revision, resolve
+from kubetune_server.metrics import LATENCY_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, Metrics
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -157,22 +159,70 @@ class Counters:
 
 
 class FakeModelServer:
-    """A tiny model server: /v1/completions with injectable errors, /metrics, /readyz."""
+    """A tiny model server: /v1/completions with injectable errors, /metrics, /readyz.
 
-    def __init__(self, name: str, error_rate: float, seed: int, slow: float = 1.0) -> None:
+    ``decode`` (time-to-first-token factor, decoding factor) makes it generate tokens like
+    kubetune_server: each answer waits its time to first token, then decodes a log-normal number
+    of tokens at a per-request time per output token (the virtual-time model of part 3, scaled
+    by the factors), and /metrics is kubetune_server's own ``Metrics`` (same names and buckets,
+    TPOT measured from the first to the last token over the tokens after the first).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        error_rate: float,
+        seed: int,
+        slow: float = 1.0,
+        decode: tuple[float, float] | None = None,
+    ) -> None:
         self.name = name
         self.error_rate = error_rate
         self.slow = slow  # latency factor (thin-traffic scenarios)
+        self.decode = decode
+        self.metrics = Metrics() if decode else None
         self.rng = random.Random(seed)
         self.counters = Counters()
+        self.served = 0
         self.bad_since: float | None = None
         self.served_while_bad = 0
         self.url = ""
         self._runner: web.AppRunner | None = None
 
+    async def generate(self) -> web.Response:
+        """Tokens at a per-request speed, recorded as kubetune_server records them."""
+        assert self.decode is not None and self.metrics is not None
+        tf, df = self.decode
+        started = time.monotonic()
+        ttft = tf * self.rng.lognormvariate(math.log(TTFT_MEDIAN), 0.3)
+        spread = math.sqrt(0.5**2 - TPOT_SIGMA**2)
+        tokens = max(2, round(self.rng.lognormvariate(math.log(TOKENS_MEDIAN), spread)))
+        tpot = df * self.rng.lognormvariate(math.log(DECODE_MEDIAN / TOKENS_MEDIAN), TPOT_SIGMA)
+        await asyncio.sleep(ttft)
+        first = time.monotonic()
+        await asyncio.sleep((tokens - 1) * tpot)
+        last = time.monotonic()
+        self.served += 1
+        m, model = self.metrics, "bench"
+        m.ttft.labels(model=model).observe(first - started)
+        m.tpot.labels(model=model).observe((last - first) / (tokens - 1))
+        m.generated_tokens.labels(model=model).inc(tokens)
+        m.requests.labels(model=model, code="200").inc()
+        m.duration.labels(model=model).observe(time.monotonic() - started)
+        usage = {"completion_tokens": tokens}
+        return web.json_response({"choices": [{"text": "ok " * tokens}], "usage": usage})
+
+    def metrics_text(self) -> str:
+        if self.metrics is not None:
+            return generate_latest(self.metrics.registry).decode()
+        return self.counters.text()
+
     async def complete(self, _request: web.Request) -> web.Response:
+        if self.decode is not None:
+            return await self.generate()
         latency = self.slow * self.rng.lognormvariate(math.log(0.02), 0.3)
         await asyncio.sleep(latency)
+        self.served += 1
         if self.bad_since is not None:
             self.served_while_bad += 1
         error = self.rng.random() < self.error_rate
@@ -184,7 +234,7 @@ class FakeModelServer:
     async def start(self) -> FakeModelServer:
         app = web.Application()
         app.router.add_post("/v1/completions", self.complete)
-        app.router.add_get("/metrics", lambda _r: web.Response(text=self.counters.text()))
+        app.router.add_get("/metrics", lambda _r: web.Response(text=self.metrics_text()))
         app.router.add_get("/readyz", lambda _r: web.Response(text="ok"))
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -374,15 +424,18 @@ async def _drive_baseline(session, router, canary_name, canary, bad_error_rate, 
             }
 
 
-async def real_thin_run(slow: float, closed: bool, baseline: bool, rate: float, seed: int) -> dict:
-    """A canary ``slow`` times slower than stable from its first request, real HTTP on loopback.
+async def real_thin_run(
+    scenario: str, closed: bool, baseline: bool, rate: float, seed: int
+) -> dict:
+    """A canary like ``scenario`` (THIN_REAL_SCENARIOS) from its first request, real HTTP.
 
     Default steps, interval 10s, minSamples 20; ``baseline``: the previous analysis (each
     interval alone). Returns seconds from the canary's first traffic to weight 0 (None: not
-    within THIN_REAL_CAP_S) and the requests the canary served.
+    within the cap), to promotion (a canary that should pass), and the requests it served.
     """
-    stable = await FakeModelServer("stable", 0.0, seed).start()
-    canary = await FakeModelServer("canary", 0.0, seed + 1, slow=slow).start()
+    slow, decode, ratio, bad = THIN_REAL_SCENARIOS[scenario]
+    stable = await FakeModelServer("stable", 0.0, seed, decode=decode and (1.0, 1.0)).start()
+    canary = await FakeModelServer("canary", 0.0, seed + 1, slow=slow, decode=decode).start()
     router = WeightedRouter()
     await router.start()
     mds = []
@@ -390,18 +443,24 @@ async def real_thin_run(slow: float, closed: bool, baseline: bool, rate: float, 
         md = make_md(adapter, DEFAULT_STEPS)
         if baseline:
             md["spec"]["rollout"]["analysis"]["poolWindow"] = "0s"
+        if ratio is not None:
+            md["spec"]["rollout"]["analysis"]["thresholds"] = {"maxLatencyRatio": ratio}
         mds.append(md)
     rev_a, rev_b = revision_of(mds[0]), revision_of(mds[1])
     servers = {rev_a.name: stable, rev_b.name: canary}
     router.set_backends({rev_a.name: (stable.url, 100), rev_b.name: (canary.url, 0)})
     stop = asyncio.Event()
     # Closed loop sized like the virtual-time one: CLIENTS callers, ``rate`` req/s when healthy.
+    mean = 0.02 * math.exp(0.3**2 / 2)
+    if decode:
+        mean = TTFT_MEDIAN * math.exp(0.3**2 / 2) + DECODE_MEDIAN * math.exp(0.5**2 / 2)
     load = asyncio.create_task(
-        closed_loop_load(router.url, CLIENTS, max(0.0, CLIENTS / rate - 0.02), stop)
+        closed_loop_load(router.url, CLIENTS, max(0.0, CLIENTS / rate - mean), stop)
         if closed
         else open_loop_load(router.url, rate, stop)
     )
-    result: dict[str, Any] = {"seconds": None}
+    cap = THIN_REAL_CAP_S if bad else THIN_REAL_PASS_CAP_S
+    result: dict[str, Any] = {"seconds": None, "promoted": None, "cap": cap}
     try:
         async with aiohttp.ClientSession() as session:
             with previous_analysis() if baseline else contextlib.nullcontext():
@@ -411,34 +470,46 @@ async def real_thin_run(slow: float, closed: bool, baseline: bool, rate: float, 
                 ).status
                 md = {**mds[1], "status": md["status"]}
                 first = None
-                end = time.monotonic() + THIN_REAL_CAP_S + 5
+                end = time.monotonic() + cap + 5
                 while time.monotonic() < end:
                     decided = m.step(
                         md, await _observe(session, servers, rev_b), datetime.datetime.now(UTC)
                     )
-                    md["status"] = decided.status
+                    md["status"] = st = decided.status
                     wait = _apply(router, decided)
                     weight = router.backends[rev_b.name].weight
                     if first is None and weight > 0:
                         first = time.monotonic()
+                    elif first is not None and st.get("phase") == "Healthy" and "canary" not in st:
+                        result["promoted"] = time.monotonic() - first
+                        break
                     elif first is not None and weight == 0:
                         result["seconds"] = time.monotonic() - first
-                        result["why"] = decided.status.get("message", "")
+                        result["why"] = st.get("message", "")
                         break
-                    if first is not None and time.monotonic() - first > THIN_REAL_CAP_S:
+                    if first is not None and time.monotonic() - first > cap:
                         break
                     await asyncio.sleep(min(wait, 1.0))
     finally:
         stop.set()
         await load
-        result["served"] = canary.counters.total
+        result["served"] = canary.served
         await router.stop()
         await stable.stop()
         await canary.stop()
     return result
 
 
-THIN_REAL_CAP_S = 60.0
+THIN_REAL_CAP_S = 60.0  # a canary that should be rolled back
+THIN_REAL_PASS_CAP_S = 120.0  # one that should be promoted
+# name: (latency factor of the plain fake server, token model (TTFT factor, decode factor) or
+# None, maxLatencyRatio or None (the default 1.5), should it be rolled back?)
+THIN_REAL_SCENARIOS: dict[str, tuple[float, tuple[float, float] | None, float | None, bool]] = {
+    "latency x30": (30.0, None, None, True),
+    "latency x4": (4.0, None, None, True),
+    "slow decoding (decode x4, TTFT same)": (1.0, (1.0, 4.0), None, True),
+    "1.5x slower canary, maxLatencyRatio 2": (1.0, (1.5, 1.5), 2.0, False),
+}
 
 
 # --- part 2: virtual time ------------------------------------------------------------------------
@@ -585,14 +656,8 @@ def sim_baseline(
 
 # --- part 3: thin traffic, open- and closed-loop clients (issue 16) ------------------------------
 
-# kubetune_server's real buckets (server-image/kubetune_server/metrics.py).
-LAT_BOUNDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
-TTFT_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-TPOT_BOUNDS = (
-    *(0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.006, 0.008),
-    *(0.01, 0.0125, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.08),
-    *(0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5),
-)
+# kubetune_server's real buckets (server-image/kubetune_server/metrics.py, the contract).
+LAT_BOUNDS, TTFT_BOUNDS, TPOT_BOUNDS = LATENCY_BUCKETS, TTFT_BUCKETS, TPOT_BUCKETS
 # A healthy request: time to first token plus decoding, whose length varies with the answer.
 # Decoding = output tokens x the request's time per output token (TPOT): log-normal tokens
 # (median 16) times a log-normal TPOT (median 5 ms, sigma TPOT_SIGMA: the
@@ -834,7 +899,54 @@ def _fmt(values: list[float]) -> str:
     return f"median {statistics.median(values):.1f} (min {min(values):.1f}, max {max(values):.1f})"
 
 
+async def thin_real_section(args: argparse.Namespace) -> list[str]:
+    """Issue 16's scenarios over real HTTP on loopback, ours and the previous analysis."""
+    out = [
+        f"thin traffic (issue 16), real HTTP on loopback through the local router: "
+        f"{args.thin_rate:g} req/s, closed loop = {CLIENTS} clients that wait for each answer, "
+        "open loop = fixed schedule; default steps, interval 10s, minSamples 20, maxLatencyRatio "
+        "1.5 unless said; the canary is what the scenario says from its first request; token "
+        "scenarios: both fake servers generate tokens and export kubetune_server's Metrics (TTFT, "
+        f"TPOT histograms); runs end at weight 0, at promotion, or after {THIN_REAL_CAP_S:.0f}s "
+        f"(bad canaries) / {THIN_REAL_PASS_CAP_S:.0f}s (one that should pass)",
+        "",
+        "| scenario, real traffic | clients | analysis | runs | at weight 0 | promoted | "
+        "seconds first traffic -> weight 0 | seconds first traffic -> promoted | "
+        "requests the canary served |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for scenario in args.thin_real_scenarios.split(","):
+        if scenario not in THIN_REAL_SCENARIOS:
+            scenario = next(k for k in THIN_REAL_SCENARIOS if k.startswith(scenario))
+        for closed in (True, False):
+            for baseline in (False, True):
+                got = [
+                    await real_thin_run(scenario, closed, baseline, args.thin_rate, 200 + i)
+                    for i in range(args.thin_real_runs)
+                ]
+                secs = [r["seconds"] for r in got if r["seconds"] is not None]
+                prom = [r["promoted"] for r in got if r["promoted"] is not None]
+                who = (
+                    "previous (each interval alone)"
+                    if baseline
+                    else "kubetune (pooled, sequential)"
+                )
+                cap = got[0]["cap"]
+                out.append(
+                    f"| {scenario} | {'closed' if closed else 'open'} | {who} | {len(got)} | "
+                    f"{len(secs)} | {len(prom)} | {_fmt(secs) if secs else f'none within {cap:.0f}s'} | "
+                    f"{_fmt(prom) if prom else f'none within {cap:.0f}s'} | "
+                    f"{_fmt([float(r['served']) for r in got])} |"
+                )
+                for r in got:
+                    if r.get("why"):
+                        print(f"  {scenario} {closed=} {baseline=}: {r['why']}", file=sys.stderr)
+    return out
+
+
 async def main_async(args: argparse.Namespace) -> str:
+    if args.thin_real_only:
+        return "\n".join(await thin_real_section(args))
     lines: list[str] = []
     say = lines.append
 
@@ -952,36 +1064,7 @@ async def main_async(args: argparse.Namespace) -> str:
     say(f"target (< 30 s to weight 0, no false rollbacks): {'met' if target else 'NOT met'}")
     if args.thin_real_runs:
         say("")
-        say(
-            f"thin traffic (issue 16), real HTTP on loopback through the local router: "
-            f"{args.thin_rate:g} req/s, closed loop = {CLIENTS} clients that wait for each answer, "
-            "open loop = fixed schedule; default steps, interval 10s, minSamples 20; the canary is "
-            f"slow from its first request; runs end at weight 0 or after {THIN_REAL_CAP_S:.0f}s"
-        )
-        say("")
-        say(
-            "| slow canary, real traffic | clients | analysis | runs | at weight 0 | "
-            "seconds first traffic -> weight 0 | requests the canary served |"
-        )
-        say("|---|---|---|---|---|---|---|")
-        for slow in (30.0, 4.0):
-            for closed in (True, False):
-                for baseline in (False, True):
-                    got = [
-                        await real_thin_run(slow, closed, baseline, args.thin_rate, 200 + i)
-                        for i in range(args.thin_real_runs)
-                    ]
-                    secs = [r["seconds"] for r in got if r["seconds"] is not None]
-                    who = (
-                        "previous (each interval alone)"
-                        if baseline
-                        else "kubetune (pooled, sequential)"
-                    )
-                    say(
-                        f"| latency x{slow:g} | {'closed' if closed else 'open'} | {who} | {len(got)} | "
-                        f"{len(secs)} | {_fmt(secs) if secs else f'none within {THIN_REAL_CAP_S:.0f}s'} | "
-                        f"{_fmt([float(r['served']) for r in got])} |"
-                    )
+        lines.extend(await thin_real_section(args))
     if args.thin_bad_runs:
         say("")
         lines.extend(thin_traffic_section(args))
@@ -1015,6 +1098,16 @@ def main() -> int:
         type=int,
         default=1,
         help="real-traffic runs per thin scenario (0: skip)",
+    )
+    parser.add_argument(
+        "--thin-real-scenarios",
+        default=",".join(THIN_REAL_SCENARIOS),
+        help="comma-separated names (or name prefixes) of THIN_REAL_SCENARIOS to run over real HTTP",
+    )
+    parser.add_argument(
+        "--thin-real-only",
+        action="store_true",
+        help="run only the thin-traffic real-HTTP part (skips parts 1, 2 and virtual time)",
     )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
