@@ -29,7 +29,10 @@ Flagger's default (interval 1m, threshold 5, request-success-rate >= 99%).
    canary that is bad from its first request: latency x30, slow decoding (decode time x4,
    time to first token unchanged), and a 1.5x slower canary that ``maxLatencyRatio: 2`` must
    pass, next to healthy canaries. Real HTTP on loopback (``--thin-real-runs`` per scenario:
-   the FakeModelServer with its latency scaled, the local router, real scrapes) and many runs
+   the FakeModelServer behind the local router, real scrapes; latency x30 and x4 scale its
+   latency; slow decoding and the 1.5x canary make both servers generate tokens and export
+   kubetune_server's own ``Metrics``, TPOT histogram included; ``--thin-real-only`` runs just
+   this, ``--thin-real-scenarios`` picks scenarios) and many runs
    in virtual time (a discrete-event simulation: requests are routed when sent and counted by
    their server when answered, each with its latency, time to first token and time per output
    token, as kubetune_server's histograms; >= ``--sim-runs`` healthy rollouts per client
