@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint crds bench clean cluster-bins prometheus-bin images
+.PHONY: demo test lint crds bench clean cluster-bins prometheus-bin images test-cluster-images
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ test: lint cluster-bins prometheus-bin images
 	$(VENV)/bin/kubetune crds --check
 	$(VENV)/bin/kubetune docs --check
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The cluster tier's two stories with every pod in kubetune's images (the node runner's
+# container mode), not part of `make test`: about 30 min more on 2 cores (docs/testing.md).
+test-cluster-images: cluster-bins images
+	KUBETUNE_CLUSTER_IMAGES=1 $(PY) -m pytest -q -p no:cacheprovider \
+		tests/cluster/test_finetunejob.py tests/cluster/test_modeldeployment.py
 
 crds: $(STAMP)
 	$(VENV)/bin/kubetune crds

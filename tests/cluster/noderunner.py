@@ -53,6 +53,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -703,11 +704,16 @@ class NodeRunner:
                 run, f"container {c.name}", self._start, run, c, containers=[c]
             )
             c.state = {"running": {"startedAt": now_rfc3339()}}
-            c.started = True
-            c.ready = probe is None
+            startup = c.spec.get("startupProbe")
+            c.started = startup is None
+            c.ready = probe is None and startup is None
             run.phase = "Running"
             await self._report(run)
-            prober = asyncio.create_task(self._probe(run, c, probe)) if probe else None
+            prober = (
+                asyncio.create_task(self._probes(run, c, startup, probe))
+                if probe or startup
+                else None
+            )
             code = await self.supervisor.wait(spec.name)
             if prober:
                 prober.cancel()
@@ -749,7 +755,34 @@ class NodeRunner:
             await self._report(run)
             await asyncio.sleep(min(10.0, 0.5 * 2 ** min(c.restarts, 5)))
 
-    async def _probe(self, run: PodRun, c: ContainerRun, probe: dict[str, Any]) -> None:
+    async def _probes(
+        self,
+        run: PodRun,
+        c: ContainerRun,
+        startup: dict[str, Any] | None,
+        readiness: dict[str, Any] | None,
+    ) -> None:
+        """The startup probe first (Ready waits for it), then the readiness probe, as the kubelet.
+
+        A startup probe that has not succeeded within ``failureThreshold * periodSeconds``
+        kills the container, which its restart policy then restarts.
+        """
+        if startup is not None:
+            if not await self._startup(run, c, startup):
+                grace = pod_spec_of(run.pod).get("terminationGracePeriodSeconds", 30)
+                log.warning(
+                    "%s/%s %s: startup probe failed; killing it", run.namespace, run.name, c.name
+                )
+                await self.supervisor.stop(c.process, grace_seconds=float(grace))
+                return
+            c.started = True
+            c.ready = readiness is None
+            await self._report(run)
+        if readiness is not None:
+            await self._probe(run, c, readiness)
+
+    @staticmethod
+    def _probe_url(run: PodRun, c: ContainerRun, probe: dict[str, Any]) -> str:
         http = probe.get("httpGet") or {}
         port = http.get("port")
         if isinstance(port, str):
@@ -757,24 +790,41 @@ class NodeRunner:
                 (p["containerPort"] for p in c.spec.get("ports") or [] if p.get("name") == port),
                 None,
             )
-        url = f"http://{run.ip}:{port}{http.get('path', '/')}"
+        return f"http://{run.ip}:{port}{http.get('path', '/')}"
+
+    @staticmethod
+    async def _probe_once(session: aiohttp.ClientSession, url: str, probe: dict[str, Any]) -> bool:
+        try:
+            async with session.get(
+                url, timeout=aiohttp.ClientTimeout(total=float(probe.get("timeoutSeconds", 1)) + 1)
+            ) as resp:
+                return 200 <= resp.status < 400
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return False
+
+    async def _startup(self, run: PodRun, c: ContainerRun, probe: dict[str, Any]) -> bool:
+        """Whether the startup probe succeeded within its budget (polled every 0.5 s at most)."""
+        url = self._probe_url(run, c, probe)
+        period = float(probe.get("periodSeconds", 10))
+        await asyncio.sleep(float(probe.get("initialDelaySeconds", 0)))
+        deadline = time.monotonic() + period * int(probe.get("failureThreshold", 3))
+        async with aiohttp.ClientSession() as session:
+            while True:
+                if await self._probe_once(session, url, probe):
+                    return True
+                if time.monotonic() > deadline:
+                    return False
+                await asyncio.sleep(min(period, 0.5))
+
+    async def _probe(self, run: PodRun, c: ContainerRun, probe: dict[str, Any]) -> None:
+        url = self._probe_url(run, c, probe)
         period = float(probe.get("periodSeconds", 10))
         await asyncio.sleep(float(probe.get("initialDelaySeconds", 0)))
         failures, success_needed = 0, int(probe.get("successThreshold", 1))
         successes = 0
         async with aiohttp.ClientSession() as session:
             while True:
-                ok = False
-                try:
-                    async with session.get(
-                        url,
-                        timeout=aiohttp.ClientTimeout(
-                            total=float(probe.get("timeoutSeconds", 1)) + 1
-                        ),
-                    ) as resp:
-                        ok = 200 <= resp.status < 400
-                except (TimeoutError, aiohttp.ClientError, OSError):
-                    ok = False
+                ok = await self._probe_once(session, url, probe)
                 if ok:
                     successes, failures = successes + 1, 0
                     if not c.ready and successes >= success_needed:

@@ -5,6 +5,9 @@
 - a container that fails is restarted under ``OnFailure``: ``restartCount``, ``lastState`` with
   the exit code and the termination message, then Succeeded;
 - deleting a pod sends SIGTERM and waits the grace period before the pod is gone;
+- a startup probe holds Ready (and ``started``) back until it succeeds, and one that never does
+  gets its container killed and restarted: the chart's operator and the serving pods have
+  startup probes, so their paths and ports are checked against the real processes;
 - a pod that cannot be set up yet (its Secret does not exist) waits with
   ``CreateContainerConfigError`` and starts once the Secret exists, as with a kubelet. The runner
   once made any set-up failure final: a pod whose TokenRequest timed out on a loaded machine
@@ -200,3 +203,70 @@ async def test_pod_waits_for_a_missing_secret_and_starts_once_it_exists(
         "Succeeded",
         "created after its pod",
     ), obj["status"]
+
+
+async def test_startup_probe_holds_ready_back_and_a_failing_one_restarts_the_container(
+    control_plane: ControlPlane,
+    cluster_nodes: Any,
+    cluster_kube: KubeClient,
+    cluster_namespace: str,
+) -> None:
+    ns, kube = cluster_namespace, cluster_kube
+    go = control_plane.workdir / f"{ns}-go"
+    serve = f"""
+        import http.server as h, pathlib, time
+        while not pathlib.Path({str(go)!r}).exists():
+            time.sleep(0.1)
+        h.ThreadingHTTPServer(('0.0.0.0', 8000), h.SimpleHTTPRequestHandler).serve_forever()
+    """
+    startup = {
+        "httpGet": {"path": "/", "port": "http"},
+        "periodSeconds": 1,
+        "failureThreshold": 600,
+    }
+    ports = [{"name": "http", "containerPort": 8000}]
+    await kube.create(
+        pod(
+            ns,
+            "late",
+            serve,
+            restartPolicy="Always",
+            container={"ports": ports, "startupProbe": startup},
+        )
+    )
+    obj = await wait_for_object(
+        kube, "v1", "Pod", ns, "late", lambda o: (o.get("status") or {}).get("phase") == "Running"
+    )
+    status = obj["status"]["containerStatuses"][0]
+    # Not listening until the test says so: neither started nor Ready.
+    assert (status["started"], status["ready"], ready(obj)) == (False, False, False), obj["status"]
+    go.write_text("go")
+    obj = await wait_for_object(kube, "v1", "Pod", ns, "late", ready, timeout=60)
+    assert obj["status"]["containerStatuses"][0]["started"] is True
+
+    # A startup probe aimed at a port nothing serves: killed after 2 x 1 s, then restarted.
+    wrong = {"httpGet": {"path": "/", "port": 8001}, "periodSeconds": 1, "failureThreshold": 2}
+    await kube.create(
+        pod(
+            ns,
+            "never",
+            serve,
+            restartPolicy="Always",
+            terminationGracePeriodSeconds=2,
+            container={"ports": ports, "startupProbe": wrong},
+        )
+    )
+    obj = await wait_for_object(
+        kube,
+        "v1",
+        "Pod",
+        ns,
+        "never",
+        lambda o: (
+            ((o.get("status") or {}).get("containerStatuses") or [{}])[0].get("restartCount", 0)
+            >= 1
+        ),
+        timeout=60,
+    )
+    status = obj["status"]["containerStatuses"][0]
+    assert "terminated" in status["lastState"] and not ready(obj), obj["status"]
