@@ -174,6 +174,11 @@ class Gateway:
                 await self._task
 
 
+def route_weights(route: dict[str, Any]) -> dict[str, int]:
+    """Backend Service -> weight of an HTTPRoute's first rule."""
+    return {r["name"]: r["weight"] for r in route["spec"]["rules"][0]["backendRefs"]}
+
+
 def phase(obj: dict[str, Any]) -> str | None:
     return (obj.get("status") or {}).get("phase")
 
@@ -260,9 +265,14 @@ async def test_canary_through_httproute_promotes_then_a_faulty_revision_rolls_ba
         canary_service = f"assistant-{stable_v2}"
         split = [w for w in gateway.weights_seen if 0 < w.get(canary_service, 0) < 100]
         assert split and split[0][canary_service] == 50, gateway.weights_seen
-        # Promoted: the route now sends everything to the new stable (read now, not sampled).
-        route = await kube.get(*ROUTE, ns, "assistant")
-        final = {r["name"]: r["weight"] for r in route["spec"]["rules"][0]["backendRefs"]}
+        # Promoted: the route then sends everything to the new stable (read, not sampled). The
+        # operator records, then acts (docs/contracts.md): the status names the promotion
+        # before the route is patched, so the route is awaited, not read once.
+        route = await wait_for_object(
+            kube, *ROUTE, ns, "assistant",
+            lambda o: route_weights(o).get(canary_service) == 100, timeout=60,
+        )  # fmt: skip
+        final = route_weights(route)
         assert final[canary_service] == 100 and sum(final.values()) == 100, final
         assert gateway.codes[(canary_service, 200)] >= 5, gateway.codes
 
@@ -278,8 +288,12 @@ async def test_canary_through_httproute_promotes_then_a_faulty_revision_rolls_ba
         )  # fmt: skip
         bad = md["status"]["rejectedRevisions"][-1]["name"]
         assert md["status"]["stable"]["name"] == stable_v2
-        route = await kube.get(*ROUTE, ns, "assistant")
-        weights = {r["name"]: r["weight"] for r in route["spec"]["rules"][0]["backendRefs"]}
+        route = await wait_for_object(  # recorded first, then acted on (as above)
+            kube, *ROUTE, ns, "assistant",
+            lambda o: route_weights(o).get(f"assistant-{bad}", 0) == 0,
+            timeout=60,
+        )  # fmt: skip
+        weights = route_weights(route)
         assert weights.get(f"assistant-{bad}", 0) == 0 and weights[canary_service] == 100, weights
         assert (
             gateway.codes[(f"assistant-{bad}", 500)] + gateway.codes[(f"assistant-{bad}", 503)] > 0
