@@ -45,7 +45,7 @@ test: lint cluster-bins prometheus-bin images
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # The cluster tier's two stories with every pod in kubetune's images (the node runner's
-# container mode), not part of `make test`: about 30 min more on 2 cores (docs/testing.md).
+# container mode), not part of `make test`: 8 min idle, about 30 min loaded, on 2 cores (docs/testing.md).
 test-cluster-images: cluster-bins images
 	KUBETUNE_CLUSTER_IMAGES=1 $(PY) -m pytest -q -p no:cacheprovider \
 		tests/cluster/test_finetunejob.py tests/cluster/test_modeldeployment.py
