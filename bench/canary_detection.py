@@ -918,7 +918,7 @@ async def thin_real_section(args: argparse.Namespace) -> list[str]:
         "requests the canary served |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for scenario in args.thin_real_scenarios.split(","):
+    for scenario in args.thin_real_scenarios:
         if scenario not in THIN_REAL_SCENARIOS:
             scenario = next(k for k in THIN_REAL_SCENARIOS if k.startswith(scenario))
         for closed in (True, False):
@@ -941,6 +941,7 @@ async def thin_real_section(args: argparse.Namespace) -> list[str]:
                     f"{_fmt(prom) if prom else f'none within {cap:.0f}s'} | "
                     f"{_fmt([float(r['served']) for r in got])} |"
                 )
+                print(out[-1], file=sys.stderr, flush=True)
                 for r in got:
                     if r.get("why"):
                         print(f"  {scenario} {closed=} {baseline=}: {r['why']}", file=sys.stderr)
@@ -1104,8 +1105,9 @@ def main() -> int:
     )
     parser.add_argument(
         "--thin-real-scenarios",
-        default=",".join(THIN_REAL_SCENARIOS),
-        help="comma-separated names (or name prefixes) of THIN_REAL_SCENARIOS to run over real HTTP",
+        nargs="*",
+        default=list(THIN_REAL_SCENARIOS),
+        help="names (or name prefixes) of THIN_REAL_SCENARIOS to run over real HTTP",
     )
     parser.add_argument(
         "--thin-real-only",
