@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -170,6 +171,57 @@ def inputs_digest(name: str, base: str) -> str:
     return digest.hexdigest()[:16]
 
 
+_LAYER = re.compile(r"^--> (?:Using cache )?([0-9a-f]{12,64})\s*$")
+
+
+def run_build(args: list[str]) -> set[str]:
+    """``podman build ARGS``, its output passed through; returns the ids of the layers it used
+    or made (the build cache of this image, which ``prune_superseded`` keeps)."""
+    proc = subprocess.Popen(
+        ["podman", "--runtime", "runc", *args],
+        env=podman_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    assert proc.stdout is not None
+    layers: set[str] = set()
+    tail: list[str] = []
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        tail = (tail + [line])[-20:]
+        match = _LAYER.match(line.strip())
+        if match:
+            layers.add(match.group(1))
+    if proc.wait() != 0:
+        raise RuntimeError(f"podman build exited {proc.returncode}: {''.join(tail)[-2000:]}")
+    return layers
+
+
+def prune_superseded() -> None:
+    """Remove the untagged layers of superseded builds, keeping every image's last build cache.
+
+    With ``--layers`` each build step leaves an untagged image; a dependency change leaves the old
+    multi-GB ones behind, and a few such changes filled this machine's disk (podman then failed
+    mid-build: "storing layer ... read/write on closed pipe"). Kept: the layers each image's last
+    build used or made (``layers-<name>.json``). Nothing is removed until every image has one.
+    """
+    keep: set[str] = set()
+    for name in IMAGES:
+        record = CACHE / f"layers-{name}.json"
+        if not record.exists():
+            return
+        keep |= set(json.loads(record.read_text()))
+    dangling = podman("images", "--filter", "dangling=true", "--quiet", "--no-trunc").stdout.split()
+    stale = [
+        image.removeprefix("sha256:")
+        for image in dangling
+        if not any(image.removeprefix("sha256:").startswith(k) for k in keep)
+    ]
+    if stale:
+        # An image still a parent of a kept one refuses removal: that is fine, it stays.
+        for image in stale:
+            podman("rmi", image, check=False)
+        log(f"pruned up to {len(stale)} layers of superseded builds")
+
+
 def build(name: str, base: str) -> dict:
     inputs = inputs_digest(name, base)
     if image_exists(image_ref(name)):
@@ -198,7 +250,8 @@ def build(name: str, base: str) -> dict:
     args.append(str(REPO))
     log(f"building {image_ref(name)} from {IMAGES[name]}")
     started = time.monotonic()
-    podman(*args, capture=False)
+    layers = run_build(args)
+    (CACHE / f"layers-{name}.json").write_text(json.dumps(sorted(layers)) + "\n")
     seconds = time.monotonic() - started
     size = int(podman("image", "inspect", "--format", "{{.Size}}", image_ref(name)).stdout.strip())
     log(f"{image_ref(name)}: {seconds:.0f} s, {size / 1e9:.2f} GB")
@@ -218,6 +271,7 @@ def main(argv: list[str]) -> int:
     results = {"base": {"image": base, "seconds": round(time.monotonic() - started, 1)}}
     for name in names:
         results[name] = build(name, base)
+    prune_superseded()
     results["total_seconds"] = round(time.monotonic() - started, 1)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "images-build.json").write_text(json.dumps(results, indent=2) + "\n")
