@@ -137,24 +137,6 @@ def test_argocd_example_names_a_file_that_exists_every_path_in_examples_and_docs
     assert len(DOCUMENTS) > 10
 
 
-def _instructions_up_to_torch(dockerfile: Path) -> list[str]:
-    """The build stage's instructions (comments dropped, continuations joined) through torch's."""
-    text = re.sub(r"\\\n", " ", dockerfile.read_text())
-    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    start = next(i for i, line in enumerate(lines) if line.startswith("FROM"))
-    end = next(i for i, line in enumerate(lines) if line.startswith("RUN pip install") and "torch" in line)
-    return lines[start : end + 1]
-
-
-def test_trainer_and_server_builds_share_the_torch_layer():
-    # Builders cache a layer by its parent and instruction: identical lines up to torch's
-    # install let the second build reuse the first one's gigabytes instead of storing them twice.
-    trainer = _instructions_up_to_torch(REPO / "trainer-image" / "Dockerfile")
-    server = _instructions_up_to_torch(REPO / "server-image" / "Dockerfile")
-    assert trainer == server
-    assert trainer[0] == "FROM ${CUDA_IMAGE} AS deps"
-
-
 def _stages(dockerfile: Path) -> dict[str, list[str]]:
     """Instructions per stage (comments dropped, continuations joined); the last stage is ''."""
     text = re.sub(r"\\\n", " ", dockerfile.read_text())
@@ -170,10 +152,33 @@ def _stages(dockerfile: Path) -> dict[str, list[str]]:
     return stages
 
 
+def _up_to_torch(stages: dict[str, list[str]]) -> list[str]:
+    """The instructions a build runs through torch's install: its parent stage, then deps'."""
+    deps = stages["deps"]
+    end = next(i for i, line in enumerate(deps) if line.startswith("RUN pip install") and "torch" in line)
+    return stages[deps[0].split()[1]] + deps[: end + 1]
+
+
+def test_trainer_and_server_builds_share_the_torch_layer():
+    # Builders cache a layer by its parent, its instruction and (COPY) the copied content:
+    # identical instructions through torch's install, and the same torch.txt, let the second
+    # build reuse the first one's gigabytes instead of storing them twice.
+    trainer = _stages(REPO / "trainer-image" / "Dockerfile")
+    server = _stages(REPO / "server-image" / "Dockerfile")
+    assert _up_to_torch(trainer) == _up_to_torch(server)
+    assert _up_to_torch(trainer)[0] == "FROM ${CUDA_IMAGE} AS python"
+    # torch.txt is written by the same expression from the same pyproject.toml.
+    torch_list = re.compile(r"torch = .*?; open\('requirements\.txt'")
+    lists = [torch_list.findall(" ".join(stages["reqs"])) for stages in (trainer, server)]
+    assert lists[0] and lists[0] == lists[1]
+
+
 @pytest.mark.parametrize("name", ["trainer", "server", "operator"])
 def test_a_source_change_leaves_the_virtualenv_layer_alone(name: str):
-    # The final stage's multi-GB virtualenv comes from stages that never see the sources, so a
-    # code change rebuilds (and copies) only the small application folder.
+    # The final stage's multi-GB virtualenv comes from stages that never see the sources, nor
+    # pyproject.toml itself: only the requirement lists a stage of their own writes from it, so
+    # a code change, or a pyproject.toml tool-settings change (the import-linter
+    # contracts rebuilt torch), rebuilds only the small application folder.
     stages = _stages(REPO / f"{name}-image" / "Dockerfile")
     final = stages[""]
     venv_from = next(line.split()[1].removeprefix("--from=") for line in final
@@ -183,5 +188,9 @@ def test_a_source_change_leaves_the_virtualenv_layer_alone(name: str):
         chain.append(stage)
         stage = stages[stage][0].split()[1]
     copied = [line for s in chain for line in stages[s] if line.startswith("COPY ")]
-    assert copied == ["COPY pyproject.toml ./"], copied
+    assert copied and all(
+        re.fullmatch(r"COPY --from=reqs /src/[a-z]+\.txt \./", line) for line in copied
+    ), copied
+    assert "reqs" not in chain
+    assert [line for line in stages["reqs"] if line.startswith("COPY ")] == ["COPY pyproject.toml ./"]
     assert any(line.startswith("COPY --from=") and "/opt/kubetune-app" in line for line in final)
