@@ -17,6 +17,7 @@ The images tier (tests/images/) runs the real images under these pod specs.
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,21 @@ def test_a_source_change_leaves_the_virtualenv_layer_alone(name: str):
     assert "reqs" not in chain
     assert [line for line in stages["reqs"] if line.startswith("COPY ")] == ["COPY pyproject.toml ./"]
     assert any(line.startswith("COPY --from=") and "/opt/kubetune-app" in line for line in final)
+
+
+def test_every_package_directory_is_packaged():
+    # Found by the real operator image (tests/images/test_operator_image.py): the new
+    # kubetune.rollout.steps was not in pyproject.toml's package list, so the installed operator
+    # failed at import ("cannot import name 'steps' from 'kubetune.rollout'") while every test
+    # that imports the source tree passed.
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = set()
+    for package, folder in config["package-dir"].items():
+        root = REPO / folder
+        for init in root.rglob("__init__.py"):
+            if "__pycache__" not in init.parts:
+                relative = init.parent.relative_to(root).parts
+                found.add(".".join((package, *relative)))
+    assert found - listed == set(), "package folders missing from [tool.setuptools] packages"
+    assert listed - found == set(), "listed packages without a folder"
